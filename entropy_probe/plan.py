@@ -1,0 +1,39 @@
+"""The batch plan (DESIGN §3): prompt indices of the E and U batches and their shard split."""
+from __future__ import annotations
+
+import numpy as np
+
+# Independent random streams for the two batches, both fixed by the one seed.
+_STREAM = {"E": 0, "U": 1}
+
+
+def draw_prompts(kind: str, num_prompts: int, dataset_size: int, seed: int, replacement: bool) -> list[int]:
+    """Dataset indices of ``num_prompts`` prompts, drawn uniformly with or without replacement."""
+    rng = np.random.default_rng([seed, _STREAM[kind]])
+    if replacement:
+        return rng.integers(0, dataset_size, size=num_prompts).tolist()
+    if num_prompts > dataset_size:
+        raise ValueError(f"{kind}: {num_prompts} distinct prompts requested from a dataset of {dataset_size}")
+    return rng.choice(dataset_size, size=num_prompts, replace=False).tolist()
+
+
+def split_shards(prompt_ids: list[int], num_shards: int) -> list[list[int]]:
+    """Contiguous shards of whole prompt groups, sizes differing by at most one."""
+    return [part.tolist() for part in np.array_split(np.asarray(prompt_ids, dtype=np.int64), num_shards)]
+
+
+def make_plan(
+    *, dataset_size: int, seed: int, G: int, E_total_sequences: int, E_sampling_mode: str,
+    B_U: int, E_num_shards: int, U_num_shards: int,
+) -> dict:
+    """The plan as a JSON-ready dict: per batch, the prompt ids and the ids of each shard."""
+    num_e = -(-E_total_sequences // G)
+    e_ids = draw_prompts("E", num_e, dataset_size, seed, replacement=E_sampling_mode == "replacement")
+    u_ids = draw_prompts("U", B_U, dataset_size, seed, replacement=False)
+    return {
+        "seed": seed,
+        "G": G,
+        "dataset_size": dataset_size,
+        "E": {"sampling_mode": E_sampling_mode, "prompt_ids": e_ids, "shards": split_shards(e_ids, E_num_shards)},
+        "U": {"sampling_mode": "distinct", "prompt_ids": u_ids, "shards": split_shards(u_ids, U_num_shards)},
+    }

@@ -1,0 +1,120 @@
+"""Rollout shards: G responses for each prompt of one shard, rewards, advantages, and the per-token
+log q and RB entropies recorded at sampling time (DESIGN §3)."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from . import generate, rewards
+
+log = logging.getLogger(__name__)
+
+_KIND_CODE = {"E": 0, "U": 1}
+
+
+def chunk_seed(seed: int, kind: str, shard_index: int, chunk_index: int) -> int:
+    """Independent, reproducible seed per (batch kind, shard, chunk): rerunning one shard
+    reproduces it bit for bit without touching the others."""
+    return int(np.random.SeedSequence([seed, _KIND_CODE[kind], shard_index, chunk_index]).generate_state(1)[0])
+
+
+def group_advantages(rewards_bg: Tensor, scale: bool) -> Tensor:
+    """A = r − mean_g r per prompt, ``[B, G] -> [B, G]``; with ``scale`` also divided by the
+    group's (unbiased) std + 1e-4, as GRPO does."""
+    centred = rewards_bg - rewards_bg.mean(-1, keepdim=True)
+    if scale:
+        centred = centred / (rewards_bg.std(-1, keepdim=True) + 1e-4)
+    return centred
+
+
+def _pad_to(x: Tensor, width: int, value, left: bool) -> Tensor:
+    pad = width - x.shape[-1]
+    return torch.nn.functional.pad(x, (pad, 0) if left else (0, pad), value=value)
+
+
+def rollout_shard(
+    model, tokenizer, examples: list[dict], prompt_ids: list[int], *, G: int, kind: str,
+    shard_index: int, seed: int, temperature: float, top_p: float, max_new_tokens: int,
+    rollout_batch_size: int, gen_batch_size: int, reward_fn, scale_rewards: bool,
+) -> dict[str, Tensor]:
+    """Generate one shard; returns its tensors (shapes: B prompts, G responses, T response width,
+    P prompt width; ``sequences`` is the left-padded prompt followed by the right-padded response).
+    """
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    chunks = []
+    starts = range(0, len(prompt_ids), rollout_batch_size)
+    for chunk_index, start in enumerate(tqdm(starts, desc=f"rollout {kind}{shard_index}", unit="chunk")):
+        ids = prompt_ids[start:start + rollout_batch_size]
+        encoded = tokenizer([examples[i]["prompt"] for i in ids], padding=True, return_tensors="pt")
+        base_seed = chunk_seed(seed, kind, shard_index, chunk_index)
+        rows_per_call = max(1, gen_batch_size // G)  # whole prompt groups per generate call
+        parts = []
+        for call, lo in enumerate(range(0, len(ids), rows_per_call)):
+            parts.append(generate.sample(
+                model, encoded["input_ids"][lo:lo + rows_per_call], encoded["attention_mask"][lo:lo + rows_per_call],
+                G, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                eos_token_id=eos, pad_token_id=pad, seed=base_seed + call,
+            ))
+        width = max(p.response_tokens.shape[1] for p in parts)
+        responses = {
+            field: torch.cat([_pad_to(getattr(p, field), width, pad if field == "response_tokens" else 0, left=False)
+                              for p in parts])
+            for field in ("response_tokens", "token_log_q", "entropies")
+        }
+        responses["response_lens"] = torch.cat([p.response_lens for p in parts])
+        responses["stopped_at_eos"] = torch.cat([p.stopped_at_eos for p in parts])
+        texts = tokenizer.batch_decode(responses["response_tokens"], skip_special_tokens=True)
+        golds = [examples[i]["answer"] for i in ids for _ in range(G)]
+        responses["rewards"] = torch.tensor(rewards.score(reward_fn, texts, golds), dtype=torch.float32)
+        responses["prompt_tokens"], responses["prompt_mask"] = encoded["input_ids"], encoded["attention_mask"]
+        chunks.append(responses)
+    return _assemble(chunks, prompt_ids, G, pad, scale_rewards)
+
+
+def _assemble(chunks: list[dict], prompt_ids: list[int], G: int, pad: int, scale_rewards: bool) -> dict[str, Tensor]:
+    P = max(c["prompt_tokens"].shape[1] for c in chunks)
+    T = max(c["response_tokens"].shape[1] for c in chunks)
+    B = len(prompt_ids)
+
+    def cat(field, width=None, value=0, left=False):
+        parts = [c[field] if width is None else _pad_to(c[field], width, value, left) for c in chunks]
+        return torch.cat(parts)
+
+    prompt_tokens = cat("prompt_tokens", P, pad, left=True).repeat_interleave(G, 0)
+    prompt_mask = cat("prompt_mask", P, 0, left=True).repeat_interleave(G, 0)
+    response_tokens = cat("response_tokens", T, pad)
+    response_lens = cat("response_lens")
+    response_mask = (torch.arange(T)[None, :] < response_lens[:, None]).long()
+    rewards_bg = cat("rewards").view(B, G)
+    response_lens_bg = response_lens.view(B, G)
+    return {
+        "prompt_ids": torch.tensor(prompt_ids, dtype=torch.int64),
+        "sequences": torch.cat([prompt_tokens, response_tokens], 1).view(B, G, P + T),
+        "attention_masks": torch.cat([prompt_mask, response_mask], 1).view(B, G, P + T),
+        "prompt_lens": prompt_mask.view(B, G, P)[:, 0].sum(-1),
+        "response_lens": response_lens_bg,
+        "max_lengths": response_lens_bg.max(-1).values,
+        "stopped_at_eos": cat("stopped_at_eos").view(B, G),
+        "rewards": rewards_bg,
+        "advantages": group_advantages(rewards_bg, scale_rewards),
+        "token_log_q": cat("token_log_q", T).view(B, G, T),
+        "rb_entropies": cat("entropies", T).view(B, G, T),
+    }
+
+
+def check_shapes(tensors: dict[str, Tensor]) -> tuple[int, int, int]:
+    """The shard invariants (the seed's smoke test): returns (B, G, width)."""
+    B, G, L = tensors["sequences"].shape
+    T = tensors["token_log_q"].shape[-1]
+    expected = {
+        "attention_masks": (B, G, L), "advantages": (B, G), "rewards": (B, G), "response_lens": (B, G),
+        "prompt_lens": (B,), "max_lengths": (B,), "prompt_ids": (B,), "rb_entropies": (B, G, T),
+    }
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"shard tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}")
+    return B, G, L

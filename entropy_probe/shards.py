@@ -1,0 +1,85 @@
+"""The one module that reads and writes shard files (safetensors) and stage JSON outputs.
+
+Every write goes to a temporary name in the same directory and is renamed into place, so a
+killed job never leaves a truncated file under a final name. Metadata rides in the safetensors
+header as one JSON string; readers check it against what they expect.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+SCHEMA_VERSION = 1
+_META_KEY = "entropy_probe"
+
+
+class ShardError(RuntimeError):
+    """A shard that is missing, corrupt, or does not match what the reader expects."""
+
+
+@contextmanager
+def atomic_path(path: str | Path, suffix: str = ""):
+    """Yield a temporary path next to ``path``; rename it to ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str | Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def read_json(path: str | Path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_shard(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Save ``tensors`` (contiguous CPU copies) with ``metadata`` and the schema version."""
+    header = {_META_KEY: json.dumps({"schema_version": SCHEMA_VERSION, **metadata}, sort_keys=True)}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+
+
+def read_metadata(path: str | Path) -> dict:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(_META_KEY)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ShardError(f"{path}: not a readable safetensors shard ({err})") from err
+    if raw is None:
+        raise ShardError(f"{path}: no entropy_probe metadata in the safetensors header")
+    meta = json.loads(raw)
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise ShardError(f"{path}: schema version {meta.get('schema_version')} != expected {SCHEMA_VERSION}")
+    return meta
+
+
+def read_shard(path: str | Path, expect: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load all tensors and the metadata; every key in ``expect`` must equal the header's value."""
+    meta = read_metadata(path)
+    for key, want in (expect or {}).items():
+        if meta.get(key) != want:
+            raise ShardError(f"{path}: metadata {key!r} is {meta.get(key)!r}, expected {want!r}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ShardError(f"{path}: corrupt safetensors shard ({err})") from err
+    return tensors, meta

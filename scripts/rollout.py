@@ -1,0 +1,66 @@
+"""Stage: one rollout shard (E or U): G responses per prompt from the sampling measure q.
+
+By hand:  python scripts/rollout.py CONFIG.yaml PLAN.json POLICY_DIR {E,U} SHARD_INDEX OUT.safetensors
+"""
+import argparse
+import logging
+
+from entropy_probe import data, models, rewards
+from entropy_probe.config import load_config
+from entropy_probe.rollout import check_shapes, rollout_shard
+from entropy_probe.shards import read_json, write_shard
+from entropy_probe.stage import config_hash, setup_logging
+
+log = logging.getLogger("rollout")
+
+
+def main(cfg: dict, plan_path: str, policy_dir: str, kind: str, shard_index: int, out_path: str) -> None:
+    batch, gen = cfg["batch_config"], cfg["generation"]
+    plan = read_json(plan_path)
+    prompt_ids = plan[kind]["shards"][shard_index]
+    examples = data.load_examples(
+        data.dataset_path(cfg["data"], policy_dir), cfg["data"]["prompt_field"], cfg["data"]["answer_field"]
+    )
+    tokenizer = models.load_tokenizer(policy_dir)
+    model = models.load_policy(policy_dir, cfg["model"]["dtype"], cfg["model"]["device"])
+    log.info("%s shard %d: %d prompts x G=%d on %s", kind, shard_index, len(prompt_ids), batch["G"], model.device)
+    tensors = rollout_shard(
+        model, tokenizer, examples, prompt_ids, G=batch["G"], kind=kind, shard_index=shard_index,
+        seed=batch["seed"], temperature=gen["temperature"], top_p=gen["top_p"],
+        max_new_tokens=gen["max_new_tokens"], rollout_batch_size=batch["rollout_batch_size"],
+        gen_batch_size=gen["gen_batch_size"], reward_fn=rewards.get_reward(cfg["reward"]["name"]),
+        scale_rewards=batch["scale_rewards"],
+    )
+    B, G, L = check_shapes(tensors)
+    metadata = {
+        "batch_kind": kind, "shard_index": shard_index, "num_shards": len(plan[kind]["shards"]),
+        "seed": batch["seed"], "G": G, "prompt_width": L - tensors["token_log_q"].shape[-1],
+        "model_fingerprint": models.fingerprint(policy_dir),
+        "generation": {k: gen[k] for k in ("temperature", "top_p", "max_new_tokens")},
+        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+        "config_hash": config_hash(batch, gen, cfg["data"], cfg["reward"], cfg["model"]),
+    }
+    write_shard(out_path, tensors, metadata)
+    lens = tensors["response_lens"].float()
+    log.info(
+        "wrote %s: sequences %s, mean reward %.3f, mean response length %.2f, EOS in %.0f%%, mean RB entropy %.4f",
+        out_path, tuple(tensors["sequences"].shape), tensors["rewards"].mean(), lens.mean(),
+        100 * tensors["stopped_at_eos"].float().mean(), tensors["rb_entropies"].sum() / lens.sum(),
+    )
+
+
+if "snakemake" in globals():
+    setup_logging(snakemake.log[0])  # noqa: F821
+    main(snakemake.params.cfg, snakemake.input.plan, snakemake.input.policy,  # noqa: F821
+         snakemake.wildcards.kind, int(snakemake.wildcards.shard), snakemake.output[0])  # noqa: F821
+elif __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("plan")
+    parser.add_argument("policy_dir")
+    parser.add_argument("kind", choices=["E", "U"])
+    parser.add_argument("shard", type=int)
+    parser.add_argument("out")
+    args = parser.parse_args()
+    setup_logging()
+    main(load_config(args.config), args.plan, args.policy_dir, args.kind, args.shard, args.out)
