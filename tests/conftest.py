@@ -1,0 +1,25 @@
+"""Shared fixtures: the embedded tiny policy, built once per test session (a few seconds)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from entropy_probe import models
+from entropy_probe.toy import build_embedded_policy
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def toy_policy_dir(tmp_path_factory):
+    """A trained embedded policy (default toy settings) in a temporary directory."""
+    out = tmp_path_factory.mktemp("toy_policy")
+    build_embedded_policy(out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_model(toy_policy_dir):
+    """(model, tokenizer) of the embedded policy, fp32, CPU, eval mode."""
+    torch.set_num_threads(2)
+    return models.load_policy(toy_policy_dir, "float32", "cpu"), models.load_tokenizer(toy_policy_dir)
