@@ -19,7 +19,7 @@ def nucleus_mask(logits: Tensor, temperature: float, top_p: float) -> Tensor:
     with torch.no_grad():
         if top_p >= 1.0:
             return torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        probs = torch.softmax(logits.detach().float() / temperature, dim=-1)
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
         mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
         keep_sorted = mass_before < top_p

@@ -1,0 +1,114 @@
+"""The per-shard passes over stored rollouts: the X and Y gradients (reverse mode) and the
+per-group directional derivatives along v (forward mode) that carry the error bars."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from . import estimators, teacher_force
+
+log = logging.getLogger(__name__)
+
+
+def _group_view(x: Tensor, B: int, G: int) -> Tensor:
+    return x.reshape(B, G, *x.shape[1:])
+
+
+def x_weights(rollout: dict[str, Tensor], H_bar: float, normalization: str, baseline: str) -> Tensor:
+    """Score-term weights w ``[B*G, T]`` from the RB entropies recorded at sampling time
+    (equal to the teacher-forced ones to float tolerance, and detached either way)."""
+    entropy = rollout["rb_entropies"].double()
+    B, G, T = entropy.shape
+    mask = (torch.arange(T)[None, None, :] < rollout["response_lens"][..., None])
+    a, beta = estimators.score_weight_parts(entropy, mask, normalization, baseline)
+    return (a - H_bar * beta).reshape(B * G, T)
+
+
+def x_gradient(model, params, rollout, *, pad_token_id, temperature, top_p, H_bar, normalization,
+               baseline, rb_requires_grad, tf_batch_size) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """∇ Σ_{i∈shard} Σ_k [h_ik + w_ik log q_ik] (unnormalized, float64, keyed by parameter name)
+    and per-sequence teacher-forced S_i and T_i."""
+    batch = teacher_force.from_rollout(rollout, pad_token_id)
+    weights = x_weights(rollout, H_bar, normalization, baseline)
+    scorer = teacher_force.ResponseLogits(model)
+    n = batch.input_ids.shape[0]
+    S = torch.zeros(n, dtype=torch.float64)
+
+    def surrogate(rows):
+        sub = batch.select(rows)
+        scores = teacher_force.score(scorer, sub, temperature, top_p)
+        S[rows] = scores.entropy.detach().double().sum(-1).cpu()
+        w = weights[rows, : sub.response_tokens.shape[1]].to(scores.entropy.device, torch.float32)
+        return estimators.x_surrogate(scores.entropy, scores.token_log_q, w, rb_requires_grad)
+
+    batches = teacher_force.length_sorted_batches(batch, tf_batch_size)
+    grads = teacher_force.accumulate_gradient(params, surrogate, tqdm(batches, desc="X teacher forcing", unit="batch"))
+    return grads, {"S": S, "T": batch.response_lens.double()}
+
+
+def y_gradient(model, params, rollout, *, pad_token_id, temperature, normalization,
+               tf_batch_size) -> tuple[dict[str, Tensor], float]:
+    """∇ Σ_{i∈shard} c_i Σ_k log softmax(z_ik/τ)(y_ik) (unnormalized, float64) and this shard's
+    share of the normalizer (see :func:`estimators.grpo_coefficients`)."""
+    batch = teacher_force.from_rollout(rollout, pad_token_id)
+    coef, share = estimators.grpo_coefficients(
+        rollout["advantages"], rollout["response_lens"], rollout["max_lengths"], normalization
+    )
+    coef = coef.reshape(-1)
+    scorer = teacher_force.ResponseLogits(model)
+
+    def surrogate(rows):
+        sub = batch.select(rows)
+        scores = teacher_force.score(scorer, sub, temperature, 1.0, want_q=False, want_tempered=True)
+        c = coef[rows].to(scores.tempered_log_p.device, torch.float32)
+        return (c[:, None] * scores.tempered_log_p).sum()
+
+    batches = teacher_force.length_sorted_batches(batch, tf_batch_size)
+    grads = teacher_force.accumulate_gradient(params, surrogate, tqdm(batches, desc="Y teacher forcing", unit="batch"))
+    return grads, share
+
+
+def directional_sums(model, direction: dict[str, Tensor], rollout, *, pad_token_id, temperature, top_p,
+                     normalization, baseline, rb_requires_grad, tf_batch_size) -> dict[str, Tensor]:
+    """Per-prompt-group sums for :func:`estimators.directional_estimate` along ``direction``
+    (forward-mode AD: one JVP pass, eager attention since SDPA kernels lack forward AD):
+    P_g, Q_g, S_g, T_g, each ``[B]`` float64."""
+    batch = teacher_force.from_rollout(rollout, pad_token_id)
+    B, G, T = rollout["rb_entropies"].shape
+    entropy = rollout["rb_entropies"].double()
+    mask = torch.arange(T)[None, None, :] < rollout["response_lens"][..., None]
+    a, beta = (x.reshape(B * G, T) for x in estimators.score_weight_parts(entropy, mask, normalization, baseline))
+    scorer = teacher_force.ResponseLogits(model)
+    named = dict(model.named_parameters())
+    unknown = sorted(set(direction) - set(named))
+    if unknown:
+        raise KeyError(f"direction has parameters the policy lacks: {unknown[:3]}")
+    primals = {f"policy.{k}": named[k].detach() for k in direction}
+    tangents = {f"policy.{k}": direction[k].to(named[k].device, named[k].dtype) for k in direction}
+    per_seq = {name: torch.zeros(B * G, dtype=torch.float64) for name in ("P", "Q", "S")}
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        for rows in tqdm(teacher_force.length_sorted_batches(batch, tf_batch_size), desc="directional", unit="batch"):
+            sub = batch.select(rows)
+
+            def fn(p):
+                s = teacher_force.score(scorer, sub, temperature, top_p, params=p)
+                return s.entropy, s.token_log_q
+
+            with torch.no_grad():
+                (h, _), (dh, dlq) = torch.func.jvp(fn, (primals,), (tangents,))
+            width = sub.response_tokens.shape[1]
+            dh, dlq = dh.double().cpu(), dlq.double().cpu()
+            pathwise = dh.sum(-1) if rb_requires_grad else torch.zeros(len(rows), dtype=torch.float64)
+            per_seq["P"][rows] = pathwise + (a[rows, :width] * dlq).sum(-1)
+            per_seq["Q"][rows] = (beta[rows, :width] * dlq).sum(-1)
+            per_seq["S"][rows] = h.double().sum(-1).cpu()
+    finally:
+        model.set_attn_implementation(previous)
+    sums = {name: x.reshape(B, G).sum(-1) for name, x in per_seq.items()}
+    sums["T"] = batch.response_lens.double().reshape(B, G).sum(-1)
+    return sums
