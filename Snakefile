@@ -12,15 +12,18 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/policy.smk"
 include: "workflow/rules/plan.smk"
 include: "workflow/rules/rollout.smk"
+include: "workflow/rules/teacher_force.smk"
+include: "workflow/rules/update.smk"
+include: "workflow/rules/statistics.smk"
 
 
 rule rollouts:
     input:
-        expand(f"{RESULTS}/rollouts/E/shard_{{i:03d}}.safetensors", i=range(config["batch_config"]["E_num_shards"])),
-        expand(f"{RESULTS}/rollouts/U/shard_{{i:03d}}.safetensors", i=range(config["batch_config"]["U_num_shards"])),
+        shard_paths(f"{RESULTS}/rollouts/E/shard_{{shard}}.safetensors", "E"),
+        shard_paths(f"{RESULTS}/rollouts/U/shard_{{shard}}.safetensors", "U"),
 
 
 rule all:
     default_target: True
     input:
-        rules.rollouts.input,
+        rules.delta_h1.output,

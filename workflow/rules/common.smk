@@ -21,6 +21,19 @@ POLICY_DIR = f"{RESULTS}/policy" if EMBEDDED_MODEL else config["model"]["name_or
 DATASET_SIZE = dataset_size(config)
 
 
-def sections(*names):
-    """The config sections a rule uses, as its params: changing them reruns the rule."""
-    return {name: config[name] for name in names}
+def sections(*names, **partial):
+    """The config a rule uses, as its params (changing them reruns the rule, nothing else does):
+    whole sections by name, or only some keys of a section (``estimator=["baseline"]``)."""
+    out = {name: config[name] for name in names}
+    out.update({name: {key: config[name][key] for key in keys} for name, keys in partial.items()})
+    return out
+
+
+def shard_paths(template, kind):
+    """Every shard of batch ``kind`` (E or U) for a path template with a {shard} field."""
+    return expand(template, shard=[f"{i:03d}" for i in range(config["batch_config"][f"{kind}_num_shards"])])
+
+
+GPU = 1 if config["model"]["device"] == "cuda" else 0
+ROLLOUT_CFG = sections("batch_config", "generation", "data", "reward", "model")
+ESTIMATOR_KEYS = ["normalization", "baseline", "param_filter"]

@@ -8,9 +8,9 @@ rule rollout:
         kind="E|U",
         shard=r"\d+",
     params:
-        cfg=sections("batch_config", "generation", "data", "reward", "model"),
+        cfg=ROLLOUT_CFG,
     resources:
-        gpu=1 if config["model"]["device"] == "cuda" else 0,
+        gpu=GPU,
     log:
         f"{RESULTS}/logs/rollout_{{kind}}_{{shard}}.log",
     script:

@@ -1,0 +1,61 @@
+"""δH₁(η) = η·X·v (DESIGN §2), its per-module split and its E-side standard error."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from . import estimators, gradients
+
+log = logging.getLogger(__name__)
+
+SE_SCOPE = "E-batch sampling noise only (v held fixed; U-batch noise in v not included)"
+
+
+def first_order_report(X: dict[str, Tensor], v: dict[str, Tensor], directional: list[dict[str, Tensor]],
+                       G: int, normalization: str, eta_list: list[float]) -> dict:
+    """X·v from the reduced gradients, checked against the per-group forward-mode sums (which
+    also give the SE), the per-module split, and δH₁ with its SE for each η."""
+    xv = gradients.dot(X, v)
+    P, Q, S, T = (torch.cat([d[k] for d in directional]) for k in ("P", "Q", "S", "T"))
+    xv_forward, se = estimators.directional_estimate(P, Q, S, T, G, normalization)
+    rel_diff = abs(xv_forward - xv) / max(abs(xv), 1e-300)
+    if rel_diff > 1e-2:
+        raise RuntimeError(
+            f"X·v from the X gradient ({xv:.6g}) and from the directional pass ({xv_forward:.6g}) differ by "
+            f"{rel_diff:.2%}: the two passes disagree, the result cannot be trusted"
+        )
+    if rel_diff > 1e-4:
+        log.warning("X·v: gradient %.8g vs directional %.8g (relative difference %.2g)", xv, xv_forward, rel_diff)
+    x_norm, v_norm = gradients.global_norm(X), gradients.global_norm(v)
+    return {
+        "X_dot_v": xv,
+        "X_dot_v_se": se,
+        "se_scope": SE_SCOPE,
+        "X_dot_v_directional": xv_forward,
+        "X_dot_v_relative_difference": rel_diff,
+        "X_norm": x_norm,
+        "v_norm": v_norm,
+        "cosine_X_v": xv / (x_norm * v_norm) if x_norm > 0 and v_norm > 0 else None,
+        "X_dot_v_by_module": estimators.grouped_dot(X, v),
+        "num_prompt_groups": int(P.numel()),
+        "normalization": normalization,
+        "delta_h1": [{"eta": eta, "delta_h1": eta * xv, "se": abs(eta) * se} for eta in eta_list],
+    }
+
+
+def format_table(report: dict) -> str:
+    """A one-screen text table of δH₁ per η and the per-module split."""
+    unit = "nats/token" if report["normalization"] == "token" else "nats/response"
+    lines = [
+        f"δH₁(η) = η·X·v   ({unit}; SE: {report['se_scope']})",
+        f"X·v = {report['X_dot_v']:.6g} ± {report['X_dot_v_se']:.3g}   |X| = {report['X_norm']:.4g}   "
+        f"|v| = {report['v_norm']:.4g}   cos(X, v) = {report['cosine_X_v']:.4g}   groups = {report['num_prompt_groups']}",
+        "",
+        f"{'eta':>12} {'delta_h1':>14} {'se':>12}",
+    ]
+    lines += [f"{r['eta']:>12.4g} {r['delta_h1']:>14.6g} {r['se']:>12.3g}" for r in report["delta_h1"]]
+    lines += ["", f"{'module':<32} {'X·v share':>14}"]
+    lines += [f"{name:<32} {value:>14.6g}" for name, value in report["X_dot_v_by_module"].items()]
+    return "\n".join(lines) + "\n"

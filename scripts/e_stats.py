@@ -1,0 +1,32 @@
+"""Stage: whole-E-batch plug-ins (H̄, T̄) from the E rollout shards' sampling-time RB entropies.
+
+By hand:  python scripts/e_stats.py CONFIG.yaml POLICY_DIR OUT.json E_SHARD...
+"""
+import argparse
+import logging
+
+from entropy_probe import models, probe
+from entropy_probe.config import load_config
+from entropy_probe.shards import write_json
+from entropy_probe.stage import setup_logging
+
+
+def main(cfg: dict, policy_dir: str, rollout_paths: list[str], out_path: str) -> None:
+    rollouts = probe.read_rollouts(rollout_paths, cfg, "E", models.fingerprint(policy_dir))
+    stats = probe.e_batch_stats(rollouts)
+    write_json(out_path, stats)
+    logging.getLogger("e_stats").info("E batch: %s", stats)
+
+
+if "snakemake" in globals():
+    setup_logging(snakemake.log[0])  # noqa: F821
+    main(snakemake.params.cfg, snakemake.input.policy, list(snakemake.input.rollouts), snakemake.output[0])  # noqa: F821
+elif __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("policy_dir")
+    parser.add_argument("out")
+    parser.add_argument("rollouts", nargs="+")
+    args = parser.parse_args()
+    setup_logging()
+    main(load_config(args.config), args.policy_dir, args.rollouts, args.out)

@@ -1,0 +1,31 @@
+rule directional:
+    input:
+        rollout=f"{RESULTS}/rollouts/E/shard_{{shard}}.safetensors",
+        policy=POLICY_DIR,
+        v=rules.update_vector.output[0],
+    output:
+        f"{RESULTS}/directional/shard_{{shard}}.safetensors",
+    params:
+        cfg=sections("batch_config", "generation", "model", estimator=ESTIMATOR_KEYS),
+    resources:
+        gpu=GPU,
+    log:
+        f"{RESULTS}/logs/directional_{{shard}}.log",
+    script:
+        "../../scripts/directional.py"
+
+
+rule delta_h1:
+    input:
+        X=f"{RESULTS}/gradients/X.safetensors",
+        v=rules.update_vector.output[0],
+        directional=shard_paths(f"{RESULTS}/directional/shard_{{shard}}.safetensors", "E"),
+    output:
+        json=f"{RESULTS}/delta_h1.json",
+        table=f"{RESULTS}/delta_h1.txt",
+    params:
+        cfg=sections(batch_config=["G"], estimator=["eta_list"]),
+    log:
+        f"{RESULTS}/logs/delta_h1.log",
+    script:
+        "../../scripts/delta_h1.py"
