@@ -27,3 +27,4 @@ rule all:
     default_target: True
     input:
         rules.delta_h1.output,
+        rules.delta_h.output,

@@ -105,3 +105,12 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         raise ConfigError(f"{where}: {error.message}")
     check_config(config)
     return config
+
+
+def sweep_etas(estimator: dict) -> list[float]:
+    """The η values the SNIS pass evaluates: eta_list, plus −η for each when central differences
+    are asked for, sorted."""
+    etas = {float(e) for e in estimator["eta_list"]}
+    if estimator["central_difference"]:
+        etas |= {-e for e in etas}
+    return sorted(etas)

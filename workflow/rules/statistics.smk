@@ -29,3 +29,33 @@ rule delta_h1:
         f"{RESULTS}/logs/delta_h1.log",
     script:
         "../../scripts/delta_h1.py"
+
+
+rule snis_shard:
+    input:
+        rollout=f"{RESULTS}/rollouts/E/shard_{{shard}}.safetensors",
+        policy=POLICY_DIR,
+        v=rules.update_vector.output[0],
+    output:
+        f"{RESULTS}/snis/shard_{{shard}}.safetensors",
+    params:
+        cfg=sections("batch_config", "generation", "model", estimator=["eta_list", "central_difference", "param_filter"]),
+    resources:
+        gpu=GPU,
+    log:
+        f"{RESULTS}/logs/snis_shard_{{shard}}.log",
+    script:
+        "../../scripts/snis_shard.py"
+
+
+rule delta_h:
+    input:
+        shard_paths(f"{RESULTS}/snis/shard_{{shard}}.safetensors", "E"),
+    output:
+        f"{RESULTS}/delta_h.json",
+    params:
+        cfg=sections(batch_config=["G"], estimator=["normalization"]),
+    log:
+        f"{RESULTS}/logs/delta_h.log",
+    script:
+        "../../scripts/delta_h.py"

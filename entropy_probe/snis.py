@@ -1,0 +1,96 @@
+"""ΔH(η) = H(θ + ηv) − H(θ) by self-normalized importance sampling on the E batch (DESIGN §2).
+
+The per-shard pass teacher-forces the E responses at θ and at each θ' = θ + ηv (parameters
+applied with ``functional_call``, the model is never modified), keeping at every position the
+nucleus chosen at θ; the reduction over the whole E batch is in float64.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from . import measure, teacher_force
+
+
+def shifted_parameters(model, direction: dict[str, Tensor], eta: float) -> dict[str, Tensor]:
+    """{"policy.<name>": θ + η·v} for the parameters in ``direction`` (others untouched)."""
+    named = dict(model.named_parameters())
+    return {f"policy.{k}": (named[k].detach().double() + eta * d.to(named[k].device).double()).to(named[k].dtype)
+            for k, d in direction.items()}
+
+
+def _tokens_scores(logits: Tensor, tokens: Tensor, mask: Tensor, valid: Tensor, temperature: float):
+    lq = measure.log_q(logits, mask, temperature)
+    token_lq = torch.where(valid, lq.gather(-1, tokens[..., None]).squeeze(-1), 0.0)
+    entropy = torch.where(valid, measure.rb_entropy(lq, mask), 0.0)
+    return token_lq.double().sum(-1), entropy.double().sum(-1)
+
+
+def snis_pass(model, direction: dict[str, Tensor], rollout: dict[str, Tensor], etas: list[float], *,
+              pad_token_id: int, temperature: float, top_p: float, tf_batch_size: int) -> dict[str, Tensor]:
+    """Per-sequence quantities of one E shard: ``log_w`` and ``S_shifted`` ``[len(etas), N]``
+    (log q_θ'(y) − log q_θ(y) and S'(y), both with θ's nucleus), ``own_nucleus_differs``
+    ``[len(etas), N]`` (θ''s own nucleus differs from θ's at some position), ``S`` and ``T``
+    ``[N]`` at θ. Rows are prompt-major (b*G + g)."""
+    batch = teacher_force.from_rollout(rollout, pad_token_id)
+    scorer = teacher_force.ResponseLogits(model)
+    n = batch.input_ids.shape[0]
+    out = {
+        "log_w": torch.zeros(len(etas), n, dtype=torch.float64),
+        "S_shifted": torch.zeros(len(etas), n, dtype=torch.float64),
+        "own_nucleus_differs": torch.zeros(len(etas), n, dtype=torch.bool),
+        "S": torch.zeros(n, dtype=torch.float64),
+        "T": batch.response_lens.double(),
+    }
+    device = next(model.parameters()).device
+    shifted = [shifted_parameters(model, direction, eta) for eta in etas]
+    base_params = shifted_parameters(model, direction, 0.0)
+    with torch.no_grad():
+        for rows in tqdm(teacher_force.length_sorted_batches(batch, tf_batch_size), desc="SNIS", unit="batch"):
+            sub = batch.select(rows)
+            args = (sub.input_ids.to(device), sub.attention_mask.to(device), sub.prompt_lens.to(device),
+                    sub.response_tokens.shape[1])
+            tokens, valid = sub.response_tokens.to(device), sub.response_mask.to(device)
+            base_logits = torch.func.functional_call(scorer, base_params, args)
+            nucleus = measure.nucleus_mask(base_logits, temperature, top_p)
+            base_lq, out["S"][rows] = (x.cpu() for x in _tokens_scores(base_logits, tokens, nucleus, valid, temperature))
+            for j, params in enumerate(shifted):
+                logits = torch.func.functional_call(scorer, params, args)
+                lq, S_shifted = _tokens_scores(logits, tokens, nucleus, valid, temperature)
+                out["log_w"][j, rows] = (lq.cpu() - base_lq)
+                out["S_shifted"][j, rows] = S_shifted.cpu()
+                own = measure.nucleus_mask(logits, temperature, top_p)
+                out["own_nucleus_differs"][j, rows] = ((own != nucleus).any(-1) & valid).any(-1).cpu()
+    return out
+
+
+def delta_h(log_w: Tensor, S_shifted: Tensor, S: Tensor, T: Tensor, own_differs: Tensor, G: int,
+            normalization: str) -> dict:
+    """ΔH at one η from whole-batch per-sequence values ``[N]`` (prompt-major), float64.
+
+    w_i = exp(lw_i − max lw); H(θ') = Σ w S' / Σ w T (token) or Σ w S' / Σ w (sequence);
+    ΔH = H(θ') − H̄(θ) on the same batch (paired). SE by the delta method over prompt groups.
+    """
+    log_w, S_shifted, S, T = (x.double() for x in (log_w, S_shifted, S, T))
+    w = torch.exp(log_w - log_w.max())
+    denom_w = w * T if normalization == "token" else w
+    denom = T if normalization == "token" else torch.ones_like(T)
+    n = S.numel() // G
+    A, Bw = (w * S_shifted).view(n, G).sum(-1), denom_w.view(n, G).sum(-1)
+    C, D = S.view(n, G).sum(-1), denom.view(n, G).sum(-1)
+    H_shifted, H_base = A.sum() / Bw.sum(), C.sum() / D.sum()
+    influence = (A - H_shifted * Bw) / Bw.mean() - (C - H_base * D) / D.mean()
+    return {
+        "delta_h": float(H_shifted - H_base),
+        "se": float(influence.std(correction=1) / math.sqrt(n)),
+        "H_shifted": float(H_shifted),
+        "H_base": float(H_base),
+        "ess": float(w.sum() ** 2 / (w**2).sum()),
+        "num_sequences": int(S.numel()),
+        "log_weight_min": float(log_w.min()),
+        "log_weight_max": float(log_w.max()),
+        "own_nucleus_differs_share": float((w * own_differs.double()).sum() / w.sum()),
+    }

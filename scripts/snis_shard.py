@@ -1,0 +1,42 @@
+"""Stage: per-sequence importance log-weights and shifted entropies of one E shard at every
+θ' = θ + ηv of the sweep (θ's nucleus kept), for the SNIS estimate of ΔH(η).
+
+By hand:  python scripts/snis_shard.py CONFIG.yaml ROLLOUT.safetensors POLICY_DIR V.safetensors OUT.safetensors
+"""
+import argparse
+import logging
+
+import torch
+
+from entropy_probe import probe, shards, snis
+from entropy_probe.config import load_config, sweep_etas
+from entropy_probe.stage import setup_logging
+
+
+def main(cfg: dict, rollout_path: str, policy_dir: str, v_path: str, out_path: str) -> None:
+    gen = cfg["generation"]
+    model, tokenizer, _, fingerprint = probe.load_for_teacher_forcing(cfg, policy_dir)
+    [rollout] = probe.read_rollouts([rollout_path], cfg, "E", fingerprint)
+    v, _ = shards.read_shard(v_path, {"kind": "v", "model_fingerprint": fingerprint})
+    etas = sweep_etas(cfg["estimator"])
+    out = snis.snis_pass(model, v, rollout, etas, pad_token_id=tokenizer.pad_token_id,
+                         temperature=gen["temperature"], top_p=gen["top_p"], tf_batch_size=gen["tf_batch_size"])
+    out["etas"] = torch.tensor(etas, dtype=torch.float64)
+    shards.write_shard(out_path, out, {"kind": "snis", "model_fingerprint": fingerprint, "etas": etas})
+    logging.getLogger("snis_shard").info("wrote %s: %d sequences x %d etas", out_path, out["S"].numel(), len(etas))
+
+
+if "snakemake" in globals():
+    setup_logging(snakemake.log[0])  # noqa: F821
+    main(snakemake.params.cfg, snakemake.input.rollout, snakemake.input.policy, snakemake.input.v,  # noqa: F821
+         snakemake.output[0])  # noqa: F821
+elif __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("rollout")
+    parser.add_argument("policy_dir")
+    parser.add_argument("v")
+    parser.add_argument("out")
+    args = parser.parse_args()
+    setup_logging()
+    main(load_config(args.config), args.rollout, args.policy_dir, args.v, args.out)
