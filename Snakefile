@@ -26,5 +26,4 @@ rule rollouts:
 rule all:
     default_target: True
     input:
-        rules.delta_h1.output,
-        rules.delta_h.output,
+        rules.summary.output,

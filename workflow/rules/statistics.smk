@@ -59,3 +59,17 @@ rule delta_h:
         f"{RESULTS}/logs/delta_h.log",
     script:
         "../../scripts/delta_h.py"
+
+
+rule summary:
+    input:
+        delta_h1=rules.delta_h1.output.json,
+        delta_h=rules.delta_h.output[0],
+    output:
+        json=f"{RESULTS}/summary.json",
+        table=f"{RESULTS}/summary.txt",
+        plot=report(f"{RESULTS}/plot.png", caption="../report/plot.rst", category="Entropy change"),
+    log:
+        f"{RESULTS}/logs/summary.log",
+    script:
+        "../../scripts/summary.py"

@@ -1,0 +1,93 @@
+"""The final report: summary.json (every number plus provenance), a text table and the plot of
+ΔH(η) and δH₁(η) against η."""
+from __future__ import annotations
+
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+
+def provenance() -> dict:
+    """Package version and git commit of the code that produced the numbers."""
+    try:
+        version = metadata.version("entropy-probe")
+    except metadata.PackageNotFoundError:
+        version = "not installed"
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown (not a git checkout)", False
+    return {"package_version": version, "git_commit": commit, "git_dirty": dirty}
+
+
+def combine(first_order: dict, delta_h: dict, exact: dict | None = None) -> list[dict]:
+    """One row per η of the sweep (positive η first): δH₁ ± SE, ΔH ± SE, their ratio, the central
+    difference (ΔH(η) − ΔH(−η))/2 when −η was measured, ESS, and the exact ΔH when known."""
+    measured = {row["eta"]: row for row in delta_h["delta_h"]}
+    rows = []
+    for pred in first_order["delta_h1"]:
+        eta = pred["eta"]
+        row = {"eta": eta, "delta_h1": pred["delta_h1"], "delta_h1_se": pred["se"]}
+        if eta in measured:
+            m = measured[eta]
+            row |= {"delta_h": m["delta_h"], "delta_h_se": m["se"], "ess": m["ess"],
+                    "num_sequences": m["num_sequences"], "own_nucleus_differs_share": m["own_nucleus_differs_share"],
+                    "log_weight_range": [m["log_weight_min"], m["log_weight_max"]],
+                    "ratio_delta_h1_over_delta_h": pred["delta_h1"] / m["delta_h"] if m["delta_h"] != 0 else None}
+        if -eta in measured and eta in measured:
+            row["central_difference"] = (measured[eta]["delta_h"] - measured[-eta]["delta_h"]) / 2
+        if exact is not None and eta in exact:
+            row["exact_delta_h"] = exact[eta]
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict], unit: str) -> str:
+    def f(x, spec=".4g"):
+        return format(x, spec) if isinstance(x, (int, float)) else "-"
+
+    header = (f"{'eta':>9} {'δH₁':>11} {'±':>9} {'ΔH (SNIS)':>11} {'±':>9} {'δH₁/ΔH':>8} {'central':>11} "
+              f"{'ESS':>7} {'exact ΔH':>11}")
+    lines = [f"Entropy change of one update step ({unit})", header]
+    for r in rows:
+        lines.append(
+            f"{f(r['eta']):>9} {f(r['delta_h1']):>11} {f(r['delta_h1_se'], '.2g'):>9} {f(r.get('delta_h')):>11} "
+            f"{f(r.get('delta_h_se'), '.2g'):>9} {f(r.get('ratio_delta_h1_over_delta_h'), '.3f'):>8} "
+            f"{f(r.get('central_difference')):>11} {f(r.get('ess'), '.1f'):>7} {f(r.get('exact_delta_h')):>11}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: str | Path, unit: str) -> None:
+    """Left: |ΔH| (with 1-SE bars) and |δH₁| against η, log–log. Right: δH₁/ΔH against η."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["eta"] > 0]
+    eta = [r["eta"] for r in rows]
+    fig, (ax, ax_ratio) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax.errorbar(eta, [abs(r["delta_h1"]) for r in rows], yerr=[r["delta_h1_se"] for r in rows], marker="o",
+                capsize=3, label="|δH₁| = |η·X·v| (first order)")
+    measured = [r for r in rows if "delta_h" in r]
+    if measured:
+        ax.errorbar([r["eta"] for r in measured], [abs(r["delta_h"]) for r in measured],
+                    yerr=[r["delta_h_se"] for r in measured], marker="s", capsize=3, label="|ΔH| (SNIS)")
+    exact = [r for r in rows if "exact_delta_h" in r]
+    if exact:
+        ax.plot([r["eta"] for r in exact], [abs(r["exact_delta_h"]) for r in exact], "k--", label="|ΔH| exact")
+    ax.set(xscale="log", yscale="log", xlabel="learning rate η", ylabel=f"|entropy change| ({unit})",
+           title="Entropy change of one step")
+    ax.legend()
+    ratios = [r for r in measured if r.get("ratio_delta_h1_over_delta_h") is not None]
+    ax_ratio.plot([r["eta"] for r in ratios], [r["ratio_delta_h1_over_delta_h"] for r in ratios], "o-")
+    ax_ratio.axhline(1.0, color="gray", lw=0.8)
+    ax_ratio.set(xscale="log", xlabel="learning rate η", ylabel="δH₁ / ΔH", title="linearity (→ 1 as η → 0)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
