@@ -59,3 +59,24 @@ def format_table(report: dict) -> str:
     lines += ["", f"{'module':<32} {'X·v share':>14}"]
     lines += [f"{name:<32} {value:>14.6g}" for name, value in report["X_dot_v_by_module"].items()]
     return "\n".join(lines) + "\n"
+
+
+def u_jackknife(X: dict[str, Tensor], y_shards: list[tuple[dict[str, Tensor], float]], build_v) -> dict:
+    """Delete-one-U-shard jackknife of X·v: the U-batch noise in v (DESIGN §2 "Error bars").
+
+    ``y_shards``: (unnormalized Y gradient sum, normalizer share) per U shard; ``build_v`` maps a
+    normalized Y to v (the same optimizer step as the full run). SE² = (K−1)/K Σ_s (x_s − x̄)².
+    """
+    K = len(y_shards)
+    if K < 2:
+        return {"available": False, "num_u_shards": K,
+                "reason": "needs batch_config.U_num_shards >= 2 (the jackknife deletes one U shard at a time)"}
+    total = gradients.sum_shards([g for g, _ in y_shards])
+    total_share = sum(share for _, share in y_shards)
+    values = []
+    for grads, share in y_shards:
+        Y_minus = {name: (total[name] - grads[name].double()) / (total_share - share) for name in total}
+        values.append(gradients.dot(X, build_v(Y_minus)))
+    x = torch.tensor(values, dtype=torch.float64)
+    se = float(torch.sqrt((K - 1) / K * ((x - x.mean()) ** 2).sum()))
+    return {"available": True, "num_u_shards": K, "X_dot_v_leave_one_shard_out": values, "X_dot_v_se_u": se}

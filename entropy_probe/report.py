@@ -24,14 +24,19 @@ def provenance() -> dict:
     return {"package_version": version, "git_commit": commit, "git_dirty": dirty}
 
 
-def combine(first_order: dict, delta_h: dict, exact: dict | None = None) -> list[dict]:
-    """One row per η of the sweep (positive η first): δH₁ ± SE, ΔH ± SE, their ratio, the central
-    difference (ΔH(η) − ΔH(−η))/2 when −η was measured, ESS, and the exact ΔH when known."""
+def combine(first_order: dict, delta_h: dict, jackknife: dict, exact: dict | None = None) -> list[dict]:
+    """One row per η of the sweep: δH₁ with its E-side SE and, when the U jackknife is available,
+    its U-side and total SE (E and U batches are independent, so variances add); ΔH ± SE, the
+    ratio δH₁/ΔH, the central difference (ΔH(η) − ΔH(−η))/2 when −η was measured, ESS, and the
+    exact ΔH when known."""
     measured = {row["eta"]: row for row in delta_h["delta_h"]}
     rows = []
     for pred in first_order["delta_h1"]:
         eta = pred["eta"]
         row = {"eta": eta, "delta_h1": pred["delta_h1"], "delta_h1_se": pred["se"]}
+        if jackknife["available"]:
+            se_u = abs(eta) * jackknife["X_dot_v_se_u"]
+            row |= {"delta_h1_se_u": se_u, "delta_h1_se_total": (pred["se"] ** 2 + se_u**2) ** 0.5}
         if eta in measured:
             m = measured[eta]
             row |= {"delta_h": m["delta_h"], "delta_h_se": m["se"], "ess": m["ess"],
@@ -50,13 +55,15 @@ def format_table(rows: list[dict], unit: str) -> str:
     def f(x, spec=".4g"):
         return format(x, spec) if isinstance(x, (int, float)) else "-"
 
-    header = (f"{'eta':>9} {'δH₁':>11} {'±':>9} {'ΔH (SNIS)':>11} {'±':>9} {'δH₁/ΔH':>8} {'central':>11} "
-              f"{'ESS':>7} {'exact ΔH':>11}")
-    lines = [f"Entropy change of one update step ({unit})", header]
+    header = (f"{'eta':>9} {'δH₁':>11} {'±E':>8} {'±E+U':>8} {'ΔH (SNIS)':>11} {'±':>8} {'δH₁/ΔH':>8} "
+              f"{'central':>11} {'ESS':>7} {'exact ΔH':>11}")
+    lines = [f"Entropy change of one update step ({unit}). ±E: E-batch noise with v fixed; "
+             "±E+U: also the U-batch noise in v (jackknife over U shards)", header]
     for r in rows:
         lines.append(
-            f"{f(r['eta']):>9} {f(r['delta_h1']):>11} {f(r['delta_h1_se'], '.2g'):>9} {f(r.get('delta_h')):>11} "
-            f"{f(r.get('delta_h_se'), '.2g'):>9} {f(r.get('ratio_delta_h1_over_delta_h'), '.3f'):>8} "
+            f"{f(r['eta']):>9} {f(r['delta_h1']):>11} {f(r['delta_h1_se'], '.2g'):>8} "
+            f"{f(r.get('delta_h1_se_total'), '.2g'):>8} {f(r.get('delta_h')):>11} "
+            f"{f(r.get('delta_h_se'), '.2g'):>8} {f(r.get('ratio_delta_h1_over_delta_h'), '.3f'):>8} "
             f"{f(r.get('central_difference')):>11} {f(r.get('ess'), '.1f'):>7} {f(r.get('exact_delta_h')):>11}"
         )
     return "\n".join(lines) + "\n"
@@ -72,7 +79,7 @@ def plot(rows: list[dict], path: str | Path, unit: str) -> None:
     rows = [r for r in rows if r["eta"] > 0]
     eta = [r["eta"] for r in rows]
     fig, (ax, ax_ratio) = plt.subplots(1, 2, figsize=(11, 4.2))
-    ax.errorbar(eta, [abs(r["delta_h1"]) for r in rows], yerr=[r["delta_h1_se"] for r in rows], marker="o",
+    ax.errorbar(eta, [abs(r["delta_h1"]) for r in rows], yerr=[r.get("delta_h1_se_total", r["delta_h1_se"]) for r in rows], marker="o",
                 capsize=3, label="|δH₁| = |η·X·v| (first order)")
     measured = [r for r in rows if "delta_h" in r]
     if measured:

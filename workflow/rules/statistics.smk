@@ -65,6 +65,7 @@ rule summary:
     input:
         delta_h1=rules.delta_h1.output.json,
         delta_h=rules.delta_h.output[0],
+        u_jackknife=rules.u_jackknife.output[0],
     output:
         json=f"{RESULTS}/summary.json",
         table=f"{RESULTS}/summary.txt",

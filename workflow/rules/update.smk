@@ -32,3 +32,19 @@ rule update_vector:
         f"{RESULTS}/logs/update_vector.log",
     script:
         "../../scripts/update_vector.py"
+
+
+rule u_jackknife:
+    input:
+        unpack(update_state_inputs),
+        X=f"{RESULTS}/gradients/X.safetensors",
+        Y=shard_paths(f"{RESULTS}/teacher_force/Y/shard_{{shard}}.safetensors", "U"),
+        policy=POLICY_DIR,
+    output:
+        f"{RESULTS}/estimates/u_jackknife.json",
+    params:
+        cfg=rules.update_vector.params.cfg,
+    log:
+        f"{RESULTS}/logs/u_jackknife.log",
+    script:
+        "../../scripts/u_jackknife.py"
