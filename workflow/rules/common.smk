@@ -22,8 +22,8 @@ DATASET_SIZE = dataset_size(config)
 
 
 def sections(*names, **partial):
-    """The config a rule uses, as its params (changing them reruns the rule, nothing else does):
-    whole sections by name, or only some keys of a section (``estimator=["baseline"]``)."""
+    """The config keys a step depends on, passed as its params so that changing them (and nothing
+    else) reruns it. Whole sections by name, or some keys of a section (estimator=["baseline"])."""
     out = {name: config[name] for name in names}
     out.update({name: {key: config[name][key] for key in keys} for name, keys in partial.items()})
     return out
@@ -37,3 +37,20 @@ def shard_paths(template, kind):
 GPU = 1 if config["model"]["device"] == "cuda" else 0
 ROLLOUT_CFG = sections("batch_config", "generation", "data", "reward", "model")
 ESTIMATOR_KEYS = ["normalization", "baseline", "param_filter"]
+
+
+# The optimizer state of update.optimizer: adamw is an input of the update steps (for
+# optimizer_state: embedded it lies inside the policy directory, an input anyway).
+from entropy_probe.optimizer_state import resolve_state_paths
+
+try:
+    UPDATE_STATE_PATHS = resolve_state_paths(config["update"], POLICY_DIR, EMBEDDED_MODEL)
+except ValueError as err:
+    raise WorkflowError(f"Invalid config: {err}")
+
+
+def update_state_inputs(wildcards):
+    if UPDATE_STATE_PATHS is None or config["update"]["optimizer_state"] == "embedded":
+        return {}
+    state, names = UPDATE_STATE_PATHS
+    return {"optimizer_state": state, "optimizer_param_names": names}

@@ -6,6 +6,8 @@ rule plan:
     params:
         cfg=sections("batch_config"),
         dataset_size=DATASET_SIZE,
+    conda:
+        "../envs/probe.yaml"
     log:
         f"{RESULTS}/logs/plan.log",
     script:

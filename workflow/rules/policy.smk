@@ -5,6 +5,8 @@ if EMBEDDED_MODEL:
             directory(f"{RESULTS}/policy"),
         params:
             toy=config["toy"],
+        conda:
+            "../envs/probe.yaml"
         log:
             f"{RESULTS}/logs/build_policy.log",
         script:

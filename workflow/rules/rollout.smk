@@ -11,6 +11,8 @@ rule rollout:
         cfg=ROLLOUT_CFG,
     resources:
         gpu=GPU,
+    conda:
+        "../envs/probe.yaml"
     log:
         f"{RESULTS}/logs/rollout_{{kind}}_{{shard}}.log",
     script:

@@ -9,6 +9,8 @@ rule directional:
         cfg=sections("batch_config", "generation", "model", estimator=ESTIMATOR_KEYS),
     resources:
         gpu=GPU,
+    conda:
+        "../envs/probe.yaml"
     log:
         f"{RESULTS}/logs/directional_{{shard}}.log",
     script:
@@ -25,6 +27,8 @@ rule delta_h1:
         table=f"{RESULTS}/delta_h1.txt",
     params:
         cfg=sections(batch_config=["G"], estimator=["eta_list"]),
+    conda:
+        "../envs/probe.yaml"
     log:
         f"{RESULTS}/logs/delta_h1.log",
     script:
@@ -42,6 +46,8 @@ rule snis_shard:
         cfg=sections("batch_config", "generation", "model", estimator=["eta_list", "central_difference", "param_filter"]),
     resources:
         gpu=GPU,
+    conda:
+        "../envs/probe.yaml"
     log:
         f"{RESULTS}/logs/snis_shard_{{shard}}.log",
     script:
@@ -55,6 +61,8 @@ rule delta_h:
         f"{RESULTS}/delta_h.json",
     params:
         cfg=sections(batch_config=["G"], estimator=["normalization"]),
+    conda:
+        "../envs/probe.yaml"
     log:
         f"{RESULTS}/logs/delta_h.log",
     script:
@@ -70,6 +78,8 @@ rule summary:
         json=f"{RESULTS}/summary.json",
         table=f"{RESULTS}/summary.txt",
         plot=report(f"{RESULTS}/plot.png", caption="../report/plot.rst", category="Entropy change"),
+    conda:
+        "../envs/probe.yaml"
     log:
         f"{RESULTS}/logs/summary.log",
     script:

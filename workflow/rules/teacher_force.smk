@@ -6,6 +6,8 @@ rule e_stats:
         f"{RESULTS}/estimates/e_stats.json",
     params:
         cfg=ROLLOUT_CFG,
+    conda:
+        "../envs/probe.yaml"
     log:
         f"{RESULTS}/logs/e_stats.log",
     script:
@@ -25,6 +27,8 @@ rule teacher_force_x:
         cfg=sections("batch_config", "generation", "model", estimator=ESTIMATOR_KEYS),
     resources:
         gpu=GPU,
+    conda:
+        "../envs/probe.yaml"
     log:
         f"{RESULTS}/logs/teacher_force_{{kind}}_{{shard}}.log",
     script:
@@ -43,6 +47,8 @@ rule teacher_force_y:
         cfg=sections("batch_config", "generation", "model", estimator=["param_filter"], update=["loss_normalization"]),
     resources:
         gpu=GPU,
+    conda:
+        "../envs/probe.yaml"
     log:
         f"{RESULTS}/logs/teacher_force_{{kind}}_{{shard}}.log",
     script:
@@ -58,6 +64,8 @@ rule reduce_gradients:
         f"{RESULTS}/gradients/{{kind}}.safetensors",
     wildcard_constraints:
         kind="X|Y",
+    conda:
+        "../envs/probe.yaml"
     log:
         f"{RESULTS}/logs/reduce_gradients_{{kind}}.log",
     script:

@@ -1,21 +1,4 @@
-# The update vector v (DESIGN §2 "Y and v"). With update.optimizer: adamw and a saved state, the
-# state file and its names file are inputs (for optimizer_state: embedded they lie inside the
-# policy directory, which is an input anyway).
-from entropy_probe.optimizer_state import resolve_state_paths
-
-try:
-    UPDATE_STATE_PATHS = resolve_state_paths(config["update"], POLICY_DIR, EMBEDDED_MODEL)
-except ValueError as err:
-    raise WorkflowError(f"Invalid config: {err}")
-
-
-def update_state_inputs(wildcards):
-    if UPDATE_STATE_PATHS is None or config["update"]["optimizer_state"] == "embedded":
-        return {}
-    state, names = UPDATE_STATE_PATHS
-    return {"optimizer_state": state, "optimizer_param_names": names}
-
-
+# The update vector v (DESIGN §2 "Y and v") and the jackknife over U shards.
 rule update_vector:
     input:
         unpack(update_state_inputs),
@@ -28,6 +11,8 @@ rule update_vector:
             model=["name_or_path", "dtype"],
             update=["optimizer", "optimizer_state", "optimizer_param_names", "max_grad_norm"],
         ),
+    conda:
+        "../envs/probe.yaml"
     log:
         f"{RESULTS}/logs/update_vector.log",
     script:
@@ -44,6 +29,8 @@ rule u_jackknife:
         f"{RESULTS}/estimates/u_jackknife.json",
     params:
         cfg=rules.update_vector.params.cfg,
+    conda:
+        "../envs/probe.yaml"
     log:
         f"{RESULTS}/logs/u_jackknife.log",
     script:
