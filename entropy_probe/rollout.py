@@ -24,11 +24,19 @@ def chunk_seed(seed: int, kind: str, shard_index: int, chunk_index: int) -> int:
 
 def group_advantages(rewards_bg: Tensor, scale: bool) -> Tensor:
     """A = r − mean_g r per prompt, ``[B, G] -> [B, G]``; with ``scale`` also divided by the
-    group's (unbiased) std + 1e-4, as GRPO does."""
+    group's (unbiased) std + 1e-4, as GRPO does (G = 1: the std is taken as 0, not NaN)."""
     centred = rewards_bg - rewards_bg.mean(-1, keepdim=True)
     if scale:
-        centred = centred / (rewards_bg.std(-1, keepdim=True) + 1e-4)
+        std = rewards_bg.std(-1, keepdim=True) if rewards_bg.shape[-1] > 1 else torch.zeros_like(centred)
+        centred = centred / (std + 1e-4)
     return centred
+
+
+def response_texts(tokenizer, tokens: Tensor, lens: Tensor, stopped_at_eos: Tensor) -> list[str]:
+    """Decoded responses without their final EOS. Other special tokens stay in the text: a
+    sampled pad is a real token, and "8<pad>" must not score as the answer "8"."""
+    ends = (lens - stopped_at_eos.long()).tolist()
+    return tokenizer.batch_decode([row[:end] for row, end in zip(tokens.tolist(), ends)], skip_special_tokens=False)
 
 
 def _pad_to(x: Tensor, width: int, value, left: bool) -> Tensor:
@@ -67,7 +75,8 @@ def rollout_shard(
         }
         responses["response_lens"] = torch.cat([p.response_lens for p in parts])
         responses["stopped_at_eos"] = torch.cat([p.stopped_at_eos for p in parts])
-        texts = tokenizer.batch_decode(responses["response_tokens"], skip_special_tokens=True)
+        texts = response_texts(tokenizer, responses["response_tokens"], responses["response_lens"],
+                               responses["stopped_at_eos"])
         golds = [examples[i]["answer"] for i in ids for _ in range(G)]
         responses["rewards"] = torch.tensor(rewards.score(reward_fn, texts, golds), dtype=torch.float32)
         responses["prompt_tokens"], responses["prompt_mask"] = encoded["input_ids"], encoded["attention_mask"]

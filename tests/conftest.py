@@ -4,6 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+# The tiny models of the tests are dominated by per-op overhead: one thread is several times
+# faster than two on the 2-core CI machine (and leaves a core to Snakemake subprocesses).
+torch.set_num_threads(1)
+
 from entropy_probe import models
 from entropy_probe.toy import build_embedded_policy
 
@@ -21,5 +25,4 @@ def toy_policy_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def toy_model(toy_policy_dir):
     """(model, tokenizer) of the embedded policy, fp32, CPU, eval mode."""
-    torch.set_num_threads(2)
     return models.load_policy(toy_policy_dir, "float32", "cpu"), models.load_tokenizer(toy_policy_dir)

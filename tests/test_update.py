@@ -341,7 +341,6 @@ def _run_script(cfg, y_path, policy_dir, out_path):
 
 
 def test_embedded_toy_state_matches_a_real_adamw_step(toy_policy_dir, tmp_path):
-    torch.set_num_threads(2)
     report = json.loads((toy_policy_dir / "training_report.json").read_text())
     group_names = json.loads((toy_policy_dir / OPTIMIZER_NAMES_FILE).read_text())
     all_names = sum(group_names, [])
