@@ -58,7 +58,7 @@ def format_table(rows: list[dict], unit: str) -> str:
     header = (f"{'eta':>9} {'δH₁':>11} {'±E':>8} {'±E+U':>8} {'ΔH (SNIS)':>11} {'±':>8} {'δH₁/ΔH':>8} "
               f"{'central':>11} {'ESS':>7} {'exact ΔH':>11}")
     lines = [f"Entropy change of one update step ({unit}). ±E: E-batch noise with v fixed; "
-             "±E+U: also the U-batch noise in v (jackknife over U shards)", header]
+             "±E+U: also the U-batch noise in v (jackknife over U shards); exact: by enumeration", header]
     for r in rows:
         lines.append(
             f"{f(r['eta']):>9} {f(r['delta_h1']):>11} {f(r['delta_h1_se'], '.2g'):>8} "

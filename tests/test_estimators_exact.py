@@ -11,7 +11,7 @@ import torch
 
 from entropy_probe import estimators, passes, probe, rollout, rewards, teacher_force
 
-import exact
+from entropy_probe import exact
 
 PROMPTS = [{"prompt": p, "answer": a} for p, a in [("3+5=", "8"), ("12+7=", "19"), ("9+9=", "18"), ("0+0=", "0")]]
 MAX_NEW_TOKENS = 3

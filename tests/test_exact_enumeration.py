@@ -18,7 +18,7 @@ import torch
 from entropy_probe import generate, measure, rewards
 from entropy_probe.toy import EOS, PAD, VOCAB
 
-import exact  # tests/exact.py (pytest puts tests/ on sys.path)
+from entropy_probe import exact
 
 
 PROMPTS = ["3+5=", "12+7=", "9+9=", "0+0="]  # "12+7=" is one token longer than the others

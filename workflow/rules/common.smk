@@ -19,6 +19,8 @@ RESULTS = "results"
 EMBEDDED_MODEL = config["model"]["name_or_path"] == EMBEDDED
 POLICY_DIR = f"{RESULTS}/policy" if EMBEDDED_MODEL else config["model"]["name_or_path"]
 DATASET_SIZE = dataset_size(config)
+# The embedded policy is small enough to enumerate every response: its exact ΔH(η) is drawn too.
+EXACT_REFERENCE = EMBEDDED_MODEL and config["generation"]["max_new_tokens"] <= 4
 
 
 def sections(*names, **partial):

@@ -69,8 +69,27 @@ rule delta_h:
         "../../scripts/delta_h.py"
 
 
+if EXACT_REFERENCE:
+
+    rule exact_reference:
+        input:
+            policy=POLICY_DIR,
+            v=rules.update_vector.output[0],
+        output:
+            f"{RESULTS}/estimates/exact.json",
+        params:
+            cfg=sections("data", "generation", "model", estimator=["normalization", "eta_list", "central_difference"]),
+        conda:
+            "../envs/probe.yaml"
+        log:
+            f"{RESULTS}/logs/exact_reference.log",
+        script:
+            "../../scripts/exact_reference.py"
+
+
 rule summary:
     input:
+        unpack(lambda wc: {"exact": rules.exact_reference.output[0]} if EXACT_REFERENCE else {}),
         delta_h1=rules.delta_h1.output.json,
         delta_h=rules.delta_h.output[0],
         u_jackknife=rules.u_jackknife.output[0],
