@@ -1,0 +1,32 @@
+"""Running the project's Snakefile in a scratch working directory (for the workflow tests)."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_snakemake(workdir: Path, configfile: str, *args: str, check: bool = True,
+                  timeout: int = 900) -> subprocess.CompletedProcess:
+    """``snakemake -s <repo>/Snakefile --directory <workdir> ARGS --configfile <workdir>/<configfile>``."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           *args, "--configfile", str(workdir / configfile)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-6000:]}")
+    return result
+
+
+def dry_run_jobs(workdir: Path, configfile: str, *targets: str) -> dict[str, int]:
+    """Rule name -> number of jobs a dry run would execute ({} when there is nothing to do)."""
+    result = run_snakemake(workdir, configfile, *targets, "-n")
+    out = result.stdout + result.stderr
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:", 1)[1]
+    jobs = dict((name, int(n)) for name, n in re.findall(r"^(\w+)\s+(\d+)\s*$", table, flags=re.M))
+    jobs.pop("total", None)
+    return jobs
