@@ -91,12 +91,18 @@ def sample(
         do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=max_new_tokens,
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=None,
     )
+    # transformers fills every option left unset from the checkpoint's generation_config.json
+    # (repetition_penalty, min_p, min_new_tokens, ...), which would silently change q: hide it.
+    checkpoint_config, model.generation_config = model.generation_config, GenerationConfig()
     torch.manual_seed(seed)
-    with torch.no_grad():
-        sequences = model.generate(
-            input_ids=ids, attention_mask=mask, generation_config=config,
-            logits_processor=LogitsProcessorList([processor]),
-        )
+    try:
+        with torch.no_grad():
+            sequences = model.generate(
+                input_ids=ids, attention_mask=mask, generation_config=config,
+                logits_processor=LogitsProcessorList([processor]),
+            )
+    finally:
+        model.generation_config = checkpoint_config
     tokens = sequences[:, ids.shape[1]:]
     token_log_q, entropies = processor.finish(sequences)
     lens, stopped = response_lengths(tokens, eos_token_id)

@@ -76,9 +76,10 @@ def _example_lines(tensors: dict[str, Tensor], tokenizer, n_examples: int) -> li
         fields = [f"len {n}"]
         if "stopped_at_eos" in tensors:
             fields.append("EOS" if tensors["stopped_at_eos"][b, g] else "no EOS (cut at max_new_tokens)")
-        for key, label in (("rewards", "reward"), ("advantages", "advantage")):
-            if key in tensors:
-                fields.append(f"{label} {tensors[key][b, g].item():+.4g}")
+        if "rewards" in tensors:
+            fields.append(f"reward {tensors['rewards'][b, g].item():.4g}")
+        if "advantages" in tensors:
+            fields.append(f"advantage {tensors['advantages'][b, g].item():+.4g}")
         fields.append(f"S = Σh {tensors['rb_entropies'][b, g, :n].double().sum().item():.4f}")
         fields.append(f"log q(y) {tensors['token_log_q'][b, g, :n].double().sum().item():.4f}")
         lines.append(f"  response {g}: {_tokens_text(response, tokenizer)}  [{', '.join(fields)}]")

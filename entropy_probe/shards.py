@@ -33,6 +33,9 @@ def atomic_path(path: str | Path, suffix: str = ""):
     os.close(fd)
     try:
         yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; outputs are readable like any file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -4,10 +4,7 @@ their rewards and advantages, EOS stops, entropy and log q statistics.
     python scripts/inspect_shard.py results/rollouts/E/shard_000.safetensors --policy results/policy
 """
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package of this checkout
 
 from entropy_probe.inspect import summarize_shard  # noqa: E402
 

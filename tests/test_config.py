@@ -1,0 +1,119 @@
+"""Config validation (schema, then cross-field checks): every bad value fails before any job runs,
+with a message naming the key."""
+from __future__ import annotations
+
+import ast
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from entropy_probe.config import ConfigError, check_config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD = REPO / "config" / "config.yaml"
+
+
+def test_good_config_loads_with_defaults_filled():
+    config = load_config(GOOD)
+    written = yaml.safe_load(GOOD.read_text())
+    for section, values in written.items():
+        for key, value in values.items():
+            assert config[section][key] == value, f"{section}.{key}"
+    # every section of the schema exists, also those the file leaves out
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    assert set(config) == set(schema["properties"]) >= {"model", "toy", "data", "batch_config", "generation"}
+    assert load_config(None)["model"]["name_or_path"] == "embedded"  # the schema defaults alone pass
+
+
+BAD = [
+    # (overrides, key the message must name)
+    ({"batch_config": {"E_total_sequences": -5}}, "batch_config.E_total_sequences"),
+    ({"generation": {"top_p": 0}}, "generation.top_p"),
+    ({"generation": {"top_p": 1.5}}, "generation.top_p"),
+    ({"batch_config": {"E_sampling_mode": "stratified"}}, "batch_config.E_sampling_mode"),
+    ({"bogus_section": {"x": 1}}, "bogus_section"),
+    ({"generation": {"bogus_key": 1}}, "bogus_key"),
+    ({"batch_config": {"B_U": 401}}, "batch_config.B_U"),  # the default toy has 20 x 20 prompts
+    ({"toy": {"max_operand": 9}, "batch_config": {"B_U": 101}}, "batch_config.B_U"),
+    ({"model": {"name_or_path": "/nonexistent/checkpoint"}}, "model.name_or_path"),
+    ({"batch_config": {"E_total_sequences": 3, "G": 4}}, "batch_config.E_total_sequences"),
+    ({"batch_config": {"G": 1}, "estimator": {"baseline": "loo"}}, "estimator.baseline"),
+    ({"batch_config": {"E_total_sequences": 8, "G": 4, "E_num_shards": 3}}, "batch_config.E_num_shards"),
+    ({"batch_config": {"B_U": 2, "U_num_shards": 3}}, "batch_config.U_num_shards"),
+    ({"batch_config": {"E_sampling_mode": "distinct", "E_total_sequences": 4 * 401}}, "batch_config.E_total_sequences"),
+    ({"data": {"source": "/nonexistent/prompts.jsonl"}}, "data.source"),
+]
+
+
+@pytest.mark.parametrize("overrides,key", BAD, ids=[key + "-" + str(i) for i, (_, key) in enumerate(BAD)])
+def test_bad_value_raises_config_error_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(GOOD, overrides)
+    assert key in str(info.value)
+
+
+def test_the_limits_themselves_pass():
+    load_config(GOOD, {"batch_config": {"B_U": 400, "U_num_shards": 400}})
+    load_config(GOOD, {"batch_config": {"E_sampling_mode": "distinct", "E_total_sequences": 4 * 400}})
+    load_config(GOOD, {"batch_config": {"E_total_sequences": 4, "G": 4, "E_num_shards": 1}})
+    load_config(GOOD, {"batch_config": {"G": 1, "E_num_shards": 1}, "estimator": {"baseline": "none"}})
+    load_config(GOOD, {"generation": {"top_p": 1.0}})
+
+
+def test_check_config_rejects_top_p_for_direct_callers():
+    config = load_config(GOOD)
+    for top_p in (0.0, 1.5):
+        bad = copy.deepcopy(config)
+        bad["generation"]["top_p"] = top_p
+        with pytest.raises(ConfigError, match="generation.top_p"):
+            check_config(bad)
+
+
+def _snakemake(workdir, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args],
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.mark.parametrize("section,key,value", [
+    ("batch_config", "E_total_sequences", -5),  # caught by the schema
+    ("batch_config", "B_U", 401),  # caught by the cross-field check
+])
+def test_snakemake_rejects_a_bad_config_before_any_job(tmp_path, section, key, value):
+    config = yaml.safe_load(GOOD.read_text())
+    config[section][key] = value
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    work = tmp_path / "work"
+    work.mkdir()
+    result = _snakemake(work, "-n", "--configfile", str(bad))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert key in output
+    assert not (work / "results").exists()
+
+
+def test_package_does_not_import_snakemake():
+    package = REPO / "entropy_probe"
+    for path in sorted(package.glob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            assert not any(n.split(".")[0] == "snakemake" for n in names), f"{path.name} imports snakemake"
+    modules = sorted(p.stem for p in package.glob("*.py") if p.stem != "__init__")
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module('entropy_probe.' + m)\n"
+        "assert not any(k == 'snakemake' or k.startswith('snakemake.') for k in sys.modules), 'snakemake imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
