@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from . import models, shards, teacher_force
+from . import guards, models, shards, teacher_force
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ def load_for_teacher_forcing(cfg: dict, policy_dir: str):
     torch.manual_seed(0)
     model = models.load_policy(policy_dir, cfg["model"]["dtype"], cfg["model"]["device"])
     tokenizer = models.load_tokenizer(policy_dir)
+    guards.check_parameters(dict(model.named_parameters()), "weight", str(policy_dir))
     params = teacher_force.selected_parameters(model, cfg["estimator"]["param_filter"])
     log.info("%d parameter tensors (%d values) selected by param_filter %r", len(params),
              sum(p.numel() for p in params.values()), cfg["estimator"]["param_filter"])
@@ -35,7 +36,15 @@ def load_for_teacher_forcing(cfg: dict, policy_dir: str):
 
 
 def read_rollouts(paths: list[str], cfg: dict, kind: str, fingerprint: str) -> list[dict]:
-    return [shards.read_shard(p, rollout_expectations(cfg, kind, fingerprint))[0] for p in paths]
+    """Rollout shards checked against the config (header) and for non-finite values."""
+    out = []
+    for path in paths:
+        tensors, _ = shards.read_shard(path, rollout_expectations(cfg, kind, fingerprint))
+        B, G, T = tensors["token_log_q"].shape
+        for name in ("token_log_q", "rb_entropies", "rewards", "advantages"):
+            guards.check_sequences(tensors[name].reshape(B * G, -1), name, str(path))
+        out.append(tensors)
+    return out
 
 
 def e_batch_stats(rollouts: list[dict]) -> dict:

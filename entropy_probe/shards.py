@@ -29,6 +29,9 @@ def atomic_path(path: str | Path, suffix: str = ""):
     """Yield a temporary path next to ``path``; rename it to ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Leftovers of a killed writer of this same output (Snakemake never runs two at once).
+    for stale in path.parent.glob(f".{path.name}.*.tmp*"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
     os.close(fd)
     try:

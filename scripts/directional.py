@@ -6,7 +6,7 @@ By hand:  python scripts/directional.py CONFIG.yaml ROLLOUT.safetensors POLICY_D
 import argparse
 import logging
 
-from entropy_probe import passes, probe, shards
+from entropy_probe import guards, passes, probe, shards
 from entropy_probe.config import load_config
 from entropy_probe.stage import setup_logging
 
@@ -21,6 +21,8 @@ def main(cfg: dict, rollout_path: str, policy_dir: str, v_path: str, out_path: s
         normalization=est["normalization"], baseline=est["baseline"], rb_requires_grad=gen["rb_requires_grad"],
         tf_batch_size=gen["tf_batch_size"],
     )
+    for name, values in sums.items():
+        guards.check_sequences(values, f"directional sum {name} (per prompt group)", rollout_path)
     shards.write_shard(out_path, sums, {"kind": "directional", "model_fingerprint": fingerprint,
                                         "normalization": est["normalization"], "baseline": est["baseline"]})
     logging.getLogger("directional").info("wrote %s: %d prompt groups", out_path, sums["P"].numel())

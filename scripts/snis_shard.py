@@ -8,7 +8,7 @@ import logging
 
 import torch
 
-from entropy_probe import probe, shards, snis
+from entropy_probe import guards, probe, shards, snis
 from entropy_probe.config import load_config, sweep_etas
 from entropy_probe.stage import setup_logging
 
@@ -21,6 +21,8 @@ def main(cfg: dict, rollout_path: str, policy_dir: str, v_path: str, out_path: s
     etas = sweep_etas(cfg["estimator"])
     out = snis.snis_pass(model, v, rollout, etas, pad_token_id=tokenizer.pad_token_id,
                          temperature=gen["temperature"], top_p=gen["top_p"], tf_batch_size=gen["tf_batch_size"])
+    for name in ("log_w", "S_shifted"):
+        guards.check_sequences(out[name].T, f"SNIS {name}", rollout_path)
     out["etas"] = torch.tensor(etas, dtype=torch.float64)
     shards.write_shard(out_path, out, {"kind": "snis", "model_fingerprint": fingerprint, "etas": etas})
     logging.getLogger("snis_shard").info("wrote %s: %d sequences x %d etas", out_path, out["S"].numel(), len(etas))

@@ -6,7 +6,7 @@ By hand:  python scripts/teacher_force.py CONFIG.yaml {X,Y} ROLLOUT.safetensors 
 import argparse
 import logging
 
-from entropy_probe import gradients, passes, probe
+from entropy_probe import gradients, guards, passes, probe
 from entropy_probe.config import load_config
 from entropy_probe.shards import read_json, write_shard
 from entropy_probe.stage import setup_logging
@@ -33,6 +33,9 @@ def main(cfg: dict, kind: str, rollout_path: str, policy_dir: str, out_path: str
         loss_norm = cfg["update"]["loss_normalization"]
         grads, share = passes.y_gradient(model, params, rollout, normalization=loss_norm, **common)
         stats, meta = {}, meta | {"loss_normalization": loss_norm, "normalizer_share": share}
+    guards.check_parameters(grads, f"{kind} gradient", rollout_path)
+    for name, values in stats.items():
+        guards.check_sequences(values, f"teacher-forced {name}", rollout_path)
     write_shard(out_path, gradients.pack(grads, stats), meta)
     log.info("wrote %s: %d tensors, |grad sum| = %.4g", out_path, len(grads), gradients.global_norm(grads))
 

@@ -8,7 +8,7 @@ By hand:  python scripts/update_vector.py CONFIG.yaml Y.safetensors POLICY_DIR O
 import argparse
 import logging
 
-from entropy_probe import gradients, shards
+from entropy_probe import gradients, guards, shards
 from entropy_probe.config import load_config
 from entropy_probe.stage import setup_logging
 from entropy_probe.update_step import UpdateBuilder
@@ -23,6 +23,7 @@ def main(cfg: dict, y_path: str, policy_dir: str, out_path: str) -> None:
     v = build(Y, y_path)
     meta = build.describe(Y) | {"kind": "v", "param_filter": y_meta.get("param_filter"),
                                 "loss_normalization": y_meta.get("loss_normalization")}
+    guards.check_parameters(v, "update vector v", y_path)
     shards.write_shard(out_path, v, meta)
     log.info("v (%s): |v| = %.6g over %d tensors; |Y| = %.6g, clip coefficient %.6g", build.optimizer,
              gradients.global_norm(v), len(v), meta["grad_norm"], meta["clip_coef"])
