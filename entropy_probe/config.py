@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import string
 from pathlib import Path
 
 EMBEDDED = "embedded"
@@ -25,29 +27,106 @@ def embedded_dataset_size(toy: dict) -> int:
     return (toy["max_operand"] + 1) ** 2
 
 
-def dataset_size(config: dict) -> int:
-    """Number of prompts, known before any job runs (the embedded set's size is a function of
-    the config; a jsonl file is counted)."""
-    source = config["data"]["source"]
-    if source == EMBEDDED:
-        return embedded_dataset_size(config["toy"])
-    path = Path(source)
-    if not path.is_file():
-        raise ConfigError(f"data.source: file {source!r} does not exist")
-    with open(path) as f:
-        return sum(1 for line in f if line.strip())
+def dataset_size(config: dict, kind: str = "E") -> int | None:
+    """Number of prompts of batch ``kind``'s split before filtering, where it is known before any
+    job runs (the embedded set's size is a function of the config; local files are counted);
+    None for hub datasets and sliced splits (the plan checks the sizes after preparation)."""
+    from .data import DataError, kind_splits, raw_size
+
+    try:
+        return raw_size(config, kind_splits(config["data"])[kind])
+    except DataError as err:
+        raise ConfigError(str(err)) from err
+
+
+def _check_checkpoint(value: str, key: str, adapter: bool) -> None:
+    """A local directory (that looks like a checkpoint / an adapter), or a hub id (checked when
+    it is loaded). A local-looking path that does not exist fails now."""
+    from .data import looks_like_hub_id
+    from .models import adapter_files, checkpoint_files
+
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if adapter and not (path / "adapter_config.json").is_file():
+            raise ConfigError(f"{key}: {value!r} has no adapter_config.json (not a PEFT adapter directory)")
+        if adapter and not any(p.name.startswith("adapter_model") for p in adapter_files(path)):
+            raise ConfigError(f"{key}: {value!r} has no adapter_model.safetensors / adapter_model.bin")
+        if not adapter and not checkpoint_files(path):
+            raise ConfigError(f"{key}: {value!r} holds no weights, config or tokenizer files (not a checkpoint)")
+        return
+    if path.exists():
+        raise ConfigError(f"{key}: {value!r} is a file; give a checkpoint directory or a hub id")
+    if not looks_like_hub_id(value):
+        raise ConfigError(f"{key}: {value!r} is not an existing directory (hub ids look like 'org/name')")
+
+
+def _check_data(config: dict) -> None:
+    from .data import DataError, kind_splits, source_kind
+
+    data = config["data"]
+    try:
+        kind = source_kind(data["source"])
+        if kind == "file":
+            from .data import local_file
+
+            for split in set(kind_splits(data).values()):
+                local_file(data["source"], split)
+    except DataError as err:
+        raise ConfigError(str(err)) from err
+    if kind == "embedded" and config["model"]["name_or_path"] != EMBEDDED:
+        raise ConfigError("data.source: 'embedded' prompts only go with model.name_or_path: embedded")
+    if data.get("config_name") and kind != "hub":
+        raise ConfigError("data.config_name: only hub datasets have configurations")
+    if data.get("system_prompt") and not data.get("use_chat_template"):
+        raise ConfigError("data.system_prompt: only used with data.use_chat_template: true")
+    if data.get("answer_pattern"):
+        try:
+            re.compile(data["answer_pattern"])
+        except re.error as err:
+            raise ConfigError(f"data.answer_pattern: {data['answer_pattern']!r} is not a regex ({err})") from err
+    template = data.get("prompt_template") or ""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as err:
+        raise ConfigError(f"data.prompt_template: {err} (literal braces are written {{{{ and }}}})") from err
+    if any(not f or f.isdigit() for f in fields):
+        raise ConfigError("data.prompt_template: fields must be named ({prompt} or a field of the rows); "
+                          "literal braces are written {{ and }}")
+
+
+def _check_reward(reward: dict) -> None:
+    import importlib.util
+
+    name, function = reward["name"], reward.get("function", "")
+    if name == "custom":
+        target, sep, func = function.rpartition(":")
+        if not sep or not target or not func:
+            raise ConfigError(f"reward.function: {function!r} is not 'module:function' or 'path/to/file.py:function' "
+                              "(needed by reward.name: custom)")
+        if (target.endswith(".py") or "/" in target) and not Path(target).expanduser().is_file():
+            raise ConfigError(f"reward.function: file {target!r} does not exist")
+    elif function:
+        raise ConfigError(f"reward.function is set but reward.name is {name!r}, not 'custom'")
+    if name in ("math", "think_answer_math") and importlib.util.find_spec("math_verify") is None:
+        raise ConfigError(f"reward.name: {name!r} needs the math-verify package (pip install math-verify)")
 
 
 def check_config(config: dict) -> None:
     """Raise ConfigError on the first inconsistent value."""
     batch, gen, model = config["batch_config"], config["generation"], config["model"]
-    if model["name_or_path"] != EMBEDDED and not Path(model["name_or_path"]).exists():
-        raise ConfigError(
-            f"model.name_or_path: {model['name_or_path']!r} is not an existing directory "
-            "(hub ids are not supported yet; download the checkpoint and give its path)"
-        )
-    if config["data"]["source"] == EMBEDDED and model["name_or_path"] != EMBEDDED:
-        raise ConfigError("data.source: 'embedded' prompts only go with model.name_or_path: embedded")
+    if model["name_or_path"] != EMBEDDED:
+        _check_checkpoint(model["name_or_path"], "model.name_or_path", adapter=False)
+    if model.get("adapter_path"):
+        if model["name_or_path"] == EMBEDDED:
+            raise ConfigError("model.adapter_path: an adapter needs a checkpoint in model.name_or_path (the embedded "
+                              "policy is built by the run; to put an adapter on it, give its directory)")
+        _check_checkpoint(model["adapter_path"], "model.adapter_path", adapter=True)
+    if model.get("trainable", "auto") == "adapters" and not model.get("adapter_path"):
+        raise ConfigError("model.trainable: 'adapters' needs model.adapter_path")
+    _check_data(config)
+    _check_reward(config["reward"])
+    if any(not s for s in gen.get("stop_strings", [])):
+        raise ConfigError("generation.stop_strings: empty stop string")
     if batch["E_total_sequences"] < batch["G"]:
         raise ConfigError(
             f"batch_config.E_total_sequences: {batch['E_total_sequences']} is smaller than "
@@ -55,14 +134,14 @@ def check_config(config: dict) -> None:
         )
     if config["estimator"]["baseline"] == "loo" and batch["G"] < 2:
         raise ConfigError("estimator.baseline: 'loo' needs batch_config.G >= 2")
-    size = dataset_size(config)
     n_e = num_e_prompts(batch)
-    if batch["B_U"] > size:
-        raise ConfigError(f"batch_config.B_U: {batch['B_U']} distinct prompts > dataset size {size}")
-    if batch["E_sampling_mode"] == "distinct" and n_e > size:
+    u_size, e_size = dataset_size(config, "U"), dataset_size(config, "E")
+    if u_size is not None and batch["B_U"] > u_size:
+        raise ConfigError(f"batch_config.B_U: {batch['B_U']} distinct prompts > dataset size {u_size}")
+    if e_size is not None and batch["E_sampling_mode"] == "distinct" and n_e > e_size:
         raise ConfigError(
             f"batch_config.E_total_sequences: distinct mode needs ceil({batch['E_total_sequences']}"
-            f"/{batch['G']}) = {n_e} prompts > dataset size {size}"
+            f"/{batch['G']}) = {n_e} prompts > dataset size {e_size}"
         )
     if batch["E_num_shards"] > n_e:
         raise ConfigError(f"batch_config.E_num_shards: {batch['E_num_shards']} shards > {n_e} E prompts")

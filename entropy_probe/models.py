@@ -1,7 +1,25 @@
-"""Loading the policy and its tokenizer, device and precision settings, model fingerprints."""
+"""Loading the policy and its tokenizer, device and precision settings, model fingerprints.
+
+A *policy* argument is either a checkpoint directory (the embedded policy, or any local Hugging
+Face checkpoint) or a **policy spec**: the small JSON file the workflow writes for a configured
+model (``results/policy.json``, :func:`write_spec`). The spec names the resolved checkpoint
+directory (a local path, or the local snapshot of a hub id), the optional PEFT adapter, whether
+remote code is trusted, which parameters are trainable, and the fingerprint of all those files.
+
+**Adapters.** With ``model.adapter_path`` the policy is ``peft.PeftModel.from_pretrained(base,
+adapter, is_trainable=True)`` in eval mode (LoRA dropout off, so gradients are deterministic).
+Parameter names are then PEFT's, e.g.
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight`` (the frozen base
+weight of that layer is ``...q_proj.base_layer.weight``): X, Y, v and an optimizer state's names
+file all use these names. ``model.trainable`` picks which parameters count: ``adapters`` (what
+PEFT trains: the LoRA matrices and any ``modules_to_save`` copies; the base is frozen), ``all``
+(every parameter, base included), ``auto`` (``adapters`` with an adapter, else ``all``).
+``estimator.param_filter`` narrows the choice further.
+"""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -10,7 +28,16 @@ import torch
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-_FINGERPRINT_FILES = ("*.safetensors", "*.bin", "config.json", "tokenizer.json", "tokenizer_config.json")
+_FINGERPRINT_FILES = ("*.safetensors", "*.bin", "*.py", "config.json", "tokenizer.json", "tokenizer_config.json",
+                      "tokenizer.model", "chat_template.jinja")
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.py", "*.tiktoken", "*.jinja"]
+SPEC_KIND = "policy_spec"
+TRAINABLE_MODES = ("auto", "all", "adapters")
+
+
+class PolicyLoadError(RuntimeError):
+    """A model or adapter that cannot be found, fetched or loaded."""
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -26,45 +53,211 @@ def set_precision() -> None:
     torch.set_float32_matmul_precision("highest")
 
 
-def fingerprint(model_dir: str | Path) -> str:
-    """sha256 over the checkpoint's weight, config and tokenizer files (names and contents)."""
+# --------------------------------------------------------------------- checkpoints and the spec
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    """The files of a checkpoint that define it: weights, config, tokenizer, remote code."""
     model_dir = Path(model_dir)
+    return sorted({p for pattern in _FINGERPRINT_FILES for p in model_dir.glob(pattern) if p.is_file()})
+
+
+def adapter_files(adapter_dir: str | Path) -> list[Path]:
+    adapter_dir = Path(adapter_dir)
+    return sorted(p for name in _ADAPTER_FILES if (p := adapter_dir / name).is_file())
+
+
+def resolve_checkpoint(name_or_path: str, key: str, adapter: bool = False) -> Path:
+    """A local directory for ``name_or_path``: the directory itself, or the local snapshot of a
+    hub id (downloaded here, or found in the Hugging Face cache). Anything that fails is a
+    :class:`PolicyLoadError` naming the config key."""
+    from .data import looks_like_hub_id
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if not looks_like_hub_id(name_or_path):
+        raise PolicyLoadError(f"{key}: {name_or_path!r} is not an existing directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = Path(snapshot_download(name_or_path, allow_patterns=_HUB_PATTERNS))
+        if not adapter and not list(snapshot.glob("*.safetensors")):
+            snapshot = Path(snapshot_download(name_or_path, allow_patterns=_HUB_PATTERNS + ["*.bin"]))
+    except Exception as err:
+        raise PolicyLoadError(
+            f"{key}: {name_or_path!r} is not a local directory and could not be fetched from the Hugging Face hub "
+            f"({type(err).__name__}: {err}). Check the id and the network (or HF_TOKEN for gated models), or "
+            "download it first (huggingface-cli download ...) and give the local path") from err
+    return snapshot
+
+
+def _hash(entries: list[tuple[str, Path]]) -> str:
+    """sha256 over (label, contents) of the files, in order."""
     digest = hashlib.sha256()
-    files = sorted({p for pattern in _FINGERPRINT_FILES for p in model_dir.glob(pattern)})
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no weight or config files to fingerprint")
-    for path in files:
-        digest.update(path.name.encode())
+    for label, path in entries:
+        digest.update(label.encode())
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
                 digest.update(block)
     return digest.hexdigest()[:16]
 
 
-def load_tokenizer(model_dir: str | Path):
-    """Left-padding tokenizer (generation needs it); EOS and pad must be defined."""
+def _entries(model_dir: Path, adapter_dir: Path | None) -> list[tuple[str, Path]]:
+    entries = [(p.name, p) for p in checkpoint_files(model_dir)]
+    if not entries:
+        raise FileNotFoundError(f"{model_dir}: no weight or config files to fingerprint")
+    if adapter_dir is not None:
+        adapter = adapter_files(adapter_dir)
+        if not any(p.name.startswith("adapter_model") for p in adapter):
+            raise PolicyLoadError(f"model.adapter_path: {adapter_dir} has no adapter_model.safetensors / .bin")
+        entries += [(f"adapter/{p.name}", p) for p in adapter]
+    return entries
+
+
+def _stats(entries: list[tuple[str, Path]]) -> list[list]:
+    return [[label, str(path), path.stat().st_size, path.stat().st_mtime_ns] for label, path in entries]
+
+
+def write_spec(model_cfg: dict, out_path: str | Path) -> dict:
+    """Resolve the configured model (and adapter), fingerprint their files and write the spec."""
+    from .shards import write_json
+
+    model_dir = resolve_checkpoint(model_cfg["name_or_path"], "model.name_or_path").resolve()
+    adapter_dir = None
+    if model_cfg.get("adapter_path"):
+        adapter_dir = resolve_checkpoint(model_cfg["adapter_path"], "model.adapter_path", adapter=True).resolve()
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise PolicyLoadError(f"model.adapter_path: {adapter_dir} has no adapter_config.json (not a PEFT adapter)")
+    entries = _entries(model_dir, adapter_dir)
+    spec = {
+        "kind": SPEC_KIND,
+        "name_or_path": model_cfg["name_or_path"],
+        "adapter_path": model_cfg.get("adapter_path", ""),
+        "model_dir": str(model_dir),
+        "adapter_dir": str(adapter_dir) if adapter_dir else "",
+        "trust_remote_code": bool(model_cfg.get("trust_remote_code", False)),
+        "trainable": trainable_mode(model_cfg.get("trainable", "auto"), adapter_dir is not None),
+        "fingerprint": _hash(entries),
+        "files": _stats(entries),
+    }
+    write_json(out_path, spec)
+    return spec
+
+
+def trainable_mode(mode: str, has_adapter: bool) -> str:
+    """``auto`` -> ``adapters`` with an adapter, else ``all``; ``adapters`` needs an adapter."""
+    if mode not in TRAINABLE_MODES:
+        raise ValueError(f"model.trainable: {mode!r} is not one of {TRAINABLE_MODES}")
+    if mode == "auto":
+        return "adapters" if has_adapter else "all"
+    if mode == "adapters" and not has_adapter:
+        raise ValueError("model.trainable: 'adapters' needs model.adapter_path")
+    return mode
+
+
+def read_spec(policy: str | Path) -> dict:
+    """The spec of a policy argument (a checkpoint directory, or a hub id when running a stage by
+    hand, reads as a spec without adapter)."""
+    from .data import looks_like_hub_id
+
+    if not Path(policy).exists() and looks_like_hub_id(str(policy)):
+        policy = resolve_checkpoint(str(policy), "policy")
+    policy = Path(policy)
+    if policy.is_dir():
+        return {"kind": SPEC_KIND, "model_dir": str(policy), "adapter_dir": "", "trust_remote_code": False,
+                "trainable": "all", "name_or_path": str(policy), "adapter_path": ""}
+    try:
+        spec = json.loads(policy.read_text())
+    except (OSError, ValueError) as err:
+        raise PolicyLoadError(f"{policy}: neither a checkpoint directory nor a readable policy spec ({err})") from err
+    if not isinstance(spec, dict) or spec.get("kind") != SPEC_KIND:
+        raise PolicyLoadError(f"{policy}: not a policy spec (written by the policy_spec stage)")
+    return spec
+
+
+def fingerprint(policy: str | Path) -> str:
+    """sha256 over the checkpoint's weight, config and tokenizer files (names and contents), and
+    the adapter's files when there is one. For a spec, the recorded value while every file keeps
+    its size and modification time; a changed file is hashed again, and a changed model is an
+    error (the run's earlier outputs belong to the old one)."""
+    spec = read_spec(policy)
+    adapter_dir = Path(spec["adapter_dir"]) if spec["adapter_dir"] else None
+    entries = _entries(Path(spec["model_dir"]), adapter_dir)
+    if "files" not in spec:  # a checkpoint directory
+        return _hash(entries)
+    if _stats(entries) == spec["files"]:
+        return spec["fingerprint"]
+    now = _hash(entries)
+    if now != spec["fingerprint"]:
+        raise PolicyLoadError(f"{policy}: the checkpoint or adapter files changed since the spec was written "
+                              f"(fingerprint {spec['fingerprint']} -> {now}); rerun the workflow from policy_spec")
+    return now
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(policy: str | Path):
+    """Left-padding tokenizer (generation needs it); EOS and pad must be defined. With an adapter
+    that saved its own tokenizer, that one (trainers save it with the adapter)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), padding_side="left")
+    spec = read_spec(policy)
+    source = spec["model_dir"]
+    if spec["adapter_dir"] and (Path(spec["adapter_dir"]) / "tokenizer_config.json").is_file():
+        source = spec["adapter_dir"]
+    tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left", trust_remote_code=spec["trust_remote_code"])
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"{model_dir}: the tokenizer defines no EOS token")
+        raise ValueError(f"{source}: the tokenizer defines no EOS token")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # pad ids are always masked, never scored
     return tokenizer
 
 
-def load_policy(model_dir: str | Path, dtype: str = "float32", device: str = "auto"):
-    """The policy in eval mode (dropout off, so gradients are deterministic) on ``device``."""
+def _set_trainable(model, mode: str, where: str) -> None:
+    """requires_grad per ``mode`` (after PEFT marked its own trainable parameters)."""
+    if mode == "all":
+        for name, param in model.named_parameters():
+            param.requires_grad_(".original_module." not in name)  # PEFT's unused copies of modules_to_save
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise PolicyLoadError(f"{where}: model.trainable {mode!r} leaves no trainable parameter")
+    total = sum(p.numel() for p in model.parameters())
+    log.info("model.trainable %r: %d of %d parameter tensors trainable (%d of %d values), e.g. %s", mode,
+             len(trainable), len(list(model.parameters())), sum(p.numel() for _, p in trainable), total,
+             trainable[0][0])
+
+
+def load_policy(policy: str | Path, dtype: str = "float32", device: str = "auto"):
+    """The policy (with its adapter, if any) in eval mode (dropout off, so gradients are
+    deterministic) on ``device``, trainable parameters per the spec's ``trainable`` mode."""
     from transformers import AutoModelForCausalLM
 
     set_precision()
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_DTYPES[dtype])
+    spec = read_spec(policy)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=_DTYPES[dtype],
+                                                     trust_remote_code=spec["trust_remote_code"])
+    except Exception as err:
+        raise PolicyLoadError(f"{spec['model_dir']}: cannot load the model ({type(err).__name__}: {err})") from err
     config = model.config
     for unsupported in ("final_logit_softcapping", "logit_scale"):
         if getattr(config, unsupported, None):
             raise ValueError(
-                f"{model_dir}: config.{unsupported} is set; teacher forcing applies the output "
+                f"{spec['model_dir']}: config.{unsupported} is set; teacher forcing applies the output "
                 "embedding directly and does not reproduce it"
             )
+    if spec["adapter_dir"]:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, spec["adapter_dir"], is_trainable=True)
+        except Exception as err:
+            raise PolicyLoadError(f"model.adapter_path {spec['adapter_dir']}: cannot load the PEFT adapter onto "
+                                  f"{spec['model_dir']} ({type(err).__name__}: {err})") from err
+        if dtype != "bfloat16":
+            model = model.to(_DTYPES[dtype])  # bf16: PEFT keeps the adapter in fp32, as trainers do
+    _set_trainable(model, spec["trainable"], str(policy))
     model.eval()
     return model.to(pick_device(device))

@@ -108,6 +108,23 @@ def _read_names(names_path: str, param_groups: list[dict]) -> list[list[str]]:
     return names
 
 
+def _name_hint(name: str, params: dict) -> str:
+    """Why a name may be missing: PEFT naming (``base_model.model.`` prefix, ``.default.`` adapter
+    segment) or an adapter that is not loaded."""
+    peft = [n for n in params if n.startswith("base_model.model.")]
+    if ".lora_" in name and not peft:
+        return " (it names a LoRA parameter but the policy has no adapter: set model.adapter_path)"
+    if not peft:
+        return ""
+    stripped = {n.replace("base_model.model.", "", 1).replace(".default.", "."): n for n in peft}
+    guess = stripped.get(name.replace("base_model.model.", "", 1).replace(".default.", "."))
+    if guess:
+        return (f" (the policy's PEFT name is {guess!r}: name parameters as the PeftModel's named_parameters(), "
+                "e.g. base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight)")
+    return (" (with an adapter, names are the PeftModel's named_parameters(), e.g. "
+            f"{next(n for n in peft if '.lora_' in n) if any('.lora_' in n for n in peft) else peft[0]!r})")
+
+
 def _group_hyper(path: str, i: int, group: dict) -> AdamWHyper:
     for key in ("betas", "eps", "weight_decay", "params"):
         if key not in group:
@@ -156,7 +173,8 @@ def load_adamw_state(path: str, names_path: str, params: dict[str, Tensor]) -> L
             covered_ids.add(pid)
             if name not in params:
                 raise OptimizerStateError(
-                    f"{names_path}: parameter {name!r} (param group {i}) is not a parameter of the policy")
+                    f"{names_path}: parameter {name!r} (param group {i}) is not a parameter of the policy"
+                    f"{_name_hint(name, params)}")
             entry = saved["state"].get(pid)
             if entry is None:  # never stepped: torch initializes it lazily, as zeros at step 0
                 per_param[name] = AdamWParamState(hyper=hyper)

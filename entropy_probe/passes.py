@@ -28,21 +28,34 @@ def x_weights(rollout: dict[str, Tensor], H_bar: float, normalization: str, base
 
 
 def x_gradient(model, params, rollout, *, pad_token_id, temperature, top_p, H_bar, normalization,
-               baseline, rb_requires_grad, tf_batch_size) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+               baseline, rb_requires_grad, tf_batch_size, chunk_tokens=None,
+               autocast_dtype=None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """∇ Σ_{i∈shard} Σ_k [h_ik + w_ik log q_ik] (unnormalized, float64, keyed by parameter name)
-    and per-sequence teacher-forced S_i and T_i."""
+    and per-sequence teacher-forced S_i and T_i.
+
+    The surrogate is :func:`estimators.x_surrogate`'s, with per-token coefficients 1 on h_ik
+    (0 without ``rb_requires_grad``) and w_ik on log q_ik, evaluated by
+    :func:`teacher_force.surrogate`: ``tf_batch_size`` sequences per forward pass, the output
+    embedding ``chunk_tokens`` response tokens at a time (memory: one ``[chunk, V]`` fp32 block).
+    ``autocast_dtype`` ("bfloat16" or a torch dtype; None/"float32" = fp32) runs the forward under
+    autocast (DESIGN §2 "Precision": only where the user asks)."""
     batch = teacher_force.from_rollout(rollout, pad_token_id)
     weights = x_weights(rollout, H_bar, normalization, baseline)
     scorer = teacher_force.ResponseLogits(model)
     n = batch.input_ids.shape[0]
     S = torch.zeros(n, dtype=torch.float64)
+    dtype = teacher_force.autocast_dtype(autocast_dtype)
 
     def surrogate(rows):
         sub = batch.select(rows)
-        scores = teacher_force.score(scorer, sub, temperature, top_p)
-        S[rows] = scores.entropy.detach().double().sum(-1).cpu()
-        w = weights[rows, : sub.response_tokens.shape[1]].to(scores.entropy.device, torch.float32)
-        return estimators.x_surrogate(scores.entropy, scores.token_log_q, w, rb_requires_grad)
+        valid = sub.response_mask.float()
+        w = weights[rows, : sub.response_tokens.shape[1]].float() * valid
+        value, scores = teacher_force.surrogate(
+            scorer, sub, temperature, top_p, coef_entropy=valid if rb_requires_grad else None, coef_log_q=w,
+            chunk_tokens=chunk_tokens, autocast_dtype=dtype,
+        )
+        S[rows] = scores.entropy.double().sum(-1).cpu()
+        return value
 
     batches = teacher_force.length_sorted_batches(batch, tf_batch_size)
     grads = teacher_force.accumulate_gradient(params, surrogate, tqdm(batches, desc="X teacher forcing", unit="batch"))
@@ -50,21 +63,24 @@ def x_gradient(model, params, rollout, *, pad_token_id, temperature, top_p, H_ba
 
 
 def y_gradient(model, params, rollout, *, pad_token_id, temperature, normalization,
-               tf_batch_size) -> tuple[dict[str, Tensor], float]:
+               tf_batch_size, chunk_tokens=None, autocast_dtype=None) -> tuple[dict[str, Tensor], float]:
     """∇ Σ_{i∈shard} c_i Σ_k log softmax(z_ik/τ)(y_ik) (unnormalized, float64) and this shard's
-    share of the normalizer (see :func:`estimators.grpo_coefficients`)."""
+    share of the normalizer (see :func:`estimators.grpo_coefficients`). Batching, chunking and
+    autocast as in :func:`x_gradient`."""
     batch = teacher_force.from_rollout(rollout, pad_token_id)
     coef, share = estimators.grpo_coefficients(
         rollout["advantages"], rollout["response_lens"], rollout["max_lengths"], normalization
     )
     coef = coef.reshape(-1)
     scorer = teacher_force.ResponseLogits(model)
+    dtype = teacher_force.autocast_dtype(autocast_dtype)
 
     def surrogate(rows):
         sub = batch.select(rows)
-        scores = teacher_force.score(scorer, sub, temperature, 1.0, want_q=False, want_tempered=True)
-        c = coef[rows].to(scores.tempered_log_p.device, torch.float32)
-        return (c[:, None] * scores.tempered_log_p).sum()
+        c = coef[rows].float()[:, None] * sub.response_mask.float()
+        value, _ = teacher_force.surrogate(scorer, sub, temperature, 1.0, coef_tempered=c,
+                                           chunk_tokens=chunk_tokens, autocast_dtype=dtype)
+        return value
 
     batches = teacher_force.length_sorted_batches(batch, tf_batch_size)
     grads = teacher_force.accumulate_gradient(params, surrogate, tqdm(batches, desc="Y teacher forcing", unit="batch"))
@@ -72,10 +88,12 @@ def y_gradient(model, params, rollout, *, pad_token_id, temperature, normalizati
 
 
 def directional_sums(model, direction: dict[str, Tensor], rollout, *, pad_token_id, temperature, top_p,
-                     normalization, baseline, rb_requires_grad, tf_batch_size) -> dict[str, Tensor]:
+                     normalization, baseline, rb_requires_grad, tf_batch_size,
+                     chunk_tokens=None) -> dict[str, Tensor]:
     """Per-prompt-group sums for :func:`estimators.directional_estimate` along ``direction``
-    (forward-mode AD: one JVP pass, eager attention since SDPA kernels lack forward AD):
-    P_g, Q_g, S_g, T_g, each ``[B]`` float64."""
+    (forward-mode AD: one JVP pass, eager attention since SDPA kernels lack forward AD; the
+    output embedding ``chunk_tokens`` response tokens at a time): P_g, Q_g, S_g, T_g, each
+    ``[B]`` float64."""
     batch = teacher_force.from_rollout(rollout, pad_token_id)
     B, G, T = rollout["rb_entropies"].shape
     entropy = rollout["rb_entropies"].double()
@@ -96,7 +114,7 @@ def directional_sums(model, direction: dict[str, Tensor], rollout, *, pad_token_
             sub = batch.select(rows)
 
             def fn(p):
-                s = teacher_force.score(scorer, sub, temperature, top_p, params=p)
+                s = teacher_force.score(scorer, sub, temperature, top_p, params=p, chunk_tokens=chunk_tokens)
                 return s.entropy, s.token_log_q
 
             with torch.no_grad():

@@ -24,16 +24,21 @@ def split_shards(prompt_ids: list[int], num_shards: int) -> list[list[int]]:
 
 def make_plan(
     *, dataset_size: int, seed: int, G: int, E_total_sequences: int, E_sampling_mode: str,
-    B_U: int, E_num_shards: int, U_num_shards: int,
+    B_U: int, E_num_shards: int, U_num_shards: int, U_dataset_size: int | None = None,
 ) -> dict:
-    """The plan as a JSON-ready dict: per batch, the prompt ids and the ids of each shard."""
+    """The plan as a JSON-ready dict: per batch, the prompt ids and the ids of each shard.
+    ``dataset_size`` is the size of the E batch's prompt set; ``U_dataset_size`` that of the U
+    batch's when it comes from another split (default: the same set)."""
+    u_size = dataset_size if U_dataset_size is None else U_dataset_size
     num_e = -(-E_total_sequences // G)
     e_ids = draw_prompts("E", num_e, dataset_size, seed, replacement=E_sampling_mode == "replacement")
-    u_ids = draw_prompts("U", B_U, dataset_size, seed, replacement=False)
+    u_ids = draw_prompts("U", B_U, u_size, seed, replacement=False)
     return {
         "seed": seed,
         "G": G,
         "dataset_size": dataset_size,
-        "E": {"sampling_mode": E_sampling_mode, "prompt_ids": e_ids, "shards": split_shards(e_ids, E_num_shards)},
-        "U": {"sampling_mode": "distinct", "prompt_ids": u_ids, "shards": split_shards(u_ids, U_num_shards)},
+        "E": {"sampling_mode": E_sampling_mode, "prompt_ids": e_ids, "shards": split_shards(e_ids, E_num_shards),
+              "dataset_size": dataset_size},
+        "U": {"sampling_mode": "distinct", "prompt_ids": u_ids, "shards": split_shards(u_ids, U_num_shards),
+              "dataset_size": u_size},
     }

@@ -39,6 +39,22 @@ def response_texts(tokenizer, tokens: Tensor, lens: Tensor, stopped_at_eos: Tens
     return tokenizer.batch_decode([row[:end] for row, end in zip(tokens.tolist(), ends)], skip_special_tokens=False)
 
 
+def encode_prompts(tokenizer, examples: list[dict]) -> dict[str, Tensor]:
+    """Left-padded ``input_ids`` / ``attention_mask`` ``[B, P]`` of the prompts: their prepared
+    token ids (``prompt_token_ids``, see :mod:`entropy_probe.data`) when present, else the
+    tokenized ``prompt`` text."""
+    if not all("prompt_token_ids" in e for e in examples):
+        return tokenizer([e["prompt"] for e in examples], padding=True, return_tensors="pt")
+    width = max(len(e["prompt_token_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["prompt_token_ids"])
+        ids[row, width - n:] = torch.tensor(e["prompt_token_ids"], dtype=torch.long)
+        mask[row, width - n:] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 def _pad_to(x: Tensor, width: int, value, left: bool) -> Tensor:
     pad = width - x.shape[-1]
     return torch.nn.functional.pad(x, (pad, 0) if left else (0, pad), value=value)
@@ -48,16 +64,19 @@ def rollout_shard(
     model, tokenizer, examples: list[dict], prompt_ids: list[int], *, G: int, kind: str,
     shard_index: int, seed: int, temperature: float, top_p: float, max_new_tokens: int,
     rollout_batch_size: int, gen_batch_size: int, reward_fn, scale_rewards: bool,
+    stop_strings: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Tensor]:
     """Generate one shard; returns its tensors (shapes: B prompts, G responses, T response width,
     P prompt width; ``sequences`` is the left-padded prompt followed by the right-padded response).
+    Per response also ``stop_reason`` (:data:`generate.STOP_REASONS`) and ``reward_codes``
+    (:data:`rewards.OUTCOMES`), int8 ``[B, G]``.
     """
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     chunks = []
     starts = range(0, len(prompt_ids), rollout_batch_size)
     for chunk_index, start in enumerate(tqdm(starts, desc=f"rollout {kind}{shard_index}", unit="chunk")):
         ids = prompt_ids[start:start + rollout_batch_size]
-        encoded = tokenizer([examples[i]["prompt"] for i in ids], padding=True, return_tensors="pt")
+        encoded = encode_prompts(tokenizer, [examples[i] for i in ids])
         base_seed = chunk_seed(seed, kind, shard_index, chunk_index)
         rows_per_call = max(1, gen_batch_size // G)  # whole prompt groups per generate call
         parts = []
@@ -66,6 +85,7 @@ def rollout_shard(
                 model, encoded["input_ids"][lo:lo + rows_per_call], encoded["attention_mask"][lo:lo + rows_per_call],
                 G, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                 eos_token_id=eos, pad_token_id=pad, seed=base_seed + call,
+                stop_strings=stop_strings, tokenizer=tokenizer,
             ))
         width = max(p.response_tokens.shape[1] for p in parts)
         responses = {
@@ -75,10 +95,13 @@ def rollout_shard(
         }
         responses["response_lens"] = torch.cat([p.response_lens for p in parts])
         responses["stopped_at_eos"] = torch.cat([p.stopped_at_eos for p in parts])
+        responses["stop_reason"] = torch.cat([p.stop_reason for p in parts])
         texts = response_texts(tokenizer, responses["response_tokens"], responses["response_lens"],
                                responses["stopped_at_eos"])
         golds = [examples[i]["answer"] for i in ids for _ in range(G)]
-        responses["rewards"] = torch.tensor(rewards.score(reward_fn, texts, golds), dtype=torch.float32)
+        values, codes = rewards.score_with_codes(reward_fn, texts, golds)
+        responses["rewards"] = torch.tensor(values, dtype=torch.float32)
+        responses["reward_codes"] = torch.tensor(codes, dtype=torch.int8)
         responses["prompt_tokens"], responses["prompt_mask"] = encoded["input_ids"], encoded["attention_mask"]
         chunks.append(responses)
     return _assemble(chunks, prompt_ids, G, pad, scale_rewards)
@@ -108,6 +131,8 @@ def _assemble(chunks: list[dict], prompt_ids: list[int], G: int, pad: int, scale
         "response_lens": response_lens_bg,
         "max_lengths": response_lens_bg.max(-1).values,
         "stopped_at_eos": cat("stopped_at_eos").view(B, G),
+        "stop_reason": cat("stop_reason").view(B, G),
+        "reward_codes": cat("reward_codes").view(B, G),
         "rewards": rewards_bg,
         "advantages": group_advantages(rewards_bg, scale_rewards),
         "token_log_q": cat("token_log_q", T).view(B, G, T),

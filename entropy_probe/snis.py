@@ -22,19 +22,24 @@ def shifted_parameters(model, direction: dict[str, Tensor], eta: float) -> dict[
             for k, d in direction.items()}
 
 
-def _tokens_scores(logits: Tensor, tokens: Tensor, mask: Tensor, valid: Tensor, temperature: float):
+def _tokens_scores(logits: Tensor, tokens: Tensor, mask: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Per-token log q(y) and h under the given nucleus ``mask``: ``[R, V] -> [R], [R]`` (fp32)."""
     lq = measure.log_q(logits, mask, temperature)
-    token_lq = torch.where(valid, lq.gather(-1, tokens[..., None]).squeeze(-1), 0.0)
-    entropy = torch.where(valid, measure.rb_entropy(lq, mask), 0.0)
-    return token_lq.double().sum(-1), entropy.double().sum(-1)
+    return lq.gather(-1, tokens[..., None]).squeeze(-1), measure.rb_entropy(lq, mask)
 
 
 def snis_pass(model, direction: dict[str, Tensor], rollout: dict[str, Tensor], etas: list[float], *,
-              pad_token_id: int, temperature: float, top_p: float, tf_batch_size: int) -> dict[str, Tensor]:
+              pad_token_id: int, temperature: float, top_p: float, tf_batch_size: int,
+              chunk_tokens: int | None = None, autocast_dtype=None) -> dict[str, Tensor]:
     """Per-sequence quantities of one E shard: ``log_w`` and ``S_shifted`` ``[len(etas), N]``
     (log q_θ'(y) − log q_θ(y) and S'(y), both with θ's nucleus), ``own_nucleus_differs``
     ``[len(etas), N]`` (θ''s own nucleus differs from θ's at some position), ``S`` and ``T``
-    ``[N]`` at θ. Rows are prompt-major (b*G + g)."""
+    ``[N]`` at θ. Rows are prompt-major (b*G + g).
+
+    Per batch of ``tf_batch_size`` sequences the decoder runs once at θ and once per η (final
+    hidden states of the valid response tokens only); then the output embedding is applied
+    ``chunk_tokens`` tokens at a time, θ's logits giving the nucleus that every θ' of the chunk
+    reuses: one chunk of ``[chunk, V]`` logits per parameter point lives at once."""
     batch = teacher_force.from_rollout(rollout, pad_token_id)
     scorer = teacher_force.ResponseLogits(model)
     n = batch.input_ids.shape[0]
@@ -46,24 +51,39 @@ def snis_pass(model, direction: dict[str, Tensor], rollout: dict[str, Tensor], e
         "T": batch.response_lens.double(),
     }
     device = next(model.parameters()).device
-    shifted = [shifted_parameters(model, direction, eta) for eta in etas]
-    base_params = shifted_parameters(model, direction, 0.0)
+    dtype = teacher_force.autocast_dtype(autocast_dtype)
+    points = [shifted_parameters(model, direction, 0.0)] + [shifted_parameters(model, direction, eta) for eta in etas]
     with torch.no_grad():
-        for rows in tqdm(teacher_force.length_sorted_batches(batch, tf_batch_size), desc="SNIS", unit="batch"):
-            sub = batch.select(rows)
-            args = (sub.input_ids.to(device), sub.attention_mask.to(device), sub.prompt_lens.to(device),
-                    sub.response_tokens.shape[1])
-            tokens, valid = sub.response_tokens.to(device), sub.response_mask.to(device)
-            base_logits = torch.func.functional_call(scorer, base_params, args)
-            nucleus = measure.nucleus_mask(base_logits, temperature, top_p)
-            base_lq, out["S"][rows] = (x.cpu() for x in _tokens_scores(base_logits, tokens, nucleus, valid, temperature))
-            for j, params in enumerate(shifted):
-                logits = torch.func.functional_call(scorer, params, args)
-                lq, S_shifted = _tokens_scores(logits, tokens, nucleus, valid, temperature)
-                out["log_w"][j, rows] = (lq.cpu() - base_lq)
-                out["S_shifted"][j, rows] = S_shifted.cpu()
-                own = measure.nucleus_mask(logits, temperature, top_p)
-                out["own_nucleus_differs"][j, rows] = ((own != nucleus).any(-1) & valid).any(-1).cpu()
+        for batch_rows in tqdm(teacher_force.length_sorted_batches(batch, tf_batch_size), desc="SNIS", unit="batch"):
+            sub = batch.select(batch_rows)
+            rows, cols, tokens = teacher_force.valid_pairs(sub, device)
+            heads = [teacher_force.response_hidden_and_head(scorer, sub, rows, cols, params, dtype) for params in points]
+            m = len(batch_rows)
+            log_q_sum = torch.zeros(len(points), m, dtype=torch.float64, device=device)
+            S_sum = torch.zeros(len(points), m, dtype=torch.float64, device=device)
+            differs = torch.zeros(len(points), m, dtype=torch.float64, device=device)
+            start = 0
+            for size in teacher_force.chunk_sizes(len(rows), chunk_tokens):
+                sl = slice(start, start + size)
+                start += size
+                r, y = rows[sl], tokens[sl]
+                nucleus = None
+                for j, (hidden, head) in enumerate(heads):
+                    logits = head(hidden[sl])
+                    if nucleus is None:
+                        nucleus = measure.nucleus_mask(logits, temperature, top_p)
+                    elif top_p < 1.0:
+                        own = measure.nucleus_mask(logits, temperature, top_p)
+                        differs[j].index_add_(0, r, (own != nucleus).any(-1).double())
+                    token_lq, entropy = _tokens_scores(logits, y, nucleus, temperature)
+                    log_q_sum[j].index_add_(0, r, token_lq.double())
+                    S_sum[j].index_add_(0, r, entropy.double())
+                    del logits
+            log_q_sum, S_sum, differs = log_q_sum.cpu(), S_sum.cpu(), differs.cpu()
+            out["S"][batch_rows] = S_sum[0]
+            out["log_w"][:, batch_rows] = log_q_sum[1:] - log_q_sum[0]
+            out["S_shifted"][:, batch_rows] = S_sum[1:]
+            out["own_nucleus_differs"][:, batch_rows] = differs[1:] > 0
     return out
 
 

@@ -19,7 +19,7 @@ def main(cfg: dict, rollout_path: str, policy_dir: str, v_path: str, out_path: s
     sums = passes.directional_sums(
         model, v, rollout, pad_token_id=tokenizer.pad_token_id, temperature=gen["temperature"], top_p=gen["top_p"],
         normalization=est["normalization"], baseline=est["baseline"], rb_requires_grad=gen["rb_requires_grad"],
-        tf_batch_size=gen["tf_batch_size"],
+        tf_batch_size=gen["tf_batch_size"], chunk_tokens=gen["tf_chunk_tokens"],
     )
     for name, values in sums.items():
         guards.check_sequences(values, f"directional sum {name} (per prompt group)", rollout_path)

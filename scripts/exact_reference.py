@@ -2,7 +2,9 @@
 of every prompt of the dataset — the ground truth drawn on the report's plot. ΔH(η) keeps θ's
 nucleus at every position, the quantity SNIS estimates.
 
-By hand:  python scripts/exact_reference.py CONFIG.yaml POLICY_DIR V.safetensors OUT.json
+The prompts are the E batch's prepared prompt set (results/data/summary.json names it).
+
+By hand:  python scripts/exact_reference.py CONFIG.yaml POLICY_DIR V.safetensors OUT.json [--data SUMMARY.json]
 """
 import argparse
 import logging
@@ -14,13 +16,17 @@ from entropy_probe.config import load_config, sweep_etas
 from entropy_probe.stage import setup_logging
 
 
-def main(cfg: dict, policy_dir: str, v_path: str, out_path: str) -> None:
+def main(cfg: dict, policy_dir: str, v_path: str, out_path: str, data_summary: str | None = None) -> None:
     gen, est = cfg["generation"], cfg["estimator"]
     model = models.load_policy(policy_dir, cfg["model"]["dtype"], cfg["model"]["device"])
     tokenizer = models.load_tokenizer(policy_dir)
     v, _ = shards.read_shard(v_path, {"kind": "v", "model_fingerprint": models.fingerprint(policy_dir)})
-    examples = data.load_examples(data.dataset_path(cfg["data"], policy_dir), cfg["data"]["prompt_field"],
-                                  cfg["data"]["answer_field"])
+    if data_summary:
+        e_set = shards.read_json(data_summary)["E"]
+        examples = data.load_prepared(e_set["file"], e_set["sha256"])
+    else:  # the raw prompt file (embedded set)
+        examples = data.load_examples(data.dataset_path(cfg["data"], policy_dir), cfg["data"]["prompt_field"],
+                                      cfg["data"]["answer_field"])
     prompts = [e["prompt"] for e in examples]
     kwargs = dict(temperature=gen["temperature"], top_p=gen["top_p"], max_new_tokens=gen["max_new_tokens"],
                   normalization=est["normalization"])
@@ -38,13 +44,15 @@ def main(cfg: dict, policy_dir: str, v_path: str, out_path: str) -> None:
 
 if "snakemake" in globals():
     setup_logging(snakemake.log[0])  # noqa: F821
-    main(snakemake.params.cfg, snakemake.input.policy, snakemake.input.v, snakemake.output[0])  # noqa: F821
+    main(snakemake.params.cfg, snakemake.input.policy, snakemake.input.v, snakemake.output[0],  # noqa: F821
+         snakemake.input.get("data"))  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
     parser.add_argument("policy_dir")
     parser.add_argument("v")
     parser.add_argument("out")
+    parser.add_argument("--data", help="results/data/summary.json: use the prepared E prompt set")
     args = parser.parse_args()
     setup_logging()
-    main(load_config(args.config), args.policy_dir, args.v, args.out)
+    main(load_config(args.config), args.policy_dir, args.v, args.out, args.data)

@@ -1,11 +1,12 @@
-"""Stage: one rollout shard (E or U): G responses per prompt from the sampling measure q.
+"""Stage: one rollout shard (E or U): G responses per prompt from the sampling measure q. The
+prompts are those of the prepared prompt file the plan names (checked by hash).
 
 By hand:  python scripts/rollout.py CONFIG.yaml PLAN.json POLICY_DIR {E,U} SHARD_INDEX OUT.safetensors
 """
 import argparse
 import logging
 
-from entropy_probe import data, models, rewards
+from entropy_probe import data, generate, models, rewards
 from entropy_probe.config import load_config
 from entropy_probe.rollout import check_shapes, rollout_shard
 from entropy_probe.shards import read_json, write_shard
@@ -18,9 +19,9 @@ def main(cfg: dict, plan_path: str, policy_dir: str, kind: str, shard_index: int
     batch, gen = cfg["batch_config"], cfg["generation"]
     plan = read_json(plan_path)
     prompt_ids = plan[kind]["shards"][shard_index]
-    examples = data.load_examples(
-        data.dataset_path(cfg["data"], policy_dir), cfg["data"]["prompt_field"], cfg["data"]["answer_field"]
-    )
+    source = plan[kind]["data"]
+    examples = data.load_prepared(source["file"], source["sha256"])
+    reward_fn = rewards.from_config(cfg["reward"])
     tokenizer = models.load_tokenizer(policy_dir)
     model = models.load_policy(policy_dir, cfg["model"]["dtype"], cfg["model"]["device"])
     log.info("%s shard %d: %d prompts x G=%d on %s", kind, shard_index, len(prompt_ids), batch["G"], model.device)
@@ -28,8 +29,8 @@ def main(cfg: dict, plan_path: str, policy_dir: str, kind: str, shard_index: int
         model, tokenizer, examples, prompt_ids, G=batch["G"], kind=kind, shard_index=shard_index,
         seed=batch["seed"], temperature=gen["temperature"], top_p=gen["top_p"],
         max_new_tokens=gen["max_new_tokens"], rollout_batch_size=batch["rollout_batch_size"],
-        gen_batch_size=gen["gen_batch_size"], reward_fn=rewards.get_reward(cfg["reward"]["name"]),
-        scale_rewards=batch["scale_rewards"],
+        gen_batch_size=gen["gen_batch_size"], reward_fn=reward_fn, scale_rewards=batch["scale_rewards"],
+        stop_strings=gen.get("stop_strings", []),
     )
     B, G, L = check_shapes(tensors)
     metadata = {
@@ -38,6 +39,10 @@ def main(cfg: dict, plan_path: str, policy_dir: str, kind: str, shard_index: int
         "model_fingerprint": models.fingerprint(policy_dir),
         "generation": {k: gen[k] for k in ("temperature", "top_p", "max_new_tokens")},
         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+        "stop_strings": list(gen.get("stop_strings", [])),
+        "stop_reasons": {str(k): v for k, v in generate.STOP_REASONS.items()},
+        "reward": {"name": cfg["reward"]["name"], "codes": rewards.legend()},
+        "data": {"split": source["split"], "file": source["file"], "sha256": source["sha256"]},
         "config_hash": config_hash(batch, gen, cfg["data"], cfg["reward"], cfg["model"]),
     }
     write_shard(out_path, tensors, metadata)
@@ -47,6 +52,12 @@ def main(cfg: dict, plan_path: str, policy_dir: str, kind: str, shard_index: int
         out_path, tuple(tensors["sequences"].shape), tensors["rewards"].mean(), lens.mean(),
         100 * tensors["stopped_at_eos"].float().mean(), tensors["rb_entropies"].sum() / lens.sum(),
     )
+    log.info("stop reasons: %s; reward outcomes: %s",
+             _counts(tensors["stop_reason"], generate.STOP_REASONS), _counts(tensors["reward_codes"], rewards.OUTCOMES))
+
+
+def _counts(codes, legend: dict) -> str:
+    return ", ".join(f"{name} {int((codes == code).sum())}" for code, name in legend.items() if (codes == code).any())
 
 
 if "snakemake" in globals():

@@ -20,7 +20,8 @@ def main(cfg: dict, rollout_path: str, policy_dir: str, v_path: str, out_path: s
     v, _ = shards.read_shard(v_path, {"kind": "v", "model_fingerprint": fingerprint})
     etas = sweep_etas(cfg["estimator"])
     out = snis.snis_pass(model, v, rollout, etas, pad_token_id=tokenizer.pad_token_id,
-                         temperature=gen["temperature"], top_p=gen["top_p"], tf_batch_size=gen["tf_batch_size"])
+                         temperature=gen["temperature"], top_p=gen["top_p"], tf_batch_size=gen["tf_batch_size"],
+                         chunk_tokens=gen["tf_chunk_tokens"], autocast_dtype=gen["autocast_dtype"])
     for name in ("log_w", "S_shifted"):
         guards.check_sequences(out[name].T, f"SNIS {name}", rollout_path)
     out["etas"] = torch.tensor(etas, dtype=torch.float64)

@@ -19,7 +19,8 @@ def main(cfg: dict, kind: str, rollout_path: str, policy_dir: str, out_path: str
     model, tokenizer, params, fingerprint = probe.load_for_teacher_forcing(cfg, policy_dir)
     rollout_kind = "E" if kind == "X" else "U"
     [rollout] = probe.read_rollouts([rollout_path], cfg, rollout_kind, fingerprint)
-    common = dict(pad_token_id=tokenizer.pad_token_id, temperature=gen["temperature"], tf_batch_size=gen["tf_batch_size"])
+    common = dict(pad_token_id=tokenizer.pad_token_id, temperature=gen["temperature"], tf_batch_size=gen["tf_batch_size"],
+                  chunk_tokens=gen["tf_chunk_tokens"], autocast_dtype=gen["autocast_dtype"])
     meta = {"kind": kind, "model_fingerprint": fingerprint, "param_filter": est["param_filter"]}
     if kind == "X":
         H_bar = read_json(stats_path)["H_bar_token"]

@@ -1,12 +1,15 @@
 # Config validation first (schema: types, ranges, defaults; then cross-field checks), so a bad
 # value fails before any job runs; then the paths every rule shares.
 import sys
+from pathlib import Path
 
 from snakemake.utils import validate
 
 sys.path.insert(0, workflow.basedir)  # the entropy_probe package, also when not pip-installed
 
-from entropy_probe.config import ConfigError, EMBEDDED, check_config, dataset_size
+from entropy_probe.config import ConfigError, EMBEDDED, check_config
+from entropy_probe import data as probe_data
+from entropy_probe.models import adapter_files, checkpoint_files
 
 
 validate(config, "../schemas/config.schema.yaml")
@@ -17,10 +20,26 @@ except ConfigError as err:
 
 RESULTS = "results"
 EMBEDDED_MODEL = config["model"]["name_or_path"] == EMBEDDED
-POLICY_DIR = f"{RESULTS}/policy" if EMBEDDED_MODEL else config["model"]["name_or_path"]
-DATASET_SIZE = dataset_size(config)
+# What every rule's `policy` input is: the embedded policy's directory, or the policy spec
+# (policy_spec rule: the resolved checkpoint, adapter and fingerprint) of a configured model.
+POLICY_DIR = f"{RESULTS}/policy" if EMBEDDED_MODEL else f"{RESULTS}/policy.json"
+# The prepared prompt sets (prepare_data rule), one jsonl per split, and their summary.
+DATA_SPLITS = sorted(set(probe_data.kind_splits(config["data"]).values()))
+DATA_FILES = {s: f"{RESULTS}/data/{probe_data.prepared_name(s)}.jsonl" for s in DATA_SPLITS}
+DATA_SUMMARY = f"{RESULTS}/data/summary.json"
 # The embedded policy is small enough to enumerate every response: its exact ΔH(η) is drawn too.
-EXACT_REFERENCE = EMBEDDED_MODEL and config["generation"]["max_new_tokens"] <= 4
+EXACT_REFERENCE = (EMBEDDED_MODEL and config["generation"]["max_new_tokens"] <= 4
+                   and not config["generation"].get("stop_strings"))
+
+
+def local_model_files():
+    """The local checkpoint and adapter files the policy spec depends on (hub ids: none)."""
+    files = []
+    for key, lister in (("name_or_path", checkpoint_files), ("adapter_path", adapter_files)):
+        path = Path(config["model"].get(key) or "").expanduser()
+        if config["model"].get(key) and path.is_dir():
+            files += [str(p) for p in lister(path)]
+    return files
 
 
 def sections(*names, **partial):

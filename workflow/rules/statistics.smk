@@ -75,6 +75,7 @@ if EXACT_REFERENCE:
         input:
             policy=POLICY_DIR,
             v=rules.update_vector.output[0],
+            data=DATA_SUMMARY,
         output:
             f"{RESULTS}/estimates/exact.json",
         params:

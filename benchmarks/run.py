@@ -1,0 +1,282 @@
+"""Performance benchmarks of the teacher-forcing passes and of generation (not tests).
+
+    python benchmarks/run.py [--quick] [--threads K] [--gpu] [--json OUT.json] [--only NAME ...]
+
+Every comparison runs in the same process (memory: in fresh subprocesses) on the same inputs:
+
+  x_vs_loop     the X pass (passes.x_gradient) against a per-sequence loop — one forward/backward
+                per (prompt, response) pair through the model's own forward, the same surrogate —
+                on the embedded tiny policy and on a mid-size random Qwen2 (vocab 32k, T = 128);
+                tokens/s and the relative difference of the two gradients
+  flops         achieved FLOP/s of the X and Y passes (6·params·tokens + causal attention, real
+                tokens only) against a measured square-matmul peak, same machine, threads, dtype
+  memory        peak memory of the X pass at vocabulary 151,936 against the model's own forward +
+                backward with a plain cross-entropy loss (CPU: resident-set high-water mark in a
+                fresh process per measurement; CUDA: torch.cuda.max_memory_allocated)
+  generation    sequences/s of generate.sample (one batched call) against plain model.generate
+                called once per prompt (num_return_sequences = G)
+
+Defaults fit a few minutes on 2 CPU cores (``--quick``: about a minute). ``--gpu`` uses CUDA and
+GPU sizes (the Qwen2.5-0.5B shape, random weights; bf16 autocast rows beside fp32 with TF32 off).
+Targets (printed beside the figures): X pass ≥ 60% of the matmul peak (CPU, mid-size model);
+≥ 10× the loop's tokens/s on the tiny policy and ≥ 1× on the mid-size model; X-pass peak memory
+≤ 1.5× the plain forward+backward at vocabulary 151,936.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # the passes' progress bars (read when tqdm is imported)
+
+import torch  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # workloads; the package, also when not pip-installed
+import workloads as W  # noqa: E402
+
+from entropy_probe import generate, models, passes, teacher_force  # noqa: E402
+
+ROWS: list[dict] = []
+
+
+def row(benchmark: str, setting: str, ours: str, reference: str, ratio: float | None, target: str = "",
+        met: bool | None = None, **extra):
+    entry = {"benchmark": benchmark, "setting": setting, "ours": ours, "reference": reference,
+             "ratio": ratio, "target": target, "met": met} | extra
+    ROWS.append(entry)
+    verdict = "" if met is None else ("yes" if met else "NO")
+    print(f"  {benchmark:<12} {setting:<44} {ours:>22} {reference:>22} "
+          f"{'' if ratio is None else f'{ratio:8.3f}'} {target:>10} {verdict}", flush=True)
+
+
+def x_kwargs(pad, top_p=1.0, temperature=1.0):
+    return dict(pad_token_id=pad, temperature=temperature, top_p=top_p, H_bar=1.0, normalization="token",
+                baseline="loo", rb_requires_grad=True)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_x_vs_loop_tiny(args):
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tokenizer = W.build_tiny(tmp)
+    model.to(args.device)
+    B = args.preset.tiny_prompts
+    rollout = W.tiny_rollout(model, tokenizer, B=B, G=4, seed=0, top_p=0.95)
+    params = teacher_force.selected_parameters(model)
+    tokens, _, _ = W.token_counts(rollout)
+    kw = x_kwargs(tokenizer.pad_token_id, top_p=0.95)
+    ours_s, (ours, _) = W.timed(lambda: passes.x_gradient(model, params, rollout, tf_batch_size=64, **kw),
+                                args.device, repeats=3, warmup=1)
+    loop_s, loop = W.timed(lambda: W.per_sequence_x_gradient(model, params, rollout, temperature=1.0, top_p=0.95,
+                                                             H_bar=1.0), args.device, repeats=1)
+    ratio = loop_s / ours_s
+    row("x_vs_loop", f"tiny policy, {B * 4} seqs, top_p .95, tf_batch 64", f"{tokens / ours_s:,.0f} tok/s",
+        f"{tokens / loop_s:,.0f} tok/s", ratio, "≥ 10×", ratio >= 10,
+        grad_rel_diff=W.max_relative_difference(ours, loop), ours_s=ours_s, loop_s=loop_s, tokens=tokens)
+    print(f"      gradient ‖ours − loop‖/‖loop‖ = {ROWS[-1]['grad_rel_diff']:.2e}")
+
+
+def mid_setup(args):
+    spec = W.SIZES[args.preset.model]
+    model = W.build_qwen2(spec, args.device)
+    B, G, P, T = args.preset.x_batch
+    rollout = W.synthetic_rollout(model, B=B, G=G, P=P, T=T, seed=0)
+    params = teacher_force.selected_parameters(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    return spec, model, rollout, params, f"{spec.name} {n_params / 1e6:.0f}M, {B * G} seqs, P≤{P}, T≤{T}"
+
+
+def bench_x_vs_loop_mid(args, setup):
+    spec, model, rollout, params, label = setup
+    tokens, _, _ = W.token_counts(rollout)
+    n = rollout["sequences"].shape[0] * rollout["sequences"].shape[1]
+    kw = x_kwargs(spec.vocab - 2)
+    ours_s, (ours, _) = W.timed(lambda: passes.x_gradient(model, params, rollout, tf_batch_size=n, **kw),
+                                args.device, repeats=2, warmup=1)
+    loop_s, loop = W.timed(lambda: W.per_sequence_x_gradient(model, params, rollout, temperature=1.0, top_p=1.0,
+                                                             H_bar=1.0), args.device, repeats=1,
+                           warmup=1 if args.device == "cuda" else 0)
+    ratio = loop_s / ours_s
+    row("x_vs_loop", label, f"{tokens / ours_s:,.0f} tok/s", f"{tokens / loop_s:,.0f} tok/s", ratio, "≥ 1×",
+        ratio >= 1, grad_rel_diff=W.max_relative_difference(ours, loop), ours_s=ours_s, loop_s=loop_s,
+        tokens=tokens)
+    print(f"      gradient ‖ours − loop‖/‖loop‖ = {ROWS[-1]['grad_rel_diff']:.2e}")
+    return ours_s
+
+
+def bench_flops(args, setup, x_seconds=None):
+    spec, model, rollout, params, label = setup
+    n = rollout["sequences"].shape[0] * rollout["sequences"].shape[1]
+    flops = W.train_flops(model, rollout)
+    gpu = args.device == "cuda"
+    dtypes = [("fp32", torch.float32, None)] + ([("bf16 autocast", torch.bfloat16, "bfloat16")] if gpu else [])
+    for name, dtype, autocast in dtypes:
+        peak = W.matmul_peak(args.device, dtype)
+        if x_seconds is None or autocast is not None:
+            x_seconds_here, _ = W.timed(lambda: passes.x_gradient(
+                model, params, rollout, tf_batch_size=n, autocast_dtype=autocast, **x_kwargs(spec.vocab - 2)),
+                args.device, repeats=2, warmup=1)
+        else:
+            x_seconds_here = x_seconds
+        y_seconds, _ = W.timed(lambda: passes.y_gradient(
+            model, params, rollout, pad_token_id=spec.vocab - 2, temperature=1.0, normalization="seq_mean_token_mean",
+            tf_batch_size=n, autocast_dtype=autocast), args.device, repeats=2, warmup=1)
+        peak_again = W.matmul_peak(args.device, dtype)  # the machine may be shared: take the better
+        peak = max(peak, peak_again)
+        for pass_name, seconds in (("X", x_seconds_here), ("Y", y_seconds)):
+            achieved = flops / seconds
+            target = "≥ 0.60" if (pass_name == "X" and not gpu and name == "fp32") else ""
+            row("flops", f"{pass_name} pass {name}, {label}", f"{achieved / 1e9:,.1f} GFLOP/s",
+                f"{peak / 1e9:,.1f} GFLOP/s", achieved / peak, target,
+                (achieved / peak >= 0.6) if target else None, seconds=seconds, flops=flops)
+    if args.size == "default" and not gpu:  # the nucleus at top_p < 1 (topk, no full sort)
+        nucleus_rollout = W.synthetic_rollout(model, B=2, G=4, P=64, T=128, seed=1, top_p=0.95)
+        flops_p = W.train_flops(model, nucleus_rollout)
+        seconds, _ = W.timed(lambda: passes.x_gradient(model, params, nucleus_rollout, tf_batch_size=8,
+                                                       **x_kwargs(spec.vocab - 2, top_p=0.95)),
+                             args.device, repeats=1, warmup=1)
+        peak = W.matmul_peak(args.device)
+        sizes = nucleus_sizes(model, nucleus_rollout, spec.vocab - 2, 0.95)
+        row("flops", f"X pass fp32 top_p .95 (nucleus median {sizes[0]}, p90 {sizes[1]})",
+            f"{flops_p / seconds / 1e9:,.1f} GFLOP/s", f"{peak / 1e9:,.1f} GFLOP/s", flops_p / seconds / peak,
+            seconds=seconds, flops=flops_p)
+
+
+def nucleus_sizes(model, rollout, pad, top_p):
+    from entropy_probe import measure
+
+    batch = teacher_force.from_rollout(rollout, pad)
+    scorer = teacher_force.ResponseLogits(model)
+    device = next(model.parameters()).device
+    rows, cols, _ = teacher_force.valid_pairs(batch, device)
+    with torch.no_grad():
+        hidden, head = teacher_force.response_hidden_and_head(scorer, batch, rows, cols)
+        sizes = torch.cat([measure.nucleus_mask(head(h), 1.0, top_p).sum(-1) for h in hidden.split(256)]).float()
+    return int(sizes.median()), int(sizes.quantile(0.9))
+
+
+def bench_memory(args):
+    spec = args.preset.memory_model
+    seqs, P, T = args.preset.memory_batch
+    results = {}
+    for mode in ("plain", "x"):
+        cmd = [sys.executable, os.path.join(HERE, "memory_child.py"), mode, spec, "--seqs", str(seqs),
+               "--prompt", str(P), "--response", str(T), "--device", args.device]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        results[mode] = json.loads(out)
+    ratio = results["x"]["peak_increase_bytes"] / results["plain"]["peak_increase_bytes"]
+    row("memory", f"{spec} V=151,936, {seqs} seqs, P≤{P}, T≤{T}, chunk {results['x']['chunk_tokens']}",
+        f"{results['x']['peak_increase_bytes'] / 2**20:,.0f} MiB", f"{results['plain']['peak_increase_bytes'] / 2**20:,.0f} MiB",
+        ratio, "≤ 1.5×", ratio <= 1.5, details=results)
+
+
+def bench_generation(args, setup):
+    spec, model, _, _, label = setup
+    B, G, P, T = args.preset.generation
+    V = spec.vocab
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, V - 2, (B, P), generator=g)
+    mask = torch.ones_like(prompts)
+    eos, pad = -1, V - 2  # no EOS: every response runs to max_new_tokens in both (same work)
+
+    def ours():
+        return generate.sample(model, prompts, mask, G, temperature=1.0, top_p=0.95, max_new_tokens=T,
+                               eos_token_id=eos, pad_token_id=pad, seed=0)
+
+    def plain():
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(do_sample=True, top_p=0.95, temperature=1.0, top_k=0, max_new_tokens=T,
+                                  num_return_sequences=G, eos_token_id=None, pad_token_id=pad, bos_token_id=None)
+        with torch.no_grad():
+            for b in range(B):
+                model.generate(input_ids=prompts[b:b + 1].to(args.device), attention_mask=mask[b:b + 1].to(args.device),
+                               generation_config=config)
+
+    repeats = 1 if args.size == "large" else 2
+    ours_s, _ = W.timed(ours, args.device, repeats=repeats, warmup=1)
+    plain_s, _ = W.timed(plain, args.device, repeats=repeats, warmup=1)
+    row("generation", f"{spec.name}, {B} prompts × G={G}, {T} new tokens, top_p .95", f"{B * G / ours_s:,.1f} seq/s",
+        f"{B * G / plain_s:,.1f} seq/s", plain_s / ours_s, ours_s=ours_s, plain_s=plain_s)
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    info["cpu_count"] = os.cpu_count()
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        info["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="= --size quick (a couple of minutes on 2 CPU cores)")
+    parser.add_argument("--gpu", action="store_true", help="= --device cuda --size large")
+    parser.add_argument("--size", choices=sorted(W.PRESETS), default=None,
+                        help="default (CPU, mid-size), quick, large (GPU: the Qwen2.5-0.5B shape), smoke")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or process CPU time (per thread-second: for a shared, loaded machine)")
+    parser.add_argument("--only", nargs="*", default=None,
+                        choices=["x_vs_loop", "flops", "memory", "generation"], help="run only these")
+    parser.add_argument("--json", default=None, help="write the rows and the machine description here")
+    args = parser.parse_args()
+    args.device = args.device or ("cuda" if args.gpu else "cpu")
+    args.size = args.size or ("large" if args.gpu else "quick" if args.quick else "default")
+    args.preset = W.PRESETS[args.size]
+    if args.device == "cuda" and args.clock == "cpu":
+        parser.error("--clock cpu is for CPU runs")
+    W.CLOCK["name"] = args.clock
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models.set_precision()  # fp32 at full precision: TF32 off (DESIGN §2 "Precision")
+    info = machine() | {"clock": args.clock}
+    print("machine:", json.dumps(info))
+    print(f"  {'benchmark':<12} {'setting':<44} {'ours':>22} {'reference':>22} {'ratio':>8} {'target':>10} met")
+    wanted = set(args.only or ["x_vs_loop", "flops", "memory", "generation"])
+    start = time.perf_counter()
+    if "x_vs_loop" in wanted:
+        bench_x_vs_loop_tiny(args)
+    setup = mid_setup(args) if wanted & {"x_vs_loop", "flops", "generation"} else None
+    x_seconds = bench_x_vs_loop_mid(args, setup) if "x_vs_loop" in wanted else None
+    if "flops" in wanted:
+        bench_flops(args, setup, x_seconds)
+    if "memory" in wanted:
+        bench_memory(args)
+    if "generation" in wanted:
+        bench_generation(args, setup)
+    info["total_seconds"] = time.perf_counter() - start
+    print(f"total {info['total_seconds']:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "args": vars(args), "rows": ROWS}, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
