@@ -28,8 +28,8 @@ import math
 import re
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 # Outcome codes (int8 in the shard). 0: every check passed.
 PASS, WRONG_ANSWER, NO_ANSWER, BAD_FORMAT, ZERO_UNSPECIFIED = 0, 1, 2, 3, 4

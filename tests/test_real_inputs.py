@@ -2,7 +2,7 @@
 GSM8K-style jsonl and parquet prompt files, prompt templates, token-budget filtering, stop strings,
 and the config checks of model / data / reward. Everything is built locally from the embedded
 policy (no hub access); one Snakemake run (module fixture) goes from the adapter and the files to
-results/delta_h1.json."""
+results/delta_h1.json (marked ``workflow``: deselect with ``-m "not workflow"``)."""
 from __future__ import annotations
 
 import copy
@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from workflow_util import REPO, run_snakemake
 
 from entropy_probe import data, generate, gradients, models, rewards
 from entropy_probe.config import SCHEMA_PATH, ConfigError, _fill_defaults, check_config, load_config
 from entropy_probe.optimizer_state import OptimizerStateError, load_adamw_state
 from entropy_probe.shards import read_json, read_shard
 from entropy_probe.toy import _answer_log_likelihood, _training_batch, arithmetic_examples
-from workflow_util import REPO, run_snakemake
 
 LORA_TARGETS = ["q_proj", "v_proj"]
 BETAS, EPS, WD, LR, STEPS = (0.8, 0.99), 1e-6, 0.05, 2e-3, 3
@@ -116,6 +116,7 @@ def probe_run(toy_policy_dir, adapter_dir, data_dir, tmp_path_factory):
 # --------------------------------------------------------------------------- adapter end to end
 
 
+@pytest.mark.workflow
 def test_only_adapter_parameters_in_x_y_v_and_base_unchanged(probe_run, toy_policy_dir, adapter_dir):
     work, before = probe_run
     results = work / "results"
@@ -141,6 +142,7 @@ def test_only_adapter_parameters_in_x_y_v_and_base_unchanged(probe_run, toy_poli
     assert "model.trainable 'adapters': 8 of 29 parameter tensors trainable" in log
 
 
+@pytest.mark.workflow
 def test_adamw_update_uses_the_saved_state(probe_run, adapter_dir):
     """v from the workflow against a real torch.optim.AdamW step on the adapter parameters,
     restored from the saved state (step count, moments, per-group hyperparameters), g = −Y."""
@@ -175,6 +177,7 @@ def test_adamw_update_uses_the_saved_state(probe_run, adapter_dir):
     assert max(float((before[n] + lr * v[n] - fresh[n].detach()).abs().max()) for n in fresh) > 1e-5
 
 
+@pytest.mark.workflow
 def test_prepared_data_plan_and_rollouts_agree(probe_run, data_dir):
     """Both files flowed through prepare_data -> plan -> rollouts: the long prompts were dropped
     and reported, the plan draws only from the kept prompts, the shards hold their token ids."""

@@ -41,7 +41,8 @@ REDUCED = {"E_total_sequences": 64, "B_U": 8, "G": 4, "E_num_shards": 2, "U_num_
 # The job to scancel: SNIS shard 000 (a shard job late in the DAG, so the rerun is short).
 VICTIM = ("snis_shard", "000")  # (rule, wildcards as the plugin joins them)
 VICTIM_OUTPUT = "results/snis/shard_000.safetensors"
-RUN_TIMEOUT = int(os.environ.get("ENTROPY_PROBE_SLURM_RUN_TIMEOUT", "1200"))  # seconds per snakemake run (a safety net: ~3-5 min is normal)
+# Seconds per snakemake run: a safety net (a mis-set status command hangs forever).
+RUN_TIMEOUT = int(os.environ.get("ENTROPY_PROBE_SLURM_RUN_TIMEOUT", "1200"))
 SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (\S+?)\)\.?$", re.M)
 # The tiny policy is per-op-overhead bound: one thread is faster, and both runs use the same
 # thread count (so the SLURM run must reproduce the local numbers exactly).
@@ -114,6 +115,13 @@ def check_not_timed_out(returncode: int, log: Path) -> None:
                              f"stopped (rc {returncode}); {log} ends with:\n{log.read_text()[-3000:]}")
 
 
+def start_oracle(local: Path, local_proc: subprocess.Popen, local_log: Path) -> tuple[subprocess.Popen, Path]:
+    """Once the local run is done: a dry run there of the victim's output forced, i.e. the jobs that
+    a lost victim takes with it (run while the SLURM run goes on)."""
+    check_not_timed_out(local_proc.returncode, local_log)
+    return start(local, "lost", "-n", "--forcerun", VICTIM_OUTPUT)
+
+
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory):
     """Runs the scenario once; returns what the tests check."""
@@ -142,7 +150,7 @@ def scenario(tmp_path_factory):
         procs.append(local_proc)
         slurm_proc, slurm_log1 = start(slurm, "slurm1", "--profile", str(PROFILE))
         procs.append(slurm_proc)
-        victim_id = None
+        victim_id, oracle = None, None
         while slurm_proc.poll() is None:
             jobs = squeue_all()
             result["squeue"].update(jobs)
@@ -152,6 +160,10 @@ def scenario(tmp_path_factory):
                         subprocess.run(["scancel", job_id], check=True, timeout=30)
                         victim_id = job_id
                         result["victim_killed_after_s"] = round(time.monotonic() - t0, 1)
+            if oracle is None and local_proc.poll() is not None:
+                result["timings"]["local_run_s"] = round(time.monotonic() - t0, 1)
+                oracle = start_oracle(local, local_proc, local_log)
+                procs.append(oracle[0])
             time.sleep(0.5)
         result["squeue"].update(squeue_all())
         result["timings"]["slurm_killed_run_s"] = round(time.monotonic() - t0, 1)
@@ -159,15 +171,15 @@ def scenario(tmp_path_factory):
         result["victim_id"] = victim_id
         result["slurm1_rc"] = slurm_proc.returncode
         result["slurm1_log"] = slurm_log1.read_text()
-        result["local_rc"] = local_proc.wait(timeout=RUN_TIMEOUT + 60)
-        check_not_timed_out(local_proc.returncode, local_log)
-        result["timings"]["local_run_s_incl_wait"] = round(time.monotonic() - t0, 1)
-        result["local_log"] = local_log.read_text()
         result["victim_output_after_kill"] = (slurm / VICTIM_OUTPUT).exists()
-        # The oracle: the victim's output and everything downstream of it, in the finished local run.
-        lost = subprocess.run(snakemake_cmd("-n", "--forcerun", VICTIM_OUTPUT), cwd=local, capture_output=True,
-                              text=True, env=ENV)
-        result["lost_log"] = lost.stdout + lost.stderr
+        if oracle is None:
+            local_proc.wait(timeout=RUN_TIMEOUT + 60)
+            result["timings"]["local_run_s"] = round(time.monotonic() - t0, 1)
+            oracle = start_oracle(local, local_proc, local_log)
+            procs.append(oracle[0])
+        result["local_rc"], result["local_log"] = local_proc.returncode, local_log.read_text()
+        oracle[0].wait(timeout=RUN_TIMEOUT)
+        result["lost_log"] = oracle[1].read_text()
 
         # 3: what a rerun would do.
         t = time.monotonic()
@@ -238,16 +250,21 @@ def test_killed_job_was_running_and_failed_the_run(scenario):
 
 
 def test_one_slurm_job_per_step(scenario):
-    """Every job of the DAG (the local run's job table, less the target rule `all`) was submitted to
-    SLURM exactly once in the first run, and squeue knew each submitted job id under its rule."""
-    expected = job_stats(scenario["local_log"])
-    assert expected["rollout"] == 3 and expected["teacher_force_x"] == 2, expected
-    expected.pop("all")
-    subs = submissions(scenario["slurm1_log"], scenario["slurm"])
-    assert Counter(rule for rule, _, _ in subs) == expected, failure_context(scenario, "slurm1_log")
-    assert len({(rule, wc) for rule, wc, _ in subs}) == len(subs), f"a step was submitted twice: {subs}"
-    assert {wc for rule, wc, _ in subs if rule == "rollout"} == {"E_000", "E_001", "U_000", "U_001"}
-    for rule, wc, slurm_id in subs:
+    """Every job of the DAG (the local run's job table, less the target rule `all`) was one SLURM job:
+    the first run submitted each job once except those downstream of the killed one, the rerun
+    submitted the killed job again and its downstream; squeue knew each job id under its rule."""
+    dag = job_stats(scenario["local_log"])
+    assert dag["rollout"] == 3 and dag["teacher_force_x"] == 2 and dag["snis_shard"] == 2, dag
+    dag.pop("all")
+    lost = lost_jobs(scenario)
+    first = submissions(scenario["slurm1_log"], scenario["slurm"])
+    again = submissions(scenario["slurm2_log"], scenario["slurm"])
+    assert Counter(rule for rule, _, _ in first) == dag - lost + Counter({VICTIM[0]: 1}), \
+        failure_context(scenario, "slurm1_log")
+    assert Counter(rule for rule, _, _ in first + again) == dag + Counter({VICTIM[0]: 1})
+    assert len({(rule, wc) for rule, wc, _ in first}) == len(first), f"a job was submitted twice: {first}"
+    assert {wc for rule, wc, _ in first if rule == "rollout"} == {"E_000", "E_001", "U_000"}
+    for rule, wc, slurm_id in first + again:
         comment = f"rule_{rule}_wildcards_{wc}" if wc else f"rule_{rule}"
         assert scenario["squeue"].get(slurm_id, (None, None))[1] == comment, (slurm_id, comment)
         state = scenario["squeue"][slurm_id][0]
