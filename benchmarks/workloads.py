@@ -36,9 +36,9 @@ class ModelSpec:
 
 
 SIZES = {
-    # CPU defaults: tens of millions of parameters, vocabulary 32k
-    "mid": ModelSpec("qwen2-mid", 32_000, 512, 8, 8, 2, 1_536),
-    "mid-quick": ModelSpec("qwen2-mid", 32_000, 384, 4, 6, 2, 1_024),
+    # CPU defaults: tens of millions of parameters, vocabulary 32k (d = 768: GPT-2-small widths)
+    "mid": ModelSpec("qwen2-mid", 32_000, 768, 6, 12, 2, 2_048),
+    "mid-quick": ModelSpec("qwen2-mid-quick", 32_000, 512, 4, 8, 2, 1_536),
     # Qwen2.5 vocabulary, for the memory comparison
     "vocab152k": ModelSpec("qwen2-v152k", 151_936, 512, 4, 8, 2, 1_536, tied=True),
     "vocab152k-quick": ModelSpec("qwen2-v152k", 151_936, 256, 2, 4, 2, 768, tied=True),

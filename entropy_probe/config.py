@@ -43,7 +43,7 @@ def _check_checkpoint(value: str, key: str, adapter: bool) -> None:
     """A local directory (that looks like a checkpoint / an adapter), or a hub id (checked when
     it is loaded). A local-looking path that does not exist fails now."""
     from .data import looks_like_hub_id
-    from .models import adapter_files, checkpoint_files
+    from .input_files import adapter_files, checkpoint_files
 
     path = Path(value).expanduser()
     if path.is_dir():
@@ -147,11 +147,6 @@ def check_config(config: dict) -> None:
         raise ConfigError(f"batch_config.E_num_shards: {batch['E_num_shards']} shards > {n_e} E prompts")
     if batch["U_num_shards"] > batch["B_U"]:
         raise ConfigError(f"batch_config.U_num_shards: {batch['U_num_shards']} shards > B_U = {batch['B_U']}")
-    if model["device"] == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("model.device: 'cuda' requested but no CUDA device is available")
     if gen["top_p"] <= 0 or gen["top_p"] > 1:  # the schema checks this too; kept for direct callers
         raise ConfigError(f"generation.top_p: {gen['top_p']} is outside (0, 1]")
 

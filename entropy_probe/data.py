@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 from .config import EMBEDDED
-from .toy import PROMPTS_FILE
+from .input_files import PROMPTS_FILE
 
 log = logging.getLogger(__name__)
 

@@ -25,12 +25,11 @@ from pathlib import Path
 
 import torch
 
+from .input_files import adapter_files, checkpoint_files
+
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-_FINGERPRINT_FILES = ("*.safetensors", "*.bin", "*.py", "config.json", "tokenizer.json", "tokenizer_config.json",
-                      "tokenizer.model", "chat_template.jinja")
-_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.py", "*.tiktoken", "*.jinja"]
 SPEC_KIND = "policy_spec"
 TRAINABLE_MODES = ("auto", "all", "adapters")
@@ -41,8 +40,15 @@ class PolicyLoadError(RuntimeError):
 
 
 def pick_device(requested: str = "auto") -> torch.device:
+    """model.device for this job. Checked here, in the job, not when the workflow parses its
+    config: on a cluster the scheduler's host often has no GPU while the jobs' nodes do."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        import socket
+
+        raise PolicyLoadError(f"model.device: 'cuda' requested but this job (host {socket.gethostname()}) sees no "
+                              "CUDA device (on a cluster: does the profile give this rule gpu: 1?)")
     return torch.device(requested)
 
 
@@ -54,17 +60,6 @@ def set_precision() -> None:
 
 
 # --------------------------------------------------------------------- checkpoints and the spec
-
-
-def checkpoint_files(model_dir: str | Path) -> list[Path]:
-    """The files of a checkpoint that define it: weights, config, tokenizer, remote code."""
-    model_dir = Path(model_dir)
-    return sorted({p for pattern in _FINGERPRINT_FILES for p in model_dir.glob(pattern) if p.is_file()})
-
-
-def adapter_files(adapter_dir: str | Path) -> list[Path]:
-    adapter_dir = Path(adapter_dir)
-    return sorted(p for name in _ADAPTER_FILES if (p := adapter_dir / name).is_file())
 
 
 def resolve_checkpoint(name_or_path: str, key: str, adapter: bool = False) -> Path:

@@ -25,9 +25,6 @@ from .update import AdamWHyper, AdamWParamState
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_STATE = "embedded"
-STATE_FILE = "optimizer.pt"  # as entropy_probe.toy writes them
-NAMES_FILE = "optimizer_param_names.json"
 
 
 class OptimizerStateError(ValueError):
@@ -50,30 +47,6 @@ class LoadedState:
                 "optimizer_step": int(max(self.steps)) if self.steps else 0,
                 "optimizer_step_min": int(min(self.steps)) if self.steps else 0,
                 "optimizer_param_groups": self.groups, "optimizer_unstepped_params": self.num_unstepped}
-
-
-def resolve_state_paths(update_cfg: dict, policy_dir: str, embedded_model: bool) -> tuple[str, str] | None:
-    """(state file, names file) configured in the ``update`` section, or None (no state: with
-    ``adamw`` a fresh optimizer). ``embedded`` = the state the embedded policy saved in
-    ``policy_dir``. A ValueError (naming the key) for a combination that makes no sense."""
-    state, names = update_cfg.get("optimizer_state", ""), update_cfg.get("optimizer_param_names", "")
-    if update_cfg["optimizer"] != "adamw":
-        if state or names:
-            raise ValueError(
-                f"update.optimizer_state / update.optimizer_param_names are set but update.optimizer is "
-                f"{update_cfg['optimizer']!r}; they only apply to adamw (clear them or switch the optimizer)"
-            )
-        return None
-    if not state:
-        if names:
-            raise ValueError("update.optimizer_param_names is set but update.optimizer_state is empty")
-        return None
-    if state == EMBEDDED_STATE:
-        if not embedded_model:
-            raise ValueError("update.optimizer_state: 'embedded' only goes with model.name_or_path: embedded; "
-                             "give the path of the checkpoint's optimizer state file")
-        state = str(Path(policy_dir) / STATE_FILE)
-    return state, names or str(Path(state).parent / NAMES_FILE)
 
 
 def _read_names(names_path: str, param_groups: list[dict]) -> list[list[str]]:

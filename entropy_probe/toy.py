@@ -15,14 +15,13 @@ from pathlib import Path
 
 import torch
 
+from .input_files import NAMES_FILE, PROMPTS_FILE, STATE_FILE
+
 log = logging.getLogger(__name__)
 
 DIGITS = [str(d) for d in range(10)]
 EOS, PAD = "<eos>", "<pad>"
 VOCAB = DIGITS + ["+", "=", EOS, PAD]
-OPTIMIZER_FILE = "optimizer.pt"
-OPTIMIZER_NAMES_FILE = "optimizer_param_names.json"
-PROMPTS_FILE = "prompts.jsonl"
 
 
 def build_tokenizer():
@@ -159,8 +158,8 @@ def build_embedded_policy(
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    torch.save(optimizer.state_dict(), out_dir / OPTIMIZER_FILE)
-    (out_dir / OPTIMIZER_NAMES_FILE).write_text(json.dumps([g["names"] for g in groups], indent=1))
+    torch.save(optimizer.state_dict(), out_dir / STATE_FILE)
+    (out_dir / NAMES_FILE).write_text(json.dumps([g["names"] for g in groups], indent=1))
     with open(out_dir / PROMPTS_FILE, "w") as f:
         for example in examples:
             f.write(json.dumps(example) + "\n")

@@ -3,6 +3,7 @@ with a message naming the key."""
 from __future__ import annotations
 
 import ast
+import re
 import copy
 import subprocess
 import sys
@@ -114,6 +115,26 @@ def test_package_does_not_import_snakemake():
         "import importlib, sys\n"
         f"for m in {modules!r}: importlib.import_module('entropy_probe.' + m)\n"
         "assert not any(k == 'snakemake' or k.startswith('snakemake.') for k in sys.modules), 'snakemake imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_snakefile_parse_time_imports_are_torch_free():
+    """The Snakefile is parsed by every job on a cluster: what it imports, and the config check
+    it runs, must not import torch (seconds per job)."""
+    rules = "\n".join(p.read_text() for p in sorted((REPO / "workflow" / "rules").glob("*.smk")))
+    rules += (REPO / "Snakefile").read_text()
+    modules = set(re.findall(r"^\s*(?:from|import) (entropy_probe[\w.]*)", rules, flags=re.M))
+    modules |= {f"entropy_probe.{m}" for m in re.findall(r"^\s*from entropy_probe import (\w+)", rules, flags=re.M)}
+    modules = sorted(modules)
+    assert {"entropy_probe.config", "entropy_probe.data", "entropy_probe.input_files"} <= set(modules)
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "from entropy_probe.config import load_config\n"
+        f"load_config({str(GOOD)!r})\n"
+        "assert 'torch' not in sys.modules, 'torch imported at parse time'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -13,14 +13,8 @@ import torch
 
 from entropy_probe import models, shards
 from entropy_probe.config import load_config
-from entropy_probe.optimizer_state import (
-    NAMES_FILE,
-    STATE_FILE,
-    OptimizerStateError,
-    load_adamw_state,
-    resolve_state_paths,
-)
-from entropy_probe.toy import OPTIMIZER_FILE, OPTIMIZER_NAMES_FILE
+from entropy_probe.input_files import NAMES_FILE, STATE_FILE, resolve_state_paths
+from entropy_probe.optimizer_state import OptimizerStateError, load_adamw_state
 from entropy_probe.update import (
     FRESH_HYPER,
     adamw_direction,
@@ -313,7 +307,6 @@ def test_resolve_state_paths(tmp_path):
         resolve_state_paths({"optimizer": "adamw", "optimizer_state": "embedded"}, "pol", False)
     with pytest.raises(ValueError, match="only apply to adamw"):
         resolve_state_paths({"optimizer": "sgd", "optimizer_state": "x.pt"}, "pol", True)
-    assert (STATE_FILE, NAMES_FILE) == (OPTIMIZER_FILE, OPTIMIZER_NAMES_FILE)  # what the toy writes
 
 
 # --- the embedded toy policy's own saved AdamW state, through the stage script -------------------
@@ -342,7 +335,7 @@ def _run_script(cfg, y_path, policy_dir, out_path):
 
 def test_embedded_toy_state_matches_a_real_adamw_step(toy_policy_dir, tmp_path):
     report = json.loads((toy_policy_dir / "training_report.json").read_text())
-    group_names = json.loads((toy_policy_dir / OPTIMIZER_NAMES_FILE).read_text())
+    group_names = json.loads((toy_policy_dir / NAMES_FILE).read_text())
     all_names = sum(group_names, [])
     with_grad = [n for n in all_names if ".layers.1." not in n]  # layer 1: no gradient (frozen)
     Y = _toy_y(toy_policy_dir, with_grad)
@@ -354,7 +347,7 @@ def test_embedded_toy_state_matches_a_real_adamw_step(toy_policy_dir, tmp_path):
     assert set(v) == set(Y)
     assert meta["optimizer"] == "adamw" and meta["model_fingerprint"] == models.fingerprint(toy_policy_dir)
     assert meta["optimizer_step"] == meta["optimizer_step_min"] == report["steps"]
-    assert meta["optimizer_state"] == str(toy_policy_dir / OPTIMIZER_FILE)
+    assert meta["optimizer_state"] == str(toy_policy_dir / STATE_FILE)
     assert [g["weight_decay"] for g in meta["optimizer_param_groups"]] == [0.01, 0.0]
     assert meta["clip_coef"] < 1  # the clipping is exercised
 
@@ -362,7 +355,7 @@ def test_embedded_toy_state_matches_a_real_adamw_step(toy_policy_dir, tmp_path):
     model = models.load_policy(toy_policy_dir, "float64", "cpu")
     named = dict(model.named_parameters())
     opt = torch.optim.AdamW([{"params": [named[n] for n in g]} for g in group_names], lr=1.0)
-    opt.load_state_dict(torch.load(toy_policy_dir / OPTIMIZER_FILE, weights_only=True))
+    opt.load_state_dict(torch.load(toy_policy_dir / STATE_FILE, weights_only=True))
     lr = opt.param_groups[0]["lr"]
     state = opt.state[named["model.embed_tokens.weight"]]
     assert int(state["step"]) == report["steps"] and state["exp_avg"].abs().sum() > 0
@@ -401,7 +394,7 @@ def test_script_refuses_a_broken_configured_state(toy_policy_dir, tmp_path):
     _write_y(y_path, Y, toy_policy_dir)
     broken = tmp_path / "opt.pt"
     broken.write_bytes(os.urandom(300))
-    (tmp_path / NAMES_FILE).write_text((toy_policy_dir / OPTIMIZER_NAMES_FILE).read_text())
+    (tmp_path / NAMES_FILE).write_text((toy_policy_dir / NAMES_FILE).read_text())
     cfg = load_config(None, {"update": {"optimizer": "adamw", "optimizer_state": str(broken)}})
     with pytest.raises(OptimizerStateError, match=re.escape(str(broken))):
         _run_script(cfg, y_path, toy_policy_dir, out_path)

@@ -9,7 +9,7 @@ sys.path.insert(0, workflow.basedir)  # the entropy_probe package, also when not
 
 from entropy_probe.config import ConfigError, EMBEDDED, check_config
 from entropy_probe import data as probe_data
-from entropy_probe.models import adapter_files, checkpoint_files
+from entropy_probe.input_files import adapter_files, checkpoint_files, resolve_state_paths
 
 
 validate(config, "../schemas/config.schema.yaml")
@@ -62,8 +62,6 @@ ESTIMATOR_KEYS = ["normalization", "baseline", "param_filter"]
 
 # The optimizer state of update.optimizer: adamw is an input of the update steps (for
 # optimizer_state: embedded it lies inside the policy directory, an input anyway).
-from entropy_probe.optimizer_state import resolve_state_paths
-
 try:
     UPDATE_STATE_PATHS = resolve_state_paths(config["update"], POLICY_DIR, EMBEDDED_MODEL)
 except ValueError as err:
