@@ -11,10 +11,12 @@ import re
 import string
 from pathlib import Path
 
+from .errors import ProbeError
+
 EMBEDDED = "embedded"
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, ProbeError):
     """A config value that is invalid in combination with others, or names a missing file."""
 
 
@@ -94,6 +96,104 @@ def _check_data(config: dict) -> None:
                           "literal braces are written {{ and }}")
 
 
+def _binds(tree, name: str) -> bool:
+    """Whether a module's top-level code (not function or class bodies) binds ``name``: a def, a
+    class, an assignment or an import. A star import or module-level dynamic code (globals(),
+    exec, setattr, a module __getattr__) counts as binding it: only a run could tell."""
+    import ast
+
+    stack = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            if node.name in (name, "__getattr__"):
+                return True
+            stack.extend(node.decorator_list)
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            if any(a.name == "*" or (a.asname or a.name.split(".")[0]) == name for a in node.names):
+                return True
+        elif isinstance(node, ast.Name) and node.id == name and isinstance(node.ctx, ast.Store):
+            return True
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in (
+                "globals", "exec", "setattr", "vars"):
+            return True
+        stack.extend(ast.iter_child_nodes(node))
+    return False
+
+
+def _check_reward_source(target: str, func: str) -> None:
+    """The custom reward's file, or module (found with importlib's find_spec from the working
+    directory, as the rollouts import it), exists, parses, and binds ``func`` at top level. The
+    source is read, never run (the workflow checks the config every time it starts)."""
+    import ast
+    import importlib.util
+    import sys
+
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"reward.function: file {target!r} does not exist")
+    else:
+        cwd = str(Path.cwd())
+        added = "" not in sys.path and cwd not in sys.path
+        if added:
+            sys.path.insert(0, cwd)
+        try:
+            spec = importlib.util.find_spec(target)
+        except (ImportError, ValueError) as err:  # a parent package that is missing or fails to import
+            raise ConfigError(f"reward.function: cannot import {target!r} ({type(err).__name__}: {err})") from err
+        finally:
+            if added:
+                sys.path.remove(cwd)
+        if spec is None:
+            raise ConfigError(f"reward.function: module {target!r} not found (neither installed nor a file "
+                              f"{target.replace('.', '/')}.py under the working directory {cwd})")
+        if not (spec.origin or "").endswith(".py"):
+            return  # a compiled or namespace module: checked when the rollouts load it
+        path = Path(spec.origin)
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ConfigError(f"reward.function: cannot read {str(path)!r} ({type(err).__name__}: {err})") from err
+    if not _binds(tree, func):
+        raise ConfigError(f"reward.function: {str(path)!r} defines no {func!r} (no top-level def, class, "
+                          "assignment or import of that name)")
+
+
+def _check_optimizer_state(config: dict) -> None:
+    """update.optimizer_state / optimizer_param_names: a sensible combination, and a configured
+    state file and its names file exist, and the state looks like a torch.save file (a zip archive,
+    or a pickle in the legacy format), so that a typo or a truncated copy fails now rather than
+    after the rollouts. Loading it (the update_vector job) checks the contents."""
+    import zipfile
+
+    from .input_files import EMBEDDED_STATE, resolve_state_paths
+
+    update = config["update"]
+    try:
+        paths = resolve_state_paths(update, "", config["model"]["name_or_path"] == EMBEDDED)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if paths is None or update["optimizer_state"] == EMBEDDED_STATE:
+        return
+    state, names = (Path(p).expanduser() for p in paths)
+    for key, path in (("update.optimizer_state", state), ("update.optimizer_param_names", names)):
+        default = (" (the default: optimizer_param_names.json beside the state)"
+                   if path is names and not update.get("optimizer_param_names") else "")
+        if not path.is_file():
+            what = "is a directory, not a file" if path.is_dir() else "does not exist"
+            raise ConfigError(f"{key}: {str(path)!r} {what}{default}")
+        try:
+            with open(path, "rb") as f:
+                head = f.read(1)
+        except OSError as err:
+            raise ConfigError(f"{key}: cannot read {str(path)!r} ({err.strerror or err})") from err
+        if path is state and not (head == b"\x80" or zipfile.is_zipfile(path)):
+            raise ConfigError(f"{key}: {str(path)!r} is not a torch.save file (neither a zip archive nor a "
+                              "pickle): corrupt or truncated?")
+
+
 def _check_reward(reward: dict) -> None:
     import importlib.util
 
@@ -103,8 +203,7 @@ def _check_reward(reward: dict) -> None:
         if not sep or not target or not func:
             raise ConfigError(f"reward.function: {function!r} is not 'module:function' or 'path/to/file.py:function' "
                               "(needed by reward.name: custom)")
-        if (target.endswith(".py") or "/" in target) and not Path(target).expanduser().is_file():
-            raise ConfigError(f"reward.function: file {target!r} does not exist")
+        _check_reward_source(target, func)
     elif function:
         raise ConfigError(f"reward.function is set but reward.name is {name!r}, not 'custom'")
     if name in ("math", "think_answer_math") and importlib.util.find_spec("math_verify") is None:
@@ -125,6 +224,7 @@ def check_config(config: dict) -> None:
         raise ConfigError("model.trainable: 'adapters' needs model.adapter_path")
     _check_data(config)
     _check_reward(config["reward"])
+    _check_optimizer_state(config)
     if any(not s for s in gen.get("stop_strings", [])):
         raise ConfigError("generation.stop_strings: empty stop string")
     if batch["E_total_sequences"] < batch["G"]:

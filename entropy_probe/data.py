@@ -33,6 +33,7 @@ import tempfile
 from pathlib import Path
 
 from .config import EMBEDDED
+from .errors import ProbeError
 from .input_files import PROMPTS_FILE
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 
 
-class DataError(ValueError):
+class DataError(ValueError, ProbeError):
     """A dataset that cannot be read, or a row without a usable prompt or gold answer."""
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .errors import ProbeError
 
-class NonFiniteError(FloatingPointError):
+
+class NonFiniteError(FloatingPointError, ProbeError):
     """A NaN or inf in a logit-derived quantity, a gradient, or a weight."""
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import ProbeError
 from .input_files import adapter_files, checkpoint_files
 
 log = logging.getLogger(__name__)
@@ -35,21 +36,63 @@ SPEC_KIND = "policy_spec"
 TRAINABLE_MODES = ("auto", "all", "adapters")
 
 
-class PolicyLoadError(RuntimeError):
+class PolicyLoadError(RuntimeError, ProbeError):
     """A model or adapter that cannot be found, fetched or loaded."""
 
 
 def pick_device(requested: str = "auto") -> torch.device:
     """model.device for this job. Checked here, in the job, not when the workflow parses its
-    config: on a cluster the scheduler's host often has no GPU while the jobs' nodes do."""
+    config: on a cluster the scheduler's host often has no GPU while the jobs' nodes do. With
+    several visible GPUs (a workstation running ``snakemake --cores N --resources gpu=K``) the
+    job takes one no other job of this host holds (:func:`claim_gpu`)."""
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
         import socket
 
         raise PolicyLoadError(f"model.device: 'cuda' requested but this job (host {socket.gethostname()}) sees no "
                               "CUDA device (on a cluster: does the profile give this rule gpu: 1?)")
-    return torch.device(requested)
+    if requested != "cuda" or torch.cuda.device_count() == 1:
+        return torch.device(requested)
+    index = claim_gpu([str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())])
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+_CLAIMED: dict[str, object] = {}  # the lock file this process holds, open until it exits
+
+
+def claim_gpu(gpu_ids: list[str], lock_dir: str | Path | None = None, poll_seconds: float = 2.0) -> int:
+    """Index of the first GPU (by its UUID in ``gpu_ids``) whose lock file this process can take,
+    waiting while every one is taken. The lock (``flock`` on ``<lock_dir>/entropy-probe-gpu-<uuid>.lock``,
+    default lock dir: the system temp dir, or ENTROPY_PROBE_GPU_LOCK_DIR) is held until the process
+    exits, so the OS releases it even after a kill. Snakemake's ``--resources gpu=K`` bounds how
+    many jobs want one at a time; this picks which."""
+    import fcntl
+    import os
+    import tempfile
+    import time
+
+    if "gpu" in _CLAIMED:
+        return _CLAIMED["gpu"]
+    lock_dir = Path(lock_dir or os.environ.get("ENTROPY_PROBE_GPU_LOCK_DIR") or tempfile.gettempdir())
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    waited = False
+    while True:
+        for index, gpu_id in enumerate(gpu_ids):
+            handle = open(lock_dir / f"entropy-probe-gpu-{gpu_id}.lock", "a")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                continue
+            _CLAIMED.update(gpu=index, handle=handle)
+            log.info("using GPU %d (%s)", index, gpu_id)
+            return index
+        if not waited:
+            log.info("all %d GPUs are held by other jobs of this host; waiting for one", len(gpu_ids))
+            waited = True
+        time.sleep(poll_seconds)
 
 
 def set_precision() -> None:
@@ -204,7 +247,7 @@ def load_tokenizer(policy: str | Path):
         source = spec["adapter_dir"]
     tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left", trust_remote_code=spec["trust_remote_code"])
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"{source}: the tokenizer defines no EOS token")
+        raise PolicyLoadError(f"{source}: the tokenizer defines no EOS token (set eos_token in its tokenizer_config.json)")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # pad ids are always masked, never scored
     return tokenizer

@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .errors import ProbeError
 from .update import AdamWHyper, AdamWParamState
 
 log = logging.getLogger(__name__)
 
 
 
-class OptimizerStateError(ValueError):
+class OptimizerStateError(ValueError, ProbeError):
     """An optimizer state (or its names file) that cannot be loaded or does not fit the policy."""
 
 

@@ -31,6 +31,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import ProbeError
+
 # Outcome codes (int8 in the shard). 0: every check passed.
 PASS, WRONG_ANSWER, NO_ANSWER, BAD_FORMAT, ZERO_UNSPECIFIED = 0, 1, 2, 3, 4
 OUTCOMES = {
@@ -45,7 +47,7 @@ _CODE_BY_NAME = {name: code for code, name in OUTCOMES.items()}
 REWARD_NAMES = ("exact_match", "math", "think_answer_math", "custom")
 
 
-class RewardError(ValueError):
+class RewardError(ValueError, ProbeError):
     """A reward that cannot be computed: missing gold answer, bad custom callable, bad return value."""
 
 
@@ -188,8 +190,16 @@ REWARDS = {"exact_match": exact_match_outcome, "math": math_outcome, "think_answ
 def get_reward(name: str, function: str = "", format_weight: float = 0.0) -> Callable[[str, str], tuple[float, int]]:
     """The reward ``f(response, gold) -> (value, code)`` for ``reward.name`` (and its options)."""
     if name == "custom":
-        fn = load_callable(function)
-        return lambda response, gold: _normalize(fn(response, gold), f"reward.function {function!r}")
+        fn, source = load_callable(function), f"reward.function {function!r}"
+
+        def custom(response: str, gold: str) -> tuple[float, int]:
+            try:
+                result = fn(response, gold)
+            except Exception as err:  # the user's code: whatever it raises is a reward that cannot be computed
+                raise RewardError(f"{source} raised {type(err).__name__}: {err}") from err
+            return _normalize(result, source)
+
+        return custom
     if name not in REWARDS:
         raise RewardError(f"reward.name: unknown reward {name!r} (known: {list(REWARD_NAMES)})")
     if name in ("math", "think_answer_math") and importlib.util.find_spec("math_verify") is None:
@@ -209,13 +219,27 @@ def legend() -> dict[str, str]:
     return {str(code): name for code, name in OUTCOMES.items()}
 
 
-def score_with_codes(reward_fn, responses: list[str], golds: list) -> tuple[list[float], list[int]]:
-    """Rewards and outcome codes of a list of responses; a missing gold answer stops the job."""
+def _short(value, limit: int = 120) -> str:
+    """repr of a prompt, response or gold answer for an error message (one line, cut)."""
+    if isinstance(value, str) and len(value) > limit:
+        return repr(value[:limit]) + f"... ({len(value)} characters)"
+    return repr(value)
+
+
+def score_with_codes(reward_fn, responses: list[str], golds: list,
+                     prompts: list[str] | None = None) -> tuple[list[float], list[int]]:
+    """Rewards and outcome codes of a list of responses; a missing gold answer, or a reward that
+    cannot be computed, stops the job with a :class:`RewardError` naming the prompt (when
+    ``prompts`` is given), the response and the gold answer."""
     values, codes = [], []
-    for response, gold in zip(responses, golds, strict=True):
-        if is_missing(gold):
-            raise RewardError("a prompt has no gold answer (data.answer_field is missing, null or empty)")
-        value, code = _normalize(reward_fn(response, str(gold)), "the reward")
+    for i, (response, gold) in enumerate(zip(responses, golds, strict=True)):
+        try:
+            if is_missing(gold):
+                raise RewardError("a prompt has no gold answer (data.answer_field is missing, null or empty)")
+            value, code = _normalize(reward_fn(response, str(gold)), "the reward")
+        except RewardError as err:
+            prompt = f"prompt {_short(prompts[i])}, " if prompts is not None else ""
+            raise RewardError(f"{err} ({prompt}response {_short(response)}, gold answer {_short(gold)})") from err
         values.append(value)
         codes.append(code)
     return values, codes

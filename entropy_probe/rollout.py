@@ -99,7 +99,8 @@ def rollout_shard(
         texts = response_texts(tokenizer, responses["response_tokens"], responses["response_lens"],
                                responses["stopped_at_eos"])
         golds = [examples[i]["answer"] for i in ids for _ in range(G)]
-        values, codes = rewards.score_with_codes(reward_fn, texts, golds)
+        prompts = [examples[i].get("prompt") for i in ids for _ in range(G)]
+        values, codes = rewards.score_with_codes(reward_fn, texts, golds, prompts)
         responses["rewards"] = torch.tensor(values, dtype=torch.float32)
         responses["reward_codes"] = torch.tensor(codes, dtype=torch.int8)
         responses["prompt_tokens"], responses["prompt_mask"] = encoded["input_ids"], encoded["attention_mask"]

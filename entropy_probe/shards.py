@@ -16,11 +16,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .errors import ProbeError
+
 SCHEMA_VERSION = 1
 _META_KEY = "entropy_probe"
 
 
-class ShardError(RuntimeError):
+class ShardError(RuntimeError, ProbeError):
     """A shard that is missing, corrupt, or does not match what the reader expects."""
 
 

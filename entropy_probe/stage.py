@@ -1,11 +1,17 @@
-"""Small helpers shared by the stage scripts: logging to the rule's log file, config hashing."""
+"""Small helpers shared by the stage scripts: logging to the rule's log file, one-line errors,
+config hashing."""
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import ProbeError
 
 
 def setup_logging(log_file: str | Path | None = None) -> None:
@@ -17,6 +23,33 @@ def setup_logging(log_file: str | Path | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", handlers=handlers, force=True
     )
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (line breaks of wrapped library messages folded)."""
+    return re.sub(r"\s*\n\s*", " ", str(err).strip()) or type(err).__name__
+
+
+@contextmanager
+def stage_run(log_file: str | Path | None = None) -> Iterator[None]:
+    """Run a stage's body with logging set up (:func:`setup_logging`). A :class:`ProbeError` (a
+    problem with the user's or the stage's inputs) is logged as exactly one line,
+    ``ERROR: <message>``, to stderr and the rule's log, and the process exits with status 1, no
+    traceback. Any other exception (a bug) propagates with its traceback."""
+    setup_logging(log_file)
+    try:
+        yield
+    except ProbeError as err:
+        bars = getattr(sys.modules.get("tqdm"), "tqdm", None)  # end an open progress bar's line first
+        for bar in list(getattr(bars, "_instances", ())):
+            bar.close()
+        record = logging.LogRecord("entropy_probe", logging.ERROR, __file__, 0, one_line(err), None, None)
+        plain = logging.Formatter("%(levelname)s: %(message)s")
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(plain)
+            handler.handle(record)
+            handler.flush()
+        raise SystemExit(1) from None
 
 
 def config_hash(*sections: dict) -> str:

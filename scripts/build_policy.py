@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from entropy_probe.config import load_config
-from entropy_probe.stage import setup_logging
+from entropy_probe.stage import stage_run
 from entropy_probe.toy import build_embedded_policy
 
 
@@ -23,12 +23,12 @@ def main(toy: dict, out_dir: str) -> None:
 
 
 if "snakemake" in globals():
-    setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
-    main(snakemake.params.toy, snakemake.output[0])  # noqa: F821
+    with stage_run(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
+        main(snakemake.params.toy, snakemake.output[0])  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
     parser.add_argument("out_dir")
     args = parser.parse_args()
-    setup_logging()
-    main(load_config(args.config)["toy"], args.out_dir)
+    with stage_run():
+        main(load_config(args.config)["toy"], args.out_dir)

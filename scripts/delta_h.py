@@ -9,7 +9,7 @@ import torch
 
 from entropy_probe import shards, snis
 from entropy_probe.config import load_config
-from entropy_probe.stage import setup_logging
+from entropy_probe.stage import stage_run
 
 
 def main(cfg: dict, shard_paths: list[str], out_path: str) -> None:
@@ -30,13 +30,13 @@ def main(cfg: dict, shard_paths: list[str], out_path: str) -> None:
 
 
 if "snakemake" in globals():
-    setup_logging(snakemake.log[0])  # noqa: F821
-    main(snakemake.params.cfg, list(snakemake.input), snakemake.output[0])  # noqa: F821
+    with stage_run(snakemake.log[0]):  # noqa: F821
+        main(snakemake.params.cfg, list(snakemake.input), snakemake.output[0])  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
     parser.add_argument("out")
     parser.add_argument("shards", nargs="+")
     args = parser.parse_args()
-    setup_logging()
-    main(load_config(args.config), args.shards, args.out)
+    with stage_run():
+        main(load_config(args.config), args.shards, args.out)

@@ -7,7 +7,7 @@ import argparse
 
 from entropy_probe import first_order, gradients, shards
 from entropy_probe.config import load_config
-from entropy_probe.stage import setup_logging
+from entropy_probe.stage import stage_run
 
 
 def main(cfg: dict, x_path: str, v_path: str, directional_paths: list[str], json_path: str, table_path: str) -> None:
@@ -29,9 +29,9 @@ def main(cfg: dict, x_path: str, v_path: str, directional_paths: list[str], json
 
 
 if "snakemake" in globals():
-    setup_logging(snakemake.log[0])  # noqa: F821
-    main(snakemake.params.cfg, snakemake.input.X, snakemake.input.v, list(snakemake.input.directional),  # noqa: F821
-         snakemake.output.json, snakemake.output.table)  # noqa: F821
+    with stage_run(snakemake.log[0]):  # noqa: F821
+        main(snakemake.params.cfg, snakemake.input.X, snakemake.input.v, list(snakemake.input.directional),  # noqa: F821
+             snakemake.output.json, snakemake.output.table)  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
@@ -41,5 +41,5 @@ elif __name__ == "__main__":
     parser.add_argument("table_out")
     parser.add_argument("directional", nargs="+")
     args = parser.parse_args()
-    setup_logging()
-    main(load_config(args.config), args.x, args.v, args.directional, args.json_out, args.table_out)
+    with stage_run():
+        main(load_config(args.config), args.x, args.v, args.directional, args.json_out, args.table_out)

@@ -8,7 +8,7 @@ import logging
 from entropy_probe import models, probe
 from entropy_probe.config import load_config
 from entropy_probe.shards import write_json
-from entropy_probe.stage import setup_logging
+from entropy_probe.stage import stage_run
 
 
 def main(cfg: dict, policy_dir: str, rollout_paths: list[str], out_path: str) -> None:
@@ -19,8 +19,8 @@ def main(cfg: dict, policy_dir: str, rollout_paths: list[str], out_path: str) ->
 
 
 if "snakemake" in globals():
-    setup_logging(snakemake.log[0])  # noqa: F821
-    main(snakemake.params.cfg, snakemake.input.policy, list(snakemake.input.rollouts), snakemake.output[0])  # noqa: F821
+    with stage_run(snakemake.log[0]):  # noqa: F821
+        main(snakemake.params.cfg, snakemake.input.policy, list(snakemake.input.rollouts), snakemake.output[0])  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
@@ -28,5 +28,5 @@ elif __name__ == "__main__":
     parser.add_argument("out")
     parser.add_argument("rollouts", nargs="+")
     args = parser.parse_args()
-    setup_logging()
-    main(load_config(args.config), args.policy_dir, args.rollouts, args.out)
+    with stage_run():
+        main(load_config(args.config), args.policy_dir, args.rollouts, args.out)

@@ -13,7 +13,7 @@ import torch
 
 from entropy_probe import data, exact, models, shards
 from entropy_probe.config import load_config, sweep_etas
-from entropy_probe.stage import setup_logging
+from entropy_probe.stage import stage_run
 
 
 def main(cfg: dict, policy_dir: str, v_path: str, out_path: str, data_summary: str | None = None) -> None:
@@ -43,9 +43,9 @@ def main(cfg: dict, policy_dir: str, v_path: str, out_path: str, data_summary: s
 
 
 if "snakemake" in globals():
-    setup_logging(snakemake.log[0])  # noqa: F821
-    main(snakemake.params.cfg, snakemake.input.policy, snakemake.input.v, snakemake.output[0],  # noqa: F821
-         snakemake.input.get("data"))  # noqa: F821
+    with stage_run(snakemake.log[0]):  # noqa: F821
+        main(snakemake.params.cfg, snakemake.input.policy, snakemake.input.v, snakemake.output[0],  # noqa: F821
+             snakemake.input.get("data"))  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
@@ -54,5 +54,5 @@ elif __name__ == "__main__":
     parser.add_argument("out")
     parser.add_argument("--data", help="results/data/summary.json: use the prepared E prompt set")
     args = parser.parse_args()
-    setup_logging()
-    main(load_config(args.config), args.policy_dir, args.v, args.out, args.data)
+    with stage_run():
+        main(load_config(args.config), args.policy_dir, args.v, args.out, args.data)

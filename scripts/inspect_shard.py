@@ -7,6 +7,7 @@ import argparse
 
 
 from entropy_probe.inspect import summarize_shard  # noqa: E402
+from entropy_probe.stage import stage_run  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -15,12 +16,13 @@ def main(argv=None) -> None:
     parser.add_argument("--policy", help="policy directory whose tokenizer decodes the tokens (else raw ids)")
     parser.add_argument("-n", type=int, default=4, help="number of responses to show (default 4)")
     args = parser.parse_args(argv)
-    tokenizer = None
-    if args.policy:
-        from entropy_probe.models import load_tokenizer
+    with stage_run():
+        tokenizer = None
+        if args.policy:
+            from entropy_probe.models import load_tokenizer
 
-        tokenizer = load_tokenizer(args.policy)
-    print(summarize_shard(args.shard, tokenizer, args.n), end="")
+            tokenizer = load_tokenizer(args.policy)
+        print(summarize_shard(args.shard, tokenizer, args.n), end="")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import math
 from entropy_probe.config import ConfigError, load_config
 from entropy_probe.plan import make_plan
 from entropy_probe.shards import read_json, write_json
-from entropy_probe.stage import setup_logging
+from entropy_probe.stage import stage_run
 
 
 def check_sizes(batch: dict, data_summary: dict) -> None:
@@ -49,13 +49,13 @@ def main(cfg: dict, data_summary_path: str, out_path: str) -> None:
 
 
 if "snakemake" in globals():
-    setup_logging(snakemake.log[0])  # noqa: F821
-    main(snakemake.params.cfg, snakemake.input.data, snakemake.output[0])  # noqa: F821
+    with stage_run(snakemake.log[0]):  # noqa: F821
+        main(snakemake.params.cfg, snakemake.input.data, snakemake.output[0])  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
     parser.add_argument("data_summary", help="results/data/summary.json (prepare_data)")
     parser.add_argument("out_path")
     args = parser.parse_args()
-    setup_logging()
-    main(load_config(args.config), args.data_summary, args.out_path)
+    with stage_run():
+        main(load_config(args.config), args.data_summary, args.out_path)

@@ -9,7 +9,7 @@ import logging
 
 from entropy_probe.config import load_config
 from entropy_probe.models import write_spec
-from entropy_probe.stage import setup_logging
+from entropy_probe.stage import stage_run
 
 
 def main(model_cfg: dict, out_path: str) -> None:
@@ -21,12 +21,12 @@ def main(model_cfg: dict, out_path: str) -> None:
 
 
 if "snakemake" in globals():
-    setup_logging(snakemake.log[0])  # noqa: F821 (injected by Snakemake)
-    main(snakemake.params.model, snakemake.output[0])  # noqa: F821
+    with stage_run(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
+        main(snakemake.params.model, snakemake.output[0])  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
     parser.add_argument("out")
     args = parser.parse_args()
-    setup_logging()
-    main(load_config(args.config)["model"], args.out)
+    with stage_run():
+        main(load_config(args.config)["model"], args.out)

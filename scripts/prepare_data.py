@@ -12,7 +12,7 @@ from pathlib import Path
 from entropy_probe import data, models
 from entropy_probe.config import load_config
 from entropy_probe.shards import write_json
-from entropy_probe.stage import setup_logging
+from entropy_probe.stage import stage_run
 
 log = logging.getLogger("prepare_data")
 
@@ -47,15 +47,15 @@ def output_paths(data_cfg: dict, out_dir: str) -> tuple[dict[str, str], str]:
 
 
 if "snakemake" in globals():
-    setup_logging(snakemake.log[0])  # noqa: F821
-    _paths, _ = output_paths(snakemake.params.data, str(Path(snakemake.output.summary).parent))  # noqa: F821
-    main(snakemake.params.data, snakemake.input.policy, _paths, snakemake.output.summary)  # noqa: F821
+    with stage_run(snakemake.log[0]):  # noqa: F821
+        _paths, _ = output_paths(snakemake.params.data, str(Path(snakemake.output.summary).parent))  # noqa: F821
+        main(snakemake.params.data, snakemake.input.policy, _paths, snakemake.output.summary)  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
     parser.add_argument("policy", help="policy directory or policy spec (results/policy.json)")
     parser.add_argument("out_dir")
     args = parser.parse_args()
-    setup_logging()
-    cfg = load_config(args.config)["data"]
-    main(cfg, args.policy, *output_paths(cfg, args.out_dir))
+    with stage_run():
+        cfg = load_config(args.config)["data"]
+        main(cfg, args.policy, *output_paths(cfg, args.out_dir))

@@ -9,7 +9,7 @@ import logging
 import torch
 
 from entropy_probe import gradients, shards
-from entropy_probe.stage import setup_logging
+from entropy_probe.stage import stage_run
 
 log = logging.getLogger("reduce_gradients")
 
@@ -35,13 +35,13 @@ def main(kind: str, shard_paths: list[str], out_path: str) -> None:
 
 
 if "snakemake" in globals():
-    setup_logging(snakemake.log[0])  # noqa: F821
-    main(snakemake.wildcards.kind, list(snakemake.input), snakemake.output[0])  # noqa: F821
+    with stage_run(snakemake.log[0]):  # noqa: F821
+        main(snakemake.wildcards.kind, list(snakemake.input), snakemake.output[0])  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=["X", "Y"])
     parser.add_argument("out")
     parser.add_argument("shards", nargs="+")
     args = parser.parse_args()
-    setup_logging()
-    main(args.kind, args.shards, args.out)
+    with stage_run():
+        main(args.kind, args.shards, args.out)

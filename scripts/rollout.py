@@ -10,7 +10,7 @@ from entropy_probe import data, generate, models, rewards
 from entropy_probe.config import load_config
 from entropy_probe.rollout import check_shapes, rollout_shard
 from entropy_probe.shards import read_json, write_shard
-from entropy_probe.stage import config_hash, setup_logging
+from entropy_probe.stage import config_hash, stage_run
 
 log = logging.getLogger("rollout")
 
@@ -61,9 +61,9 @@ def _counts(codes, legend: dict) -> str:
 
 
 if "snakemake" in globals():
-    setup_logging(snakemake.log[0])  # noqa: F821
-    main(snakemake.params.cfg, snakemake.input.plan, snakemake.input.policy,  # noqa: F821
-         snakemake.wildcards.kind, int(snakemake.wildcards.shard), snakemake.output[0])  # noqa: F821
+    with stage_run(snakemake.log[0]):  # noqa: F821
+        main(snakemake.params.cfg, snakemake.input.plan, snakemake.input.policy,  # noqa: F821
+             snakemake.wildcards.kind, int(snakemake.wildcards.shard), snakemake.output[0])  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
@@ -73,5 +73,5 @@ elif __name__ == "__main__":
     parser.add_argument("shard", type=int)
     parser.add_argument("out")
     args = parser.parse_args()
-    setup_logging()
-    main(load_config(args.config), args.plan, args.policy_dir, args.kind, args.shard, args.out)
+    with stage_run():
+        main(load_config(args.config), args.plan, args.policy_dir, args.kind, args.shard, args.out)

@@ -10,7 +10,7 @@ import torch
 
 from entropy_probe import guards, probe, shards, snis
 from entropy_probe.config import load_config, sweep_etas
-from entropy_probe.stage import setup_logging
+from entropy_probe.stage import stage_run
 
 
 def main(cfg: dict, rollout_path: str, policy_dir: str, v_path: str, out_path: str) -> None:
@@ -30,9 +30,9 @@ def main(cfg: dict, rollout_path: str, policy_dir: str, v_path: str, out_path: s
 
 
 if "snakemake" in globals():
-    setup_logging(snakemake.log[0])  # noqa: F821
-    main(snakemake.params.cfg, snakemake.input.rollout, snakemake.input.policy, snakemake.input.v,  # noqa: F821
-         snakemake.output[0])  # noqa: F821
+    with stage_run(snakemake.log[0]):  # noqa: F821
+        main(snakemake.params.cfg, snakemake.input.rollout, snakemake.input.policy, snakemake.input.v,  # noqa: F821
+             snakemake.output[0])  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
@@ -41,5 +41,5 @@ elif __name__ == "__main__":
     parser.add_argument("v")
     parser.add_argument("out")
     args = parser.parse_args()
-    setup_logging()
-    main(load_config(args.config), args.rollout, args.policy_dir, args.v, args.out)
+    with stage_run():
+        main(load_config(args.config), args.rollout, args.policy_dir, args.v, args.out)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from entropy_probe import report, shards
 from entropy_probe.config import load_config
-from entropy_probe.stage import setup_logging
+from entropy_probe.stage import stage_run
 
 
 def main(config: dict, delta_h1_path: str, delta_h_path: str, jackknife_path: str, json_path: str, table_path: str,
@@ -34,10 +34,10 @@ def main(config: dict, delta_h1_path: str, delta_h_path: str, jackknife_path: st
 
 
 if "snakemake" in globals():
-    setup_logging(snakemake.log[0])  # noqa: F821
-    main(snakemake.config, snakemake.input.delta_h1, snakemake.input.delta_h, snakemake.input.u_jackknife,  # noqa: F821
-         snakemake.output.json, snakemake.output.table, snakemake.output.plot,  # noqa: F821
-         snakemake.input.get("exact"))  # noqa: F821
+    with stage_run(snakemake.log[0]):  # noqa: F821
+        main(snakemake.config, snakemake.input.delta_h1, snakemake.input.delta_h, snakemake.input.u_jackknife,  # noqa: F821
+             snakemake.output.json, snakemake.output.table, snakemake.output.plot,  # noqa: F821
+             snakemake.input.get("exact"))  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
@@ -47,7 +47,7 @@ elif __name__ == "__main__":
     parser.add_argument("out_dir")
     parser.add_argument("--exact", help="exact_reference JSON (embedded policy only)")
     args = parser.parse_args()
-    setup_logging()
-    out = Path(args.out_dir)
-    main(load_config(args.config), args.delta_h1, args.delta_h, args.u_jackknife, out / "summary.json", out / "summary.txt",
-         out / "plot.png", args.exact)
+    with stage_run():
+        out = Path(args.out_dir)
+        main(load_config(args.config), args.delta_h1, args.delta_h, args.u_jackknife, out / "summary.json",
+             out / "summary.txt", out / "plot.png", args.exact)

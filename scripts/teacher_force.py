@@ -9,7 +9,7 @@ import logging
 from entropy_probe import gradients, guards, passes, probe
 from entropy_probe.config import load_config
 from entropy_probe.shards import read_json, write_shard
-from entropy_probe.stage import setup_logging
+from entropy_probe.stage import stage_run
 
 log = logging.getLogger("teacher_force")
 
@@ -42,9 +42,9 @@ def main(cfg: dict, kind: str, rollout_path: str, policy_dir: str, out_path: str
 
 
 if "snakemake" in globals():
-    setup_logging(snakemake.log[0])  # noqa: F821
-    main(snakemake.params.cfg, snakemake.wildcards.kind, snakemake.input.rollout, snakemake.input.policy,  # noqa: F821
-         snakemake.output[0], snakemake.input.get("stats"))  # noqa: F821
+    with stage_run(snakemake.log[0]):  # noqa: F821
+        main(snakemake.params.cfg, snakemake.wildcards.kind, snakemake.input.rollout, snakemake.input.policy,  # noqa: F821
+             snakemake.output[0], snakemake.input.get("stats"))  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
@@ -56,5 +56,5 @@ elif __name__ == "__main__":
     args = parser.parse_args()
     if args.kind == "X" and not args.stats:
         parser.error("X needs --stats (the e_stats stage's JSON)")
-    setup_logging()
-    main(load_config(args.config), args.kind, args.rollout, args.policy_dir, args.out, args.stats)
+    with stage_run():
+        main(load_config(args.config), args.kind, args.rollout, args.policy_dir, args.out, args.stats)

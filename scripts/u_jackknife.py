@@ -8,7 +8,7 @@ import logging
 
 from entropy_probe import first_order, gradients, shards
 from entropy_probe.config import load_config
-from entropy_probe.stage import setup_logging
+from entropy_probe.stage import stage_run
 from entropy_probe.update_step import UpdateBuilder
 
 
@@ -25,9 +25,9 @@ def main(cfg: dict, x_path: str, policy_dir: str, y_paths: list[str], out_path: 
 
 
 if "snakemake" in globals():
-    setup_logging(snakemake.log[0])  # noqa: F821
-    main(snakemake.params.cfg, snakemake.input.X, snakemake.input.policy, list(snakemake.input.Y),  # noqa: F821
-         snakemake.output[0])  # noqa: F821
+    with stage_run(snakemake.log[0]):  # noqa: F821
+        main(snakemake.params.cfg, snakemake.input.X, snakemake.input.policy, list(snakemake.input.Y),  # noqa: F821
+             snakemake.output[0])  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
@@ -36,5 +36,5 @@ elif __name__ == "__main__":
     parser.add_argument("out")
     parser.add_argument("y_shards", nargs="+")
     args = parser.parse_args()
-    setup_logging()
-    main(load_config(args.config), args.x, args.policy_dir, args.y_shards, args.out)
+    with stage_run():
+        main(load_config(args.config), args.x, args.policy_dir, args.y_shards, args.out)

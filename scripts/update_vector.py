@@ -10,7 +10,7 @@ import logging
 
 from entropy_probe import gradients, guards, shards
 from entropy_probe.config import load_config
-from entropy_probe.stage import setup_logging
+from entropy_probe.stage import stage_run
 from entropy_probe.update_step import UpdateBuilder
 
 log = logging.getLogger("update_vector")
@@ -30,8 +30,8 @@ def main(cfg: dict, y_path: str, policy_dir: str, out_path: str) -> None:
 
 
 if "snakemake" in globals():
-    setup_logging(snakemake.log[0])  # noqa: F821
-    main(snakemake.params.cfg, snakemake.input.Y, snakemake.input.policy, snakemake.output[0])  # noqa: F821
+    with stage_run(snakemake.log[0]):  # noqa: F821
+        main(snakemake.params.cfg, snakemake.input.Y, snakemake.input.policy, snakemake.output[0])  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
@@ -39,5 +39,5 @@ elif __name__ == "__main__":
     parser.add_argument("policy_dir")
     parser.add_argument("out")
     args = parser.parse_args()
-    setup_logging()
-    main(load_config(args.config), args.y, args.policy_dir, args.out)
+    with stage_run():
+        main(load_config(args.config), args.y, args.policy_dir, args.out)

@@ -1,4 +1,6 @@
-"""Shared fixtures: the embedded tiny policy, built once per test session (a few seconds)."""
+"""Shared fixtures: the embedded tiny policy, built once per test session (a few seconds), and one
+uninterrupted Snakemake run of the default workflow made small, shared by the workflow tests that
+read it (test_workflow, test_kill_resume)."""
 from __future__ import annotations
 
 import pytest
@@ -13,6 +15,25 @@ from entropy_probe.toy import build_embedded_policy
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
+# The default config made small, but sharded: 16 E prompt groups of G = 4 in 2 E shards, 8 U
+# prompts in 2 U shards, two step sizes.
+SMALL = {
+    "batch_config": {"E_total_sequences": 64, "G": 4, "B_U": 8, "E_num_shards": 2, "U_num_shards": 2},
+    "estimator": {"eta_list": [1e-4, 1e-3], "central_difference": False},
+}
+SMALL_CONFIG = "small.yaml"
+
+
+def write_small_config(work):
+    """``work/small.yaml``: the default config with SMALL's values."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    for section, values in SMALL.items():
+        config[section].update(values)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / SMALL_CONFIG).write_text(yaml.safe_dump(config))
+
 
 @pytest.fixture(scope="session")
 def toy_policy_dir(tmp_path_factory):
@@ -26,3 +47,15 @@ def toy_policy_dir(tmp_path_factory):
 def toy_model(toy_policy_dir):
     """(model, tokenizer) of the embedded policy, fp32, CPU, eval mode."""
     return models.load_policy(toy_policy_dir, "float32", "cpu"), models.load_tokenizer(toy_policy_dir)
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory):
+    """A working directory where the whole workflow ran once, uninterrupted, on SMALL (about a
+    minute on 2 cores). Tests may read it; a test that changes it must leave equal outputs."""
+    from workflow_util import run_snakemake
+
+    work = tmp_path_factory.mktemp("small_run")
+    write_small_config(work)
+    run_snakemake(work, SMALL_CONFIG, "--cores", "2")
+    return work

@@ -11,31 +11,18 @@ import sys
 import time
 
 import pytest
-import yaml
-
+from conftest import SMALL_CONFIG, write_small_config
 from workflow_util import REPO, run_snakemake
 
 pytestmark = pytest.mark.workflow
 
-SMALL = {
-    "batch_config": {"E_total_sequences": 64, "G": 4, "B_U": 8, "E_num_shards": 2, "U_num_shards": 2},
-    "estimator": {"eta_list": [1e-4, 1e-3], "central_difference": False},
-}
 # A job's log file appears when its script starts: kill then.
 KILL_POINTS = ["rollout_E_001.log", "teacher_force_X_000.log", "snis_shard_001.log"]
 
 
-def write_config(work):
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    for section, values in SMALL.items():
-        config[section].update(values)
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "small.yaml").write_text(yaml.safe_dump(config))
-
-
 def run_until_then_kill(work, log_name, timeout=600):
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
-           "--cores", "2", "--rerun-incomplete", "--configfile", str(work / "small.yaml")]
+           "--cores", "2", "--rerun-incomplete", "--configfile", str(work / SMALL_CONFIG)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     marker = work / "results" / "logs" / log_name
     deadline = time.time() + timeout
@@ -52,20 +39,17 @@ def summary_numbers(work):
     return summary["rows"], summary["first_order"]["X_dot_v"], summary["delta_h"]["delta_h"]
 
 
-def test_killed_runs_resume_to_the_uninterrupted_results(tmp_path):
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    write_config(reference)
-    run_snakemake(reference, "small.yaml", "--cores", "2")
-
-    write_config(killed)
+def test_killed_runs_resume_to_the_uninterrupted_results(tmp_path, small_run):
+    killed = tmp_path / "killed"
+    write_small_config(killed)
     for point in KILL_POINTS:
         run_until_then_kill(killed, point)
-        run_snakemake(killed, "small.yaml", "--unlock")  # the killed Snakemake left its lock
+        run_snakemake(killed, SMALL_CONFIG, "--unlock")  # the killed Snakemake left its lock
     policy_file = killed / "results" / "policy" / "model.safetensors"
     built = policy_file.stat().st_mtime_ns
-    run_snakemake(killed, "small.yaml", "--cores", "2", "--rerun-incomplete")
+    run_snakemake(killed, SMALL_CONFIG, "--cores", "2", "--rerun-incomplete")
 
     assert policy_file.stat().st_mtime_ns == built  # finished work is not redone
-    assert summary_numbers(killed) == summary_numbers(reference)
+    assert summary_numbers(killed) == summary_numbers(small_run)  # the uninterrupted run
     leftovers = [p for p in (killed / "results").rglob("*") if ".tmp" in p.name]
     assert leftovers == []

@@ -361,6 +361,12 @@ def test_model_hub_ids_are_accepted_and_fail_clearly_when_loaded(tmp_path):
     ({"reward": {"name": "custom"}}, "reward.function"),
     ({"reward": {"name": "custom", "function": "/no/such/file.py:f"}}, "reward.function"),
     ({"reward": {"function": "m:f"}}, "reward.function"),
+    ({"reward": {"name": "custom", "function": "no_such_module_xyz:f"}},
+     "reward.function: module 'no_such_module_xyz' not found"),
+    ({"reward": {"name": "custom", "function": "entropy_probe.rewards:no_such_function"}},
+     "reward.function: '.*rewards.py' defines no 'no_such_function'"),
+    ({"update": {"optimizer": "adamw", "optimizer_state": "/no/such/optimizer.pt"}},
+     "update.optimizer_state: '/no/such/optimizer.pt' does not exist"),
     ({"generation": {"stop_strings": [""]}}, "stop_strings"),
 ])
 def test_bad_model_data_reward_values(overrides, match):
@@ -394,6 +400,7 @@ def test_example_config_is_valid_against_the_schema():
     assert example["data"]["source"] == "openai/gsm8k" and example["reward"]["name"] == "math"
     # the parts of the cross-field check that need no files pass too
     example["model"].update(name_or_path="Qwen/Qwen2.5-1.5B-Instruct", adapter_path="", trainable="auto", device="cpu")
+    example["update"].update(optimizer_state="", optimizer_param_names="")  # files (checked to exist)
     check_config(example)
 
 

@@ -102,6 +102,9 @@ def not_a_number(response, gold):
 
 def nan(response, gold):
     return float("nan")
+
+def raises(response, gold):
+    return {"7": 1.0}[response]
 '''
 
 
@@ -130,6 +133,15 @@ def test_custom_reasons(user_module):
     for name, match in [("bad_reason", "reason 'because'"), ("not_a_number", "not a number"), ("nan", "non-finite")]:
         with pytest.raises(RewardError, match=match):
             _one(rewards.get_reward("custom", f"my_rewards:{name}"), "42", "42")
+
+
+def test_custom_that_raises_names_the_function_prompt_and_response(user_module):
+    fn = rewards.get_reward("custom", "my_rewards:raises")
+    assert _one(fn, "7", "7") == (1.0, PASS)
+    with pytest.raises(RewardError) as info:
+        rewards.score_with_codes(fn, ["7", "8\n9"], ["7", "7"], prompts=["3+4=", "3+4="])
+    assert str(info.value) == ("reward.function 'my_rewards:raises' raised KeyError: '8\\n9' "
+                               "(prompt '3+4=', response '8\\n9', gold answer '7')")
 
 
 @pytest.mark.parametrize("spec,match", [

@@ -2,10 +2,10 @@
 numbers as a local run, and a job killed with scancel is rerun alone (with what depends on it).
 
 Skipped unless ENTROPY_PROBE_SLURM=1. ci/slurm/run.sh sets it after installing the slurm executor
-plugin and starting the single-node cluster of ../shared/slurm/local-cluster.sh; with the variable
+plugin and starting the single-node cluster of ci/slurm/local-cluster.sh; with the variable
 set, a missing cluster or plugin is a failure, not a skip.
 
-One scenario, run once per module (about 12 minutes on 2 cores shared with other work, ~800 CPU-s):
+One scenario, run once per module (about 8 minutes on 2 cores shared with other work):
   1. the reduced config locally (``--cores 2``), at the same time as
   2. the same config with ``--profile profiles/slurm-ci``; when the SLURM job of snis_shard
      shard 000 is RUNNING, it is scancel'ed; the run goes on (keep-going) and fails;

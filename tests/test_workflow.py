@@ -1,7 +1,7 @@
-"""The Snakemake workflow end to end on the seed's smoke settings (E_total_sequences = 16, B_U = 8,
-G = 2), up to the rollout shards: outputs, idempotence, resuming one lost shard, lint, inspector.
-
-Runs Snakemake once per module (a minute on 2 cores); deselect with ``-m "not workflow"``.
+"""The Snakemake workflow end to end on the default config made small (conftest.SMALL: 64 E
+sequences, G = 4, B_U = 8, two E and two U shards): outputs, idempotence, resuming one lost
+shard, lint, inspector. Reads the session's uninterrupted run (conftest.small_run, a minute on 2
+cores); deselect with ``-m "not workflow"``.
 """
 from __future__ import annotations
 
@@ -13,22 +13,22 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import SMALL_CONFIG
 
 from entropy_probe.shards import read_json, read_shard
 
 pytestmark = pytest.mark.workflow
 
 REPO = Path(__file__).resolve().parents[1]
-TARGET = "rollouts"  # later stages are not needed here
-SMOKE = {"E_total_sequences": 16, "B_U": 8, "G": 2, "E_num_shards": 2, "U_num_shards": 1}
+TARGET = "rollouts"  # the dry runs look at the rollout shards only
 SHARDS = ["results/rollouts/E/shard_000.safetensors", "results/rollouts/E/shard_001.safetensors",
-          "results/rollouts/U/shard_000.safetensors"]
+          "results/rollouts/U/shard_000.safetensors", "results/rollouts/U/shard_001.safetensors"]
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``snakemake -s <repo>/Snakefile --directory <workdir> --configfile <workdir>/smoke.yaml ARGS``."""
+    """``snakemake -s <repo>/Snakefile --directory <workdir> --configfile <workdir>/small.yaml ARGS``."""
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           *args, "--configfile", str(workdir / "smoke.yaml")]
+           *args, "--configfile", str(workdir / SMALL_CONFIG)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-6000:]}")
@@ -49,14 +49,9 @@ def dry_run(workdir: Path) -> tuple[dict[str, int], list[str]]:
 
 
 @pytest.fixture(scope="module")
-def workflow_dir(tmp_path_factory) -> Path:
-    """A working directory where the smoke workflow has run once, up to the rollout shards."""
-    work = tmp_path_factory.mktemp("workflow")
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    config["batch_config"].update(SMOKE)
-    (work / "smoke.yaml").write_text(yaml.safe_dump(config))
-    snakemake(work, TARGET, "--cores", "2")
-    return work
+def workflow_dir(small_run) -> Path:
+    """The session's uninterrupted small run (the deleted-shard test restores an identical shard)."""
+    return small_run
 
 
 def test_first_run_produces_policy_plan_and_shards(workflow_dir):
@@ -64,17 +59,17 @@ def test_first_run_produces_policy_plan_and_shards(workflow_dir):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "prompts.jsonl", "optimizer.pt"):
         assert (policy / name).is_file(), name
     plan = read_json(workflow_dir / "results" / "plan.json")
-    assert len(plan["E"]["prompt_ids"]) == 8 and len(plan["E"]["shards"]) == 2
-    assert len(plan["U"]["prompt_ids"]) == 8 == len(set(plan["U"]["prompt_ids"])) and len(plan["U"]["shards"]) == 1
+    assert len(plan["E"]["prompt_ids"]) == 16 and len(plan["E"]["shards"]) == 2
+    assert len(plan["U"]["prompt_ids"]) == 8 == len(set(plan["U"]["prompt_ids"])) and len(plan["U"]["shards"]) == 2
     for path in SHARDS:
         kind, index = path.split("/")[2], int(path[-15:-12])
         tensors, meta = read_shard(workflow_dir / path, expect={"batch_kind": kind, "shard_index": index})
-        assert meta["G"] == 2 and meta["seed"] == 0
+        assert meta["G"] == 4 and meta["seed"] == 0
         assert meta["generation"] == {"temperature": 1.0, "top_p": 0.95, "max_new_tokens": 3}
         assert tensors["prompt_ids"].tolist() == plan[kind]["shards"][index]
         B = len(plan[kind]["shards"][index])
-        assert tensors["sequences"].shape[:2] == (B, 2)
-        assert tensors["advantages"].shape == (B, 2)
+        assert tensors["sequences"].shape[:2] == (B, 4)
+        assert tensors["advantages"].shape == (B, 4)
 
 
 def test_second_dry_run_has_nothing_to_do(workflow_dir):
@@ -84,7 +79,8 @@ def test_second_dry_run_has_nothing_to_do(workflow_dir):
 def test_a_deleted_shard_is_regenerated_alone_and_identically(workflow_dir):
     lost = workflow_dir / SHARDS[1]
     before, meta_before = read_shard(lost)
-    kept = [workflow_dir / p for p in (SHARDS[0], SHARDS[2], "results/plan.json", "results/policy/model.safetensors")]
+    kept = [workflow_dir / p for p in (SHARDS[0], SHARDS[2], SHARDS[3], "results/plan.json",
+                                       "results/policy/model.safetensors")]
     mtimes = {p: p.stat().st_mtime_ns for p in kept}
     lost.unlink()
 

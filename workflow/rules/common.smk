@@ -12,7 +12,13 @@ from entropy_probe import data as probe_data
 from entropy_probe.input_files import adapter_files, checkpoint_files, resolve_state_paths
 
 
-validate(config, "../schemas/config.schema.yaml")
+try:
+    validate(config, "../schemas/config.schema.yaml")
+except WorkflowError as err:  # one line naming the key (Snakemake's own message spreads it over ten)
+    bad = err.__context__
+    if not hasattr(bad, "absolute_path"):
+        raise
+    raise WorkflowError(f"Invalid config: {'.'.join(map(str, bad.absolute_path)) or '(top level)'}: {bad.message}")
 try:
     check_config(config)
 except ConfigError as err:
