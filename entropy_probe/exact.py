@@ -324,5 +324,6 @@ def flatten(tensors: dict[str, Tensor], names: list[str] | None = None) -> Tenso
 
 
 def dot(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
-    """Σ over the names of ``b`` of ⟨a[name], b[name]⟩ in float64 (names missing from ``a`` count 0)."""
-    return float(sum((a[k].to(torch.float64) * v.to(torch.float64)).sum() for k, v in b.items() if k in a))
+    """Σ over the names of ``b`` of ⟨a[name], b[name]⟩ in float64 on the CPU (names missing from
+    ``a`` count 0; either side may live on a GPU)."""
+    return float(sum((a[k].to("cpu", torch.float64) * v.to("cpu", torch.float64)).sum() for k, v in b.items() if k in a))

@@ -27,7 +27,14 @@ def _tokens_text(ids: list[int], tokenizer) -> str:
     return repr(tokenizer.decode(ids, skip_special_tokens=False))
 
 
-def rollout_statistics(tensors: dict[str, Tensor]) -> dict[str, float]:
+def _legend(meta: dict, key: str) -> dict[int, str]:
+    """Code -> name of a per-response code tensor, from the legend in the shard's metadata
+    (``stop_reasons``; ``reward.codes``)."""
+    legend = meta.get("stop_reasons") if key == "stop_reason" else (meta.get("reward") or {}).get("codes")
+    return {int(code): name for code, name in (legend or {}).items()}
+
+
+def rollout_statistics(tensors: dict[str, Tensor], meta: dict | None = None) -> dict[str, float]:
     """Batch statistics of a rollout shard (float64 sums over all response tokens):
 
     - ``mean_rb_entropy_per_token`` = Σ h_k / Σ T  (nats per token under q),
@@ -35,7 +42,9 @@ def rollout_statistics(tensors: dict[str, Tensor]) -> dict[str, float]:
     - ``mean_rb_entropy_per_sequence`` = mean_i S_i, ``mean/min/max_response_len``,
     - ``eos_stop_share`` (responses that emitted EOS), ``mean_reward``,
     - ``varying_reward_group_share`` (prompt groups whose G rewards are not all equal: the only
-      groups with a non-zero GRPO advantage).
+      groups with a non-zero GRPO advantage),
+    - with the legends of ``meta``: ``stop_share/<reason>`` (eos, stop_string, max_new_tokens) and
+      ``reward_outcome_share/<outcome>`` (pass, wrong_answer, no_answer, ...).
     """
     lens = tensors["response_lens"].double()
     total_tokens = lens.sum().clamp(min=1.0)
@@ -56,10 +65,14 @@ def rollout_statistics(tensors: dict[str, Tensor]) -> dict[str, float]:
         stats["mean_reward"] = rewards.mean().item()
         varying = (rewards != rewards[..., :1]).any(-1)
         stats["varying_reward_group_share"] = varying.double().mean().item()
+    for key, prefix in (("stop_reason", "stop_share"), ("reward_codes", "reward_outcome_share")):
+        if key in tensors:
+            for code, name in _legend(meta or {}, key).items():
+                stats[f"{prefix}/{name}"] = (tensors[key] == code).double().mean().item()
     return stats
 
 
-def _example_lines(tensors: dict[str, Tensor], tokenizer, n_examples: int) -> list[str]:
+def _example_lines(tensors: dict[str, Tensor], meta: dict, tokenizer, n_examples: int) -> list[str]:
     sequences, masks = tensors["sequences"], tensors["attention_masks"]
     B, G, L = sequences.shape
     T = tensors["token_log_q"].shape[-1]
@@ -74,10 +87,15 @@ def _example_lines(tensors: dict[str, Tensor], tokenizer, n_examples: int) -> li
         n = int(tensors["response_lens"][b, g])
         response = sequences[b, g, P:P + n].tolist()
         fields = [f"len {n}"]
-        if "stopped_at_eos" in tensors:
+        stops = _legend(meta, "stop_reason")
+        if "stop_reason" in tensors and stops:
+            fields.append(f"stop: {stops[int(tensors['stop_reason'][b, g])]}")
+        elif "stopped_at_eos" in tensors:
             fields.append("EOS" if tensors["stopped_at_eos"][b, g] else "no EOS (cut at max_new_tokens)")
         if "rewards" in tensors:
-            fields.append(f"reward {tensors['rewards'][b, g].item():.4g}")
+            outcomes = _legend(meta, "reward_codes")
+            outcome = f" ({outcomes[int(tensors['reward_codes'][b, g])]})" if "reward_codes" in tensors and outcomes else ""
+            fields.append(f"reward {tensors['rewards'][b, g].item():.4g}{outcome}")
         if "advantages" in tensors:
             fields.append(f"advantage {tensors['advantages'][b, g].item():+.4g}")
         fields.append(f"S = Σh {tensors['rb_entropies'][b, g, :n].double().sum().item():.4f}")
@@ -103,9 +121,9 @@ def summarize_shard(path: str | Path, tokenizer=None, n_examples: int = 4) -> st
     B, G, L = tensors["sequences"].shape
     T = tensors["token_log_q"].shape[-1]
     out += ["", f"examples ({B} prompts x G={G}, prompt width {L - T}, response width {T}):"]
-    out += _example_lines(tensors, tokenizer, n_examples)
+    out += _example_lines(tensors, meta, tokenizer, n_examples)
     out += ["", "statistics (entropies and log q under the sampling measure q):"]
-    for key, value in rollout_statistics(tensors).items():
+    for key, value in rollout_statistics(tensors, meta).items():
         out.append(f"  {key}: {value:.6g}")
     return "\n".join(out) + "\n"
 

@@ -35,7 +35,8 @@ def stage_run(log_file: str | Path | None = None) -> Iterator[None]:
     """Run a stage's body with logging set up (:func:`setup_logging`). A :class:`ProbeError` (a
     problem with the user's or the stage's inputs) is logged as exactly one line,
     ``ERROR: <message>``, to stderr and the rule's log, and the process exits with status 1, no
-    traceback. Any other exception (a bug) propagates with its traceback."""
+    traceback. Any other exception (a bug) propagates with its traceback, which also goes to the
+    rule's log (on a cluster the console is a scheduler's file)."""
     setup_logging(log_file)
     try:
         yield
@@ -50,6 +51,14 @@ def stage_run(log_file: str | Path | None = None) -> Iterator[None]:
             handler.handle(record)
             handler.flush()
         raise SystemExit(1) from None
+    except Exception:
+        record = logging.LogRecord("entropy_probe", logging.ERROR, __file__, 0, "stage failed (a bug):", None,
+                                   sys.exc_info())
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):  # stderr gets Python's own traceback
+                handler.handle(record)
+                handler.flush()
+        raise
 
 
 def config_hash(*sections: dict) -> str:

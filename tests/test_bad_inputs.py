@@ -272,3 +272,5 @@ def test_stage_run_reports_input_errors_as_one_line_and_bugs_with_a_traceback(tm
         assert log.read_text() == line + "\n"
     else:
         assert "Traceback (most recent call last)" in result.stderr and "KeyError: 'a bug'" in result.stderr
+        assert result.stderr.count("Traceback (most recent call last)") == 1  # printed once
+        assert "Traceback (most recent call last)" in log.read_text() and "KeyError: 'a bug'" in log.read_text()
