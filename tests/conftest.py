@@ -1,6 +1,6 @@
 """Shared fixtures: the embedded tiny policy, built once per test session (a few seconds), and one
-uninterrupted Snakemake run of the default workflow made small, shared by the workflow tests that
-read it (test_workflow, test_kill_resume)."""
+uninterrupted Snakemake run of the default workflow, shared by the workflow tests that read it
+(test_workflow, test_workflow_probe, test_kill_resume)."""
 from __future__ import annotations
 
 import pytest
@@ -15,24 +15,25 @@ from entropy_probe.toy import build_embedded_policy
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
-# The default config made small, but sharded: 16 E prompt groups of G = 4 in 2 E shards, 8 U
-# prompts in 2 U shards, two step sizes.
-SMALL = {
-    "batch_config": {"E_total_sequences": 64, "G": 4, "B_U": 8, "E_num_shards": 2, "U_num_shards": 2},
-    "estimator": {"eta_list": [1e-4, 1e-3], "central_difference": False},
+# The default config with enough E sequences for the checks against exact enumeration (2048 in 2
+# shards: 512 prompt groups of G = 4), 16 U prompts in 2 U shards, three step sizes with central
+# differences.
+RUN_SETTINGS = {
+    "batch_config": {"E_total_sequences": 2048, "G": 4, "B_U": 16, "E_num_shards": 2, "U_num_shards": 2},
+    "estimator": {"eta_list": [1e-5, 1e-4, 1e-3], "central_difference": True},
 }
-SMALL_CONFIG = "small.yaml"
+RUN_CONFIG = "probe.yaml"
 
 
-def write_small_config(work):
-    """``work/small.yaml``: the default config with SMALL's values."""
+def write_run_config(work):
+    """``work/probe.yaml``: the default config with RUN_SETTINGS."""
     import yaml
 
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    for section, values in SMALL.items():
+    for section, values in RUN_SETTINGS.items():
         config[section].update(values)
     work.mkdir(parents=True, exist_ok=True)
-    (work / SMALL_CONFIG).write_text(yaml.safe_dump(config))
+    (work / RUN_CONFIG).write_text(yaml.safe_dump(config))
 
 
 @pytest.fixture(scope="session")
@@ -50,12 +51,12 @@ def toy_model(toy_policy_dir):
 
 
 @pytest.fixture(scope="session")
-def small_run(tmp_path_factory):
-    """A working directory where the whole workflow ran once, uninterrupted, on SMALL (about a
-    minute on 2 cores). Tests may read it; a test that changes it must leave equal outputs."""
+def default_run(tmp_path_factory):
+    """A working directory where the whole workflow ran once, uninterrupted, with RUN_SETTINGS
+    (about two minutes on 2 cores). Read-only: a test that changes files works on a copy."""
     from workflow_util import run_snakemake
 
-    work = tmp_path_factory.mktemp("small_run")
-    write_small_config(work)
-    run_snakemake(work, SMALL_CONFIG, "--cores", "2")
+    work = tmp_path_factory.mktemp("default_run")
+    write_run_config(work)
+    run_snakemake(work, RUN_CONFIG, "--cores", "2")
     return work

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import SMALL_CONFIG, write_small_config
+from conftest import RUN_CONFIG, write_run_config
 from workflow_util import REPO, run_snakemake
 
 pytestmark = pytest.mark.workflow
@@ -22,7 +22,7 @@ KILL_POINTS = ["rollout_E_001.log", "teacher_force_X_000.log", "snis_shard_001.l
 
 def run_until_then_kill(work, log_name, timeout=600):
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
-           "--cores", "2", "--rerun-incomplete", "--configfile", str(work / SMALL_CONFIG)]
+           "--cores", "2", "--rerun-incomplete", "--configfile", str(work / RUN_CONFIG)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     marker = work / "results" / "logs" / log_name
     deadline = time.time() + timeout
@@ -39,17 +39,17 @@ def summary_numbers(work):
     return summary["rows"], summary["first_order"]["X_dot_v"], summary["delta_h"]["delta_h"]
 
 
-def test_killed_runs_resume_to_the_uninterrupted_results(tmp_path, small_run):
+def test_killed_runs_resume_to_the_uninterrupted_results(tmp_path, default_run):
     killed = tmp_path / "killed"
-    write_small_config(killed)
+    write_run_config(killed)
     for point in KILL_POINTS:
         run_until_then_kill(killed, point)
-        run_snakemake(killed, SMALL_CONFIG, "--unlock")  # the killed Snakemake left its lock
+        run_snakemake(killed, RUN_CONFIG, "--unlock")  # the killed Snakemake left its lock
     policy_file = killed / "results" / "policy" / "model.safetensors"
     built = policy_file.stat().st_mtime_ns
-    run_snakemake(killed, SMALL_CONFIG, "--cores", "2", "--rerun-incomplete")
+    run_snakemake(killed, RUN_CONFIG, "--cores", "2", "--rerun-incomplete")
 
     assert policy_file.stat().st_mtime_ns == built  # finished work is not redone
-    assert summary_numbers(killed) == summary_numbers(small_run)  # the uninterrupted run
+    assert summary_numbers(killed) == summary_numbers(default_run)  # the uninterrupted run
     leftovers = [p for p in (killed / "results").rglob("*") if ".tmp" in p.name]
     assert leftovers == []

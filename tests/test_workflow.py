@@ -1,11 +1,12 @@
-"""The Snakemake workflow end to end on the default config made small (conftest.SMALL: 64 E
-sequences, G = 4, B_U = 8, two E and two U shards): outputs, idempotence, resuming one lost
-shard, lint, inspector. Reads the session's uninterrupted run (conftest.small_run, a minute on 2
-cores); deselect with ``-m "not workflow"``.
+"""The Snakemake workflow end to end (conftest.RUN_SETTINGS: 2048 E sequences, G = 4, B_U = 16,
+two E and two U shards): outputs, idempotence, resuming one lost shard, lint, inspector. Works on
+a copy of the session's uninterrupted run (conftest.default_run); deselect with
+``-m "not workflow"``.
 """
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import SMALL_CONFIG
+from conftest import RUN_CONFIG
 
 from entropy_probe.shards import read_json, read_shard
 
@@ -26,9 +27,9 @@ SHARDS = ["results/rollouts/E/shard_000.safetensors", "results/rollouts/E/shard_
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``snakemake -s <repo>/Snakefile --directory <workdir> --configfile <workdir>/small.yaml ARGS``."""
+    """``snakemake -s <repo>/Snakefile --directory <workdir> --configfile <workdir>/probe.yaml ARGS``."""
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           *args, "--configfile", str(workdir / SMALL_CONFIG)]
+           *args, "--configfile", str(workdir / RUN_CONFIG)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-6000:]}")
@@ -49,9 +50,12 @@ def dry_run(workdir: Path) -> tuple[dict[str, int], list[str]]:
 
 
 @pytest.fixture(scope="module")
-def workflow_dir(small_run) -> Path:
-    """The session's uninterrupted small run (the deleted-shard test restores an identical shard)."""
-    return small_run
+def workflow_dir(default_run, tmp_path_factory) -> Path:
+    """A copy of the session's uninterrupted run (results, Snakemake's metadata, config; file
+    times kept), which these tests may change."""
+    work = tmp_path_factory.mktemp("workflow") / "run"
+    shutil.copytree(default_run, work, symlinks=True)
+    return work
 
 
 def test_first_run_produces_policy_plan_and_shards(workflow_dir):
@@ -59,8 +63,8 @@ def test_first_run_produces_policy_plan_and_shards(workflow_dir):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "prompts.jsonl", "optimizer.pt"):
         assert (policy / name).is_file(), name
     plan = read_json(workflow_dir / "results" / "plan.json")
-    assert len(plan["E"]["prompt_ids"]) == 16 and len(plan["E"]["shards"]) == 2
-    assert len(plan["U"]["prompt_ids"]) == 8 == len(set(plan["U"]["prompt_ids"])) and len(plan["U"]["shards"]) == 2
+    assert len(plan["E"]["prompt_ids"]) == 512 and len(plan["E"]["shards"]) == 2
+    assert len(plan["U"]["prompt_ids"]) == 16 == len(set(plan["U"]["prompt_ids"])) and len(plan["U"]["shards"]) == 2
     for path in SHARDS:
         kind, index = path.split("/")[2], int(path[-15:-12])
         tensors, meta = read_shard(workflow_dir / path, expect={"batch_kind": kind, "shard_index": index})

@@ -2,7 +2,8 @@
 δH₁ = η·X·v against the exact η·∇H·v, SNIS ΔH(η) against the exact ΔH(η), the report files, and
 what a change of the η sweep reruns.
 
-Runs Snakemake once per module (a few minutes on 2 cores); deselect with ``-m "not workflow"``.
+Reads the session's uninterrupted run (conftest.default_run, a few minutes on 2 cores); deselect
+with ``-m "not workflow"``.
 """
 from __future__ import annotations
 
@@ -10,27 +11,19 @@ import json
 
 import pytest
 import yaml
+from conftest import RUN_CONFIG, RUN_SETTINGS
 
-from workflow_util import REPO, dry_run_jobs, run_snakemake
+from workflow_util import dry_run_jobs, run_snakemake
 
 pytestmark = pytest.mark.workflow
 
-ETAS = [1e-5, 1e-4, 1e-3]
-SETTINGS = {
-    "batch_config": {"E_total_sequences": 2048, "G": 4, "B_U": 16, "E_num_shards": 2, "U_num_shards": 2},
-    "estimator": {"eta_list": ETAS, "central_difference": True},
-}
+ETAS = RUN_SETTINGS["estimator"]["eta_list"]
+assert RUN_SETTINGS["batch_config"]["E_total_sequences"] >= 2048  # the tolerances below assume it
 
 
 @pytest.fixture(scope="module")
-def probe_dir(tmp_path_factory):
-    work = tmp_path_factory.mktemp("probe")
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    for section, values in SETTINGS.items():
-        config[section].update(values)
-    (work / "probe.yaml").write_text(yaml.safe_dump(config))
-    run_snakemake(work, "probe.yaml", "--cores", "2")
-    return work
+def probe_dir(default_run):
+    return default_run
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +73,7 @@ def test_exact_ratio_tends_to_one(summary):
 
 
 def test_changing_only_the_eta_sweep_reruns_only_the_eta_stages(probe_dir):
-    config = yaml.safe_load((probe_dir / "probe.yaml").read_text())
+    config = yaml.safe_load((probe_dir / RUN_CONFIG).read_text())
     config["estimator"]["eta_list"] = [2e-5, 2e-4]
     (probe_dir / "probe_eta.yaml").write_text(yaml.safe_dump(config))
     jobs = dry_run_jobs(probe_dir, "probe_eta.yaml")
@@ -88,5 +81,5 @@ def test_changing_only_the_eta_sweep_reruns_only_the_eta_stages(probe_dir):
 
 
 def test_snakemake_report(probe_dir):
-    run_snakemake(probe_dir, "probe.yaml", "--report", "report.html", timeout=300)
+    run_snakemake(probe_dir, RUN_CONFIG, "--report", "report.html", timeout=300)
     assert (probe_dir / "report.html").stat().st_size > 100_000
