@@ -4,8 +4,8 @@
   policy (``entropy_probe.toy``), a Qwen2 at the Qwen2.5 vocabulary (151,936) for memory;
 - synthetic rollout shards in the layout of ``entropy_probe.rollout`` (varied prompt and response
   lengths, so batching pays for its padding);
-- the per-sequence loop baselines: one forward/backward per (prompt, response) pair through the
-  model's own forward, computing the same surrogates as the passes;
+- the per-sequence loop baseline: one forward/backward per (prompt, response) pair through the
+  model's own forward, computing the same X surrogate as the pass;
 - FLOP counts (6·params·tokens + causal attention) and a measured matmul peak.
 """
 from __future__ import annotations
@@ -222,26 +222,6 @@ def per_sequence_x_gradient(model, params, rollout, *, temperature, top_p, H_bar
         lq, h, _ = measure.score_tokens(logits, response.to(device), temperature, top_p)
         w = weights[i, :len(response)].to(device, torch.float32)
         estimators.x_surrogate(h, lq, w, rb_requires_grad).backward()
-        for k, p in params.items():
-            if p.grad is not None:
-                total[k] += p.grad.double()
-                p.grad = None
-    return total
-
-
-def per_sequence_y_gradient(model, params, rollout, *, temperature, normalization="seq_mean_token_mean"):
-    """Σ_i c_i Σ_k log softmax(z_ik/τ)(y_ik), one forward/backward per sequence."""
-    B, G, _ = rollout["rb_entropies"].shape
-    coef, _ = estimators.grpo_coefficients(rollout["advantages"], rollout["response_lens"], rollout["max_lengths"],
-                                           normalization)
-    coef = coef.reshape(-1)
-    device = next(model.parameters()).device
-    total = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
-    for i in range(B * G):
-        prompt, response = _sequence(rollout, i, G)
-        ids = torch.cat([prompt, response])[None].to(device)
-        logits = model(input_ids=ids, logits_to_keep=len(response) + 1).logits[0, :-1]
-        (float(coef[i]) * measure.tempered_token_log_prob(logits, response.to(device), temperature).sum()).backward()
         for k, p in params.items():
             if p.grad is not None:
                 total[k] += p.grad.double()
