@@ -18,7 +18,9 @@ from entropy_probe.stage import stage_run
 
 def main(cfg: dict, policy_dir: str, v_path: str, out_path: str, data_summary: str | None = None) -> None:
     gen, est = cfg["generation"], cfg["estimator"]
-    model = models.load_policy(policy_dir, cfg["model"]["dtype"], cfg["model"]["device"])
+    # On the CPU whatever model.device says: the policy is the embedded tiny one (this rule exists
+    # only for it), and on a cluster this small job runs on a CPU node.
+    model = models.load_policy(policy_dir, cfg["model"]["dtype"], "cpu")
     tokenizer = models.load_tokenizer(policy_dir)
     v, _ = shards.read_shard(v_path, {"kind": "v", "model_fingerprint": models.fingerprint(policy_dir)})
     if data_summary:
