@@ -67,11 +67,9 @@ ESTIMATOR_KEYS = ["normalization", "baseline", "param_filter"]
 
 
 # The optimizer state of update.optimizer: adamw is an input of the update steps (for
-# optimizer_state: embedded it lies inside the policy directory, an input anyway).
-try:
-    UPDATE_STATE_PATHS = resolve_state_paths(config["update"], POLICY_DIR, EMBEDDED_MODEL)
-except ValueError as err:
-    raise WorkflowError(f"Invalid config: {err}")
+# optimizer_state: embedded it lies inside the policy directory, an input anyway). check_config
+# has already refused a combination of the update keys that makes no sense.
+UPDATE_STATE_PATHS = resolve_state_paths(config["update"], POLICY_DIR, EMBEDDED_MODEL)
 
 
 def update_state_inputs(wildcards):
