@@ -1,11 +1,19 @@
 # Entropy probe: predicts (δH₁ = η·X·v) and measures (ΔH by SNIS) how one policy-gradient step
-# changes a policy's entropy. See README.md and shared DESIGN notes for the math.
+# changes a policy's entropy. See README.md and the shared DESIGN notes for the math.
 #
 #   snakemake --cores 2                       the default target (all stages)
 #   snakemake --cores 2 rollouts              up to the rollout shards
 #   snakemake --cores 2 --configfile my.yaml  another config (validated first)
+#   snakemake --report report.html            the report (its landing page: the table and the plot)
+from snakemake.utils import min_version
+
+min_version("9.0")
+
 
 configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"

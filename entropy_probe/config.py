@@ -11,9 +11,9 @@ import re
 import string
 from pathlib import Path
 
+from .data import DataError, kind_splits, local_file, raw_size, source_kind
 from .errors import ProbeError
-
-EMBEDDED = "embedded"
+from .input_files import EMBEDDED, looks_like_hub_id
 
 
 class ConfigError(ValueError, ProbeError):
@@ -33,8 +33,6 @@ def dataset_size(config: dict, kind: str = "E") -> int | None:
     """Number of prompts of batch ``kind``'s split before filtering, where it is known before any
     job runs (the embedded set's size is a function of the config; local files are counted);
     None for hub datasets and sliced splits (the plan checks the sizes after preparation)."""
-    from .data import DataError, kind_splits, raw_size
-
     try:
         return raw_size(config, kind_splits(config["data"])[kind])
     except DataError as err:
@@ -44,7 +42,6 @@ def dataset_size(config: dict, kind: str = "E") -> int | None:
 def _check_checkpoint(value: str, key: str, adapter: bool) -> None:
     """A local directory (that looks like a checkpoint / an adapter), or a hub id (checked when
     it is loaded). A local-looking path that does not exist fails now."""
-    from .data import looks_like_hub_id
     from .input_files import adapter_files, checkpoint_files
 
     path = Path(value).expanduser()
@@ -63,14 +60,10 @@ def _check_checkpoint(value: str, key: str, adapter: bool) -> None:
 
 
 def _check_data(config: dict) -> None:
-    from .data import DataError, kind_splits, source_kind
-
     data = config["data"]
     try:
         kind = source_kind(data["source"])
         if kind == "file":
-            from .data import local_file
-
             for split in set(kind_splits(data).values()):
                 local_file(data["source"], split)
     except DataError as err:
@@ -210,9 +203,35 @@ def _check_reward(reward: dict) -> None:
         raise ConfigError(f"reward.name: {name!r} needs the math-verify package (pip install math-verify)")
 
 
+# keys that were renamed: a config that still uses the old name gets told the new one
+RENAMED = {
+    ("update", "loss_normalization"): "update.loss_type (TRL and verl names; token_mean and seq_mean_token_mean "
+                                      "keep working, seq_mean_token_sum_max_len is now "
+                                      "seq_mean_token_sum_prompt_max_len)",
+}
+
+
+def check_renamed(config: dict) -> None:
+    """Before the schema: a renamed key gets a message naming its new name."""
+    for (section, key), new in RENAMED.items():
+        if key in (config.get(section) or {}):
+            raise ConfigError(f"{section}.{key}: renamed to {new}")
+
+
+def _check_loss(config: dict) -> None:
+    """The settings a loss type needs (entropy_probe.losses) are set."""
+    upd = config["update"]
+    needs = {"bnpo": "micro_batch_size", "seq-mean-token-sum-norm": "loss_scale_factor",
+             "seq_mean_token_sum_norm": "loss_scale_factor"}
+    key = needs.get(upd["loss_type"])
+    if key and not upd[key]:
+        raise ConfigError(f"update.{key}: must be > 0 for update.loss_type {upd['loss_type']!r}")
+
+
 def check_config(config: dict) -> None:
     """Raise ConfigError on the first inconsistent value."""
     batch, gen, model = config["batch_config"], config["generation"], config["model"]
+    _check_loss(config)
     if model["name_or_path"] != EMBEDDED:
         _check_checkpoint(model["name_or_path"], "model.name_or_path", adapter=False)
     if model.get("adapter_path"):
@@ -271,6 +290,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     config = yaml.safe_load(Path(path).read_text()) if path else {}
     for section, values in (overrides or {}).items():
         config.setdefault(section, {}).update(values)
+    check_renamed(config)
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     _fill_defaults(schema, config)
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(config))

@@ -32,14 +32,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .config import EMBEDDED
 from .errors import ProbeError
-from .input_files import PROMPTS_FILE
+from .input_files import EMBEDDED, PROMPTS_FILE, looks_like_hub_id
 
 log = logging.getLogger(__name__)
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 
 
 class DataError(ValueError, ProbeError):
@@ -47,12 +45,6 @@ class DataError(ValueError, ProbeError):
 
 
 # ------------------------------------------------------------------------------ where rows live
-
-
-def looks_like_hub_id(name: str) -> bool:
-    """``name`` or ``org/name`` without path syntax (no leading ``/``, ``.``, ``~``, no ``..``,
-    at most one ``/``): what a hub id looks like. Anything else is meant as a local path."""
-    return bool(_HUB_ID.fullmatch(name)) and ".." not in name
 
 
 def split_base(split: str) -> str:
@@ -150,11 +142,11 @@ def raw_size(config: dict, split: str) -> int | None:
     return None
 
 
-def input_files(data_cfg: dict) -> list[str]:
-    """The local files a data source reads (for the workflow's dependency tracking)."""
+def input_files(data_cfg: dict, split: str) -> list[str]:
+    """The local files a data source reads for ``split`` (the workflow's dependency tracking)."""
     kind = source_kind(data_cfg["source"])
     if kind == "file":
-        return sorted({str(local_file(data_cfg["source"], s)[0]) for s in set(kind_splits(data_cfg).values())})
+        return [str(local_file(data_cfg["source"], split)[0])]
     if kind == "dir":
         return sorted(str(p) for p in Path(data_cfg["source"]).expanduser().rglob("*") if p.is_file())
     return []

@@ -1,16 +1,25 @@
-"""The estimators of DESIGN §2 as pure tensor functions: the X surrogate weights (entropy-to-go,
-leave-one-out baseline), the GRPO (Y) coefficients, and the linearized standard errors.
+"""The X estimator of DESIGN §2 ("X = ∇H") as pure tensor functions: the score-term weights
+(centred entropy-to-go, leave-one-out baseline), the per-token coefficients of the X surrogate
+that every X pass differentiates, and X·u with its standard error from per-prompt-group sums.
 
 Shapes: B prompts, G responses each, T response positions; ``mask`` is ``[B, G, T]`` bool with
 position k (0-based) valid iff k < T_i.
 """
 from __future__ import annotations
 
-import math
-import re
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from . import normalization as norm
+
+BASELINES = ("none", "loo")
+
+
+def response_mask(lengths: Tensor, width: int) -> Tensor:
+    """``[..., T]`` bool: position k < T_i (``lengths`` ``[...]``)."""
+    return torch.arange(width, device=lengths.device) < lengths[..., None]
 
 
 def to_go(values: Tensor, mask: Tensor) -> Tensor:
@@ -30,95 +39,67 @@ def leave_one_out_mean(values: Tensor, mask: Tensor) -> Tensor:
 
 
 def score_weight_parts(entropy: Tensor, mask: Tensor, normalization: str, baseline: str) -> tuple[Tensor, Tensor]:
-    """(a, β) with the score-term weight w_k = a_k − H·β_k (DESIGN §2 "X = ∇H"):
+    """(a, β) with the score-term weight w_k = a_k − H·β_k:
 
     w_k = Σ_{j>k} (h_j − H) − b_k, b_k = 0 (``none``) or the leave-one-out mean of the same
     centred entropy-to-go over the prompt's other responses (``loo``); w is linear in H, hence
-    the split. ``sequence`` normalization drops the centring (β = 0). Inputs ``[B, G, T]``,
-    ``entropy`` detached.
+    the split. A normalization that is not centred (``sequence``) has β = 0. Inputs
+    ``[B, G, T]``, ``entropy`` detached.
     """
     a = to_go(entropy, mask)
-    beta = to_go(torch.ones_like(entropy), mask) if normalization == "token" else torch.zeros_like(entropy)
+    beta = to_go(torch.ones_like(entropy), mask) if norm.get(normalization).centred else torch.zeros_like(entropy)
     if baseline == "loo":
         a = a - leave_one_out_mean(a, mask)
         beta = beta - leave_one_out_mean(beta, mask)
     elif baseline != "none":
-        raise ValueError(f"estimator.baseline: unknown baseline {baseline!r}")
+        raise ValueError(f"estimator.baseline: unknown baseline {baseline!r} ({' | '.join(BASELINES)})")
     return torch.where(mask, a, 0.0), torch.where(mask, beta, 0.0)
 
 
-def x_surrogate(entropy: Tensor, token_log_q: Tensor, weights: Tensor, rb_requires_grad: bool) -> Tensor:
-    """Σ_i Σ_k [h_ik + w_ik log q_ik] (masked inputs, weights detached): its gradient, divided by
-    ΣT (``token``) or N (``sequence``) over the whole E batch, is X. Without ``rb_requires_grad``
-    the pathwise term is dropped from the gradient."""
-    pathwise = entropy.sum() if rb_requires_grad else entropy.detach().sum()
-    return pathwise + (weights.detach() * token_log_q).sum()
+@dataclass
+class XCoefficients:
+    """Per-token coefficients of the X surrogate F = Σ_ik [c^h_ik h_ik + c^q_ik log q_ik(y_ik)],
+    ``[B*G, T]`` (prompt-major rows), zero past each response's end. ∇F summed over the E batch
+    and divided by the normalization's denominator (ΣT or N) is X."""
+
+    entropy: Tensor | None  # 1 on valid tokens (the pathwise term), None without rb_requires_grad
+    log_q: Tensor  # w_ik, the score-term weight
 
 
-def grpo_coefficients(advantages: Tensor, response_lens: Tensor, max_lengths: Tensor, normalization: str):
-    """Per-response coefficient c_i of Σ_k log p_ik in the GRPO objective, ``[B, G]``, and this
-    shard's share of the normalizer (DESIGN §2 "Y and v"); J = Σ c_i Σ_k log p_ik / Σ share.
+def x_coefficients(entropy: Tensor, lengths: Tensor, H_bar: float, normalization: str, baseline: str,
+                   rb_requires_grad: bool) -> XCoefficients:
+    """The X surrogate's coefficients from the sampling-time RB entropies ``[B, G, T]`` (equal to
+    the teacher-forced ones to float tolerance, and detached either way) and lengths ``[B, G]``,
+    with the whole-batch plug-in ``H_bar`` (DESIGN §2)."""
+    B, G, T = entropy.shape
+    mask = response_mask(lengths, T)
+    a, beta = score_weight_parts(entropy.double(), mask, normalization, baseline)
+    weights = (a - H_bar * beta).reshape(B * G, T)
+    pathwise = mask.reshape(B * G, T).double() if rb_requires_grad else None
+    return XCoefficients(entropy=pathwise, log_q=weights)
 
-    token_mean (DAPO): c = A, share = ΣT. seq_mean_token_mean (GRPO): c = A / T_i, share = B·G.
-    seq_mean_token_sum_max_len (Dr-GRPO): c = A / (G·L_max of the prompt), share = B.
-    """
-    B, G = advantages.shape
-    a = advantages.double()
-    if normalization == "token_mean":
-        return a, float(response_lens.sum())
-    if normalization == "seq_mean_token_mean":
-        return a / response_lens.double(), float(B * G)
-    if normalization == "seq_mean_token_sum_max_len":
-        return a / (G * max_lengths.double()[:, None]), float(B)
-    raise ValueError(f"update.loss_normalization: unknown normalization {normalization!r}")
+
+def surrogate_value(coefs: XCoefficients, entropy: Tensor, token_log_q: Tensor) -> Tensor:
+    """F = Σ [c^h h + c^q log q] from per-token scores ``[n, T]`` (the reference form of what the
+    fused gradient passes differentiate; coefficients detached)."""
+    width = entropy.shape[-1]
+    value = (coefs.log_q[:, :width].to(token_log_q.dtype) * token_log_q).sum()
+    if coefs.entropy is not None:
+        value = value + (coefs.entropy[:, :width].to(entropy.dtype) * entropy).sum()
+    return value
 
 
 def directional_estimate(P: Tensor, Q: Tensor, S: Tensor, T: Tensor, G: int, normalization: str) -> tuple[float, float]:
-    """X·u and its standard error from per-prompt-group sums (the independent units), float64.
-
-    P_g = Σ_{i∈g} Σ_k [∂_u h_ik + a_ik ∂_u log q_ik], Q_g = Σ_{i∈g} Σ_k β_ik ∂_u log q_ik,
-    S_g = Σ_{i∈g} S_i, T_g = Σ_{i∈g} T_i, each ``[n]``.
-
-    token: f = (P̄ − H̄ Q̄)/T̄ with H̄ = S̄/T̄; the SE uses the linearized (influence) contributions
-    ψ_g of all four means (treating H̄, T̄ as constants overstates it). sequence: f = P̄/G, SE =
-    sd(P_g)/(G√n). SE of a mean: sd/√n.
-    """
-    P, Q, S, T = (x.double() for x in (P, Q, S, T))
-    n = P.numel()
-    if normalization == "sequence":
-        estimate = P.mean() / G
-        influence = (P - P.mean()) / G
-    elif normalization == "token":
-        Pm, Qm, Sm, Tm = P.mean(), Q.mean(), S.mean(), T.mean()
-        H = Sm / Tm
-        estimate = (Pm - H * Qm) / Tm
-        influence = (
-            (P - Pm) / Tm
-            - H / Tm * (Q - Qm)
-            - Qm / Tm**2 * (S - Sm)
-            + (H * Qm / Tm**2 - estimate / Tm) * (T - Tm)
-        )
-    else:
-        raise ValueError(f"estimator.normalization: unknown normalization {normalization!r}")
-    if n < 2:
-        raise ValueError("a standard error needs at least 2 prompt groups in the E batch")
-    return float(estimate), float(influence.std(correction=1) / math.sqrt(n))
+    """X·u and its standard error from per-prompt-group sums ``[n]`` (the independent units),
+    float64: P_g = Σ_{i∈g} Σ_k [∂_u h_ik + a_ik ∂_u log q_ik], Q_g = Σ_{i∈g} Σ_k β_ik ∂_u log q_ik,
+    S_g, T_g the group's sums of S_i and T_i (see :func:`normalization.directional_influence`)."""
+    estimate, influence = directional_contributions(P, Q, S, T, G, normalization)
+    return estimate, norm.standard_error(influence)
 
 
-def parameter_group(name: str) -> str:
-    """The module group a parameter is reported under: a transformer layer (``…layers.N``), or
-    its first two name components (``model.embed_tokens``, ``lm_head``)."""
-    match = re.match(r"^(.*?\.layers\.\d+)\.", name)
-    if match:
-        return match.group(1)
-    parts = name.split(".")
-    return ".".join(parts[:2]) if len(parts) > 2 else parts[0]
-
-
-def grouped_dot(x: dict[str, Tensor], v: dict[str, Tensor]) -> dict[str, float]:
-    """Σ X·v per parameter group (float64); the values sum to the total X·v."""
-    out: dict[str, float] = {}
-    for name, xt in x.items():
-        group = parameter_group(name)
-        out[group] = out.get(group, 0.0) + float((xt.double() * v[name].double()).sum())
-    return out
+def directional_contributions(P: Tensor, Q: Tensor, S: Tensor, T: Tensor, G: int,
+                              normalization: str) -> tuple[float, Tensor]:
+    """X·u and each prompt group's linearized contribution ψ_g (the SE's units; they sum to 0)."""
+    per_token = norm.get(normalization).per_token
+    D = T.double() if per_token else torch.full_like(T, G, dtype=torch.float64)
+    return norm.directional_influence(P, Q, S, D)

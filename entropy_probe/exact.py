@@ -31,9 +31,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from entropy_probe import measure
-
-NORMALIZATIONS = ("token", "sequence")
+from entropy_probe import measure, normalization as norm, parameters
 
 
 @dataclass
@@ -65,11 +63,6 @@ class Enumeration:
             tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
             for row, n in zip(self.tokens, self.lengths.tolist())
         ]
-
-
-def trainable_parameters(model) -> dict[str, Tensor]:
-    """name -> parameter, for every parameter with ``requires_grad`` (model's own order)."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _prompt_table(tokenizer, prompts: list[str], device) -> tuple[Tensor, Tensor]:
@@ -197,10 +190,8 @@ def enumerate_responses(
 def exact_entropy(enum: Enumeration, normalization: str = "token") -> Tensor:
     """Exact H, a float64 scalar (differentiable when the enumeration is), prompts uniform:
     ``token``: mean_x E_q[S] / mean_x E_q[T];  ``sequence``: mean_x E_q[S]."""
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, not {normalization!r}")
     expected_s = enum.per_prompt(enum.entropy_sum).mean()
-    if normalization == "sequence":
+    if not norm.get(normalization).per_token:
         return expected_s
     return expected_s / enum.per_prompt(enum.lengths).mean()
 
@@ -226,7 +217,7 @@ def exact_entropy_and_grad(
 ) -> tuple[float, dict[str, Tensor]]:
     """(H(θ), ∇H(θ)) exactly; ∇H keyed by trainable parameter name, float64 (fp32 model arithmetic),
     by autograd through the enumeration with the nucleus held fixed. Leaves no ``.grad``."""
-    params = trainable_parameters(model)
+    params = parameters.select(model)
     with torch.enable_grad():
         enum = enumerate_responses(
             model, tokenizer, prompts, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens
@@ -246,19 +237,6 @@ def exact_entropy_grad(
     )[1]
 
 
-def shifted_parameters(model, direction: dict[str, Tensor], eta: float) -> dict[str, Tensor]:
-    """θ + η·direction for the parameters named in ``direction`` (sum in float64, cast back to the
-    parameter's dtype); the others are left to the model."""
-    own = dict(model.named_parameters())
-    unknown = set(direction) - set(own)
-    if unknown:
-        raise KeyError(f"direction names unknown parameters: {sorted(unknown)[:5]}")
-    return {
-        k: (own[k].detach().to(torch.float64) + eta * d.detach().to(own[k].device, torch.float64)).to(own[k].dtype)
-        for k, d in direction.items()
-    }
-
-
 def exact_entropy_at(
     model, tokenizer, prompts: list[str], *, temperature: float, top_p: float, max_new_tokens: int,
     normalization: str = "token", direction: dict[str, Tensor], eta: float, nucleus: str = "own",
@@ -268,7 +246,7 @@ def exact_entropy_at(
     ``nucleus="own"`` (default): S_k from θ' 's own logits (the sampler's measure at θ');
     ``"base"``: S_k from θ, q from θ' (the SNIS target with top_p < 1, DESIGN §2 "ΔH(η)").
     """
-    params = shifted_parameters(model, direction, eta)
+    params = parameters.shifted(model, direction, eta)
     with torch.no_grad():
         enum = enumerate_responses(
             model, tokenizer, prompts, temperature=temperature, top_p=top_p,
@@ -303,7 +281,7 @@ def exact_grpo_gradient(
     """
     if G < 1:
         raise ValueError("G must be >= 1")
-    params = trainable_parameters(model)
+    params = parameters.select(model)
     with torch.enable_grad():
         enum = enumerate_responses(
             model, tokenizer, prompts, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens

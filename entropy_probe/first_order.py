@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from . import estimators, gradients
+from .normalization import get as normalization_named
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ def first_order_report(X: dict[str, Tensor], v: dict[str, Tensor], directional: 
     xv = gradients.dot(X, v)
     P, Q, S, T = (torch.cat([d[k] for d in directional]) for k in ("P", "Q", "S", "T"))
     xv_forward, se = estimators.directional_estimate(P, Q, S, T, G, normalization)
-    rel_diff = abs(xv_forward - xv) / max(abs(xv), 1e-300)
+    rel_diff = abs(xv_forward - xv) / max(abs(xv), 1e-300) if xv_forward != xv else 0.0
     if rel_diff > 1e-2:
         raise RuntimeError(
             f"X·v from the X gradient ({xv:.6g}) and from the directional pass ({xv_forward:.6g}) differ by "
@@ -38,7 +39,7 @@ def first_order_report(X: dict[str, Tensor], v: dict[str, Tensor], directional: 
         "X_norm": x_norm,
         "v_norm": v_norm,
         "cosine_X_v": xv / (x_norm * v_norm) if x_norm > 0 and v_norm > 0 else None,
-        "X_dot_v_by_module": estimators.grouped_dot(X, v),
+        "X_dot_v_by_module": gradients.grouped_dot(X, v),
         "num_prompt_groups": int(P.numel()),
         "normalization": normalization,
         "delta_h1": [{"eta": eta, "delta_h1": eta * xv, "se": abs(eta) * se} for eta in eta_list],
@@ -47,11 +48,12 @@ def first_order_report(X: dict[str, Tensor], v: dict[str, Tensor], directional: 
 
 def format_table(report: dict) -> str:
     """A one-screen text table of δH₁ per η and the per-module split."""
-    unit = "nats/token" if report["normalization"] == "token" else "nats/response"
+    unit = normalization_named(report["normalization"]).unit
+    cosine = "-" if report["cosine_X_v"] is None else f"{report['cosine_X_v']:.4g}"
     lines = [
         f"δH₁(η) = η·X·v   ({unit}; SE: {report['se_scope']})",
         f"X·v = {report['X_dot_v']:.6g} ± {report['X_dot_v_se']:.3g}   |X| = {report['X_norm']:.4g}   "
-        f"|v| = {report['v_norm']:.4g}   cos(X, v) = {report['cosine_X_v']:.4g}   groups = {report['num_prompt_groups']}",
+        f"|v| = {report['v_norm']:.4g}   cos(X, v) = {cosine}   groups = {report['num_prompt_groups']}",
         "",
         f"{'eta':>12} {'delta_h1':>14} {'se':>12}",
     ]

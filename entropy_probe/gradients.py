@@ -1,5 +1,8 @@
-"""Gradient shards: partial sums per shard, keyed by parameter name, and their reduction."""
+"""Gradients keyed by parameter name: the partial sums of a shard, their reduction, dot products
+and norms, and the per-module split of a dot product."""
 from __future__ import annotations
+
+import re
 
 import torch
 from torch import Tensor
@@ -37,3 +40,40 @@ def dot(x: dict[str, Tensor], v: dict[str, Tensor]) -> float:
 
 def global_norm(x: dict[str, Tensor]) -> float:
     return float(torch.sqrt(sum((t.double() ** 2).sum() for t in x.values())))
+
+
+def parameter_group(name: str) -> str:
+    """The module group a parameter is reported under: a transformer layer (``…layers.N``), or
+    its first two name components (``model.embed_tokens``, ``lm_head``)."""
+    match = re.match(r"^(.*?\.layers\.\d+)\.", name)
+    if match:
+        return match.group(1)
+    parts = name.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 else parts[0]
+
+
+def grouped_dot(x: dict[str, Tensor], v: dict[str, Tensor]) -> dict[str, float]:
+    """Σ x·v per parameter group (float64); the values sum to the total x·v."""
+    out: dict[str, float] = {}
+    for name, xt in x.items():
+        group = parameter_group(name)
+        out[group] = out.get(group, 0.0) + float((xt.double() * v[name].double()).sum())
+    return out
+
+
+def reduce_shards(kind: str, parts: list[tuple[dict[str, Tensor], dict]]) -> tuple[dict[str, Tensor], dict, float]:
+    """The whole-batch gradient from its shards (unpacked gradient and stats, metadata each):
+    Σ shards / normalizer, with normalizer = ΣT (X, ``token``) or N (X, ``sequence``) over the
+    whole E batch (DESIGN §2 "X = ∇H"), or the loss type's normalizer Z = Σ shares (Y,
+    :mod:`entropy_probe.losses`). Returns (gradient, concatenated per-sequence stats, normalizer)."""
+    from . import normalization
+
+    total = sum_shards([grads for (grads, _), _ in parts])
+    if kind == "X":
+        stats = {k: torch.cat([s[k] for (_, s), _ in parts]) for k in ("S", "T")}
+        normalizer = normalization.get(parts[0][1]["normalization"]).x_denominator(stats["T"])
+    elif kind == "Y":
+        stats, normalizer = {}, sum(meta["normalizer_share"] for _, meta in parts)
+    else:
+        raise ValueError(f"unknown gradient kind {kind!r}")
+    return {name: g / normalizer for name, g in total.items()}, stats, normalizer

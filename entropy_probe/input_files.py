@@ -1,13 +1,25 @@
-"""Where a run's input files are, found without loading anything: the files that define a
-checkpoint or an adapter (fingerprinted, and declared as workflow inputs), the files the embedded
-policy writes beside its weights, and the optimizer-state paths of the ``update`` section.
+"""Where a run's input files are, found without loading anything: the shared constants and path
+predicates (``embedded``, what a hub id looks like), the files that define a checkpoint or an
+adapter (fingerprinted, and declared as workflow inputs), the files the embedded policy writes
+beside its weights, and the optimizer-state paths of the ``update`` section.
 
-Torch-free on purpose: the Snakefile calls these while it parses, and on a cluster every job
-parses it again (a torch import there costs seconds per job).
+Torch-free and free of package imports on purpose: the Snakefile calls these while it parses (on
+a cluster every job parses it again; a torch import there costs seconds per job), and both
+:mod:`entropy_probe.config` and :mod:`entropy_probe.data` build on it.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+EMBEDDED = "embedded"  # model.name_or_path / data.source: the tiny policy and prompts the workflow builds
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """``name`` or ``org/name`` without path syntax (no leading ``/``, ``.``, ``~``, no ``..``,
+    at most one ``/``): what a hub id looks like. Anything else is meant as a local path."""
+    return bool(_HUB_ID.fullmatch(name)) and ".." not in name
 
 FINGERPRINT_PATTERNS = ("*.safetensors", "*.bin", "*.py", "config.json", "tokenizer.json", "tokenizer_config.json",
                         "tokenizer.model", "chat_template.jinja")

@@ -4,7 +4,9 @@ A *policy* argument is either a checkpoint directory (the embedded policy, or an
 Face checkpoint) or a **policy spec**: the small JSON file the workflow writes for a configured
 model (``results/policy.json``, :func:`write_spec`). The spec names the resolved checkpoint
 directory (a local path, or the local snapshot of a hub id), the optional PEFT adapter, whether
-remote code is trusted, which parameters are trainable, and the fingerprint of all those files.
+remote code is trusted, and the fingerprint of all those files. Which parameters are trainable is
+not part of the spec (``model.trainable`` is a setting of the stages that differentiate, given to
+:func:`load_policy`), so changing it leaves the rollouts alone.
 
 **Adapters.** With ``model.adapter_path`` the policy is ``peft.PeftModel.from_pretrained(base,
 adapter, is_trainable=True)`` in eval mode (LoRA dropout off, so gradients are deterministic).
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .errors import ProbeError
-from .input_files import adapter_files, checkpoint_files
+from .input_files import adapter_files, checkpoint_files, looks_like_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +111,6 @@ def resolve_checkpoint(name_or_path: str, key: str, adapter: bool = False) -> Pa
     """A local directory for ``name_or_path``: the directory itself, or the local snapshot of a
     hub id (downloaded here, or found in the Hugging Face cache). Anything that fails is a
     :class:`PolicyLoadError` naming the config key."""
-    from .data import looks_like_hub_id
-
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -175,7 +175,6 @@ def write_spec(model_cfg: dict, out_path: str | Path) -> dict:
         "model_dir": str(model_dir),
         "adapter_dir": str(adapter_dir) if adapter_dir else "",
         "trust_remote_code": bool(model_cfg.get("trust_remote_code", False)),
-        "trainable": trainable_mode(model_cfg.get("trainable", "auto"), adapter_dir is not None),
         "fingerprint": _hash(entries),
         "files": _stats(entries),
     }
@@ -197,14 +196,12 @@ def trainable_mode(mode: str, has_adapter: bool) -> str:
 def read_spec(policy: str | Path) -> dict:
     """The spec of a policy argument (a checkpoint directory, or a hub id when running a stage by
     hand, reads as a spec without adapter)."""
-    from .data import looks_like_hub_id
-
     if not Path(policy).exists() and looks_like_hub_id(str(policy)):
         policy = resolve_checkpoint(str(policy), "policy")
     policy = Path(policy)
     if policy.is_dir():
         return {"kind": SPEC_KIND, "model_dir": str(policy), "adapter_dir": "", "trust_remote_code": False,
-                "trainable": "all", "name_or_path": str(policy), "adapter_path": ""}
+                "name_or_path": str(policy), "adapter_path": ""}
     try:
         spec = json.loads(policy.read_text())
     except (OSError, ValueError) as err:
@@ -267,9 +264,10 @@ def _set_trainable(model, mode: str, where: str) -> None:
              trainable[0][0])
 
 
-def load_policy(policy: str | Path, dtype: str = "float32", device: str = "auto"):
+def load_policy(policy: str | Path, dtype: str = "float32", device: str = "auto", trainable: str = "auto"):
     """The policy (with its adapter, if any) in eval mode (dropout off, so gradients are
-    deterministic) on ``device``, trainable parameters per the spec's ``trainable`` mode."""
+    deterministic) on ``device``, trainable parameters per ``trainable`` (``model.trainable``:
+    :func:`trainable_mode`)."""
     from transformers import AutoModelForCausalLM
 
     set_precision()
@@ -296,6 +294,6 @@ def load_policy(policy: str | Path, dtype: str = "float32", device: str = "auto"
                                   f"{spec['model_dir']} ({type(err).__name__}: {err})") from err
         if dtype != "bfloat16":
             model = model.to(_DTYPES[dtype])  # bf16: PEFT keeps the adapter in fp32, as trainers do
-    _set_trainable(model, spec["trainable"], str(policy))
+    _set_trainable(model, trainable_mode(trainable, bool(spec["adapter_dir"])), str(policy))
     model.eval()
     return model.to(pick_device(device))

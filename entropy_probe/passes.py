@@ -8,72 +8,57 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from . import estimators, teacher_force
+from . import estimators, precision, teacher_force, tf_layout
 
 log = logging.getLogger(__name__)
-
-
-def _group_view(x: Tensor, B: int, G: int) -> Tensor:
-    return x.reshape(B, G, *x.shape[1:])
-
-
-def x_weights(rollout: dict[str, Tensor], H_bar: float, normalization: str, baseline: str) -> Tensor:
-    """Score-term weights w ``[B*G, T]`` from the RB entropies recorded at sampling time
-    (equal to the teacher-forced ones to float tolerance, and detached either way)."""
-    entropy = rollout["rb_entropies"].double()
-    B, G, T = entropy.shape
-    mask = (torch.arange(T)[None, None, :] < rollout["response_lens"][..., None])
-    a, beta = estimators.score_weight_parts(entropy, mask, normalization, baseline)
-    return (a - H_bar * beta).reshape(B * G, T)
 
 
 def x_gradient(model, params, rollout, *, pad_token_id, temperature, top_p, H_bar, normalization,
                baseline, rb_requires_grad, tf_batch_size, chunk_tokens=None,
                autocast_dtype=None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """∇ Σ_{i∈shard} Σ_k [h_ik + w_ik log q_ik] (unnormalized, float64, keyed by parameter name)
-    and per-sequence teacher-forced S_i and T_i.
+    """∇ Σ_{i∈shard} Σ_k [c^h_ik h_ik + c^q_ik log q_ik] with the coefficients of
+    :func:`estimators.x_coefficients` (unnormalized, float64, keyed by parameter name) and the
+    per-sequence teacher-forced S_i and T_i.
 
-    The surrogate is :func:`estimators.x_surrogate`'s, with per-token coefficients 1 on h_ik
-    (0 without ``rb_requires_grad``) and w_ik on log q_ik, evaluated by
-    :func:`teacher_force.surrogate`: ``tf_batch_size`` sequences per forward pass, the output
-    embedding ``chunk_tokens`` response tokens at a time (memory: one ``[chunk, V]`` fp32 block).
-    ``autocast_dtype`` ("bfloat16" or a torch dtype; None/"float32" = fp32) runs the forward under
-    autocast (DESIGN §2 "Precision": only where the user asks)."""
-    batch = teacher_force.from_rollout(rollout, pad_token_id)
-    weights = x_weights(rollout, H_bar, normalization, baseline)
+    Evaluated by :func:`teacher_force.surrogate`: ``tf_batch_size`` sequences per forward pass,
+    the output embedding ``chunk_tokens`` response tokens at a time (memory: one ``[chunk, V]``
+    fp32 block). ``autocast_dtype`` ("bfloat16" or a torch dtype; None/"float32" = fp32) runs the
+    forward under autocast (DESIGN §2 "Precision": only where the user asks)."""
+    batch = tf_layout.from_rollout(rollout, pad_token_id)
+    coefs = estimators.x_coefficients(rollout["rb_entropies"], rollout["response_lens"], H_bar, normalization,
+                                      baseline, rb_requires_grad)
     scorer = teacher_force.ResponseLogits(model)
     n = batch.input_ids.shape[0]
     S = torch.zeros(n, dtype=torch.float64)
-    dtype = teacher_force.autocast_dtype(autocast_dtype)
+    dtype = precision.autocast_dtype(autocast_dtype)
 
     def surrogate(rows):
         sub = batch.select(rows)
+        width = sub.response_tokens.shape[1]
         valid = sub.response_mask.float()
-        w = weights[rows, : sub.response_tokens.shape[1]].float() * valid
+        c_h = None if coefs.entropy is None else coefs.entropy[rows, :width].float()
+        c_q = coefs.log_q[rows, :width].float() * valid
         value, scores = teacher_force.surrogate(
-            scorer, sub, temperature, top_p, coef_entropy=valid if rb_requires_grad else None, coef_log_q=w,
+            scorer, sub, temperature, top_p, coef_entropy=c_h, coef_log_q=c_q,
             chunk_tokens=chunk_tokens, autocast_dtype=dtype,
         )
         S[rows] = scores.entropy.double().sum(-1).cpu()
         return value
 
-    batches = teacher_force.length_sorted_batches(batch, tf_batch_size)
+    batches = tf_layout.length_sorted_batches(batch, tf_batch_size)
     grads = teacher_force.accumulate_gradient(params, surrogate, tqdm(batches, desc="X teacher forcing", unit="batch"))
     return grads, {"S": S, "T": batch.response_lens.double()}
 
 
-def y_gradient(model, params, rollout, *, pad_token_id, temperature, normalization,
-               tf_batch_size, chunk_tokens=None, autocast_dtype=None) -> tuple[dict[str, Tensor], float]:
-    """∇ Σ_{i∈shard} c_i Σ_k log softmax(z_ik/τ)(y_ik) (unnormalized, float64) and this shard's
-    share of the normalizer (see :func:`estimators.grpo_coefficients`). Batching, chunking and
-    autocast as in :func:`x_gradient`."""
-    batch = teacher_force.from_rollout(rollout, pad_token_id)
-    coef, share = estimators.grpo_coefficients(
-        rollout["advantages"], rollout["response_lens"], rollout["max_lengths"], normalization
-    )
-    coef = coef.reshape(-1)
+def y_gradient(model, params, rollout, coefficients: Tensor, *, pad_token_id, temperature,
+               tf_batch_size, chunk_tokens=None, autocast_dtype=None) -> dict[str, Tensor]:
+    """∇ Σ_{i∈shard} a_i Σ_k log softmax(z_ik/τ)(y_ik) (unnormalized, float64) for per-response
+    numerators ``coefficients`` ``[B, G]`` (:func:`losses.response_weights`; the reduction
+    divides by the loss's normalizer). Batching, chunking and autocast as in :func:`x_gradient`."""
+    batch = tf_layout.from_rollout(rollout, pad_token_id)
+    coef = coefficients.reshape(-1)
     scorer = teacher_force.ResponseLogits(model)
-    dtype = teacher_force.autocast_dtype(autocast_dtype)
+    dtype = precision.autocast_dtype(autocast_dtype)
 
     def surrogate(rows):
         sub = batch.select(rows)
@@ -82,9 +67,8 @@ def y_gradient(model, params, rollout, *, pad_token_id, temperature, normalizati
                                            chunk_tokens=chunk_tokens, autocast_dtype=dtype)
         return value
 
-    batches = teacher_force.length_sorted_batches(batch, tf_batch_size)
-    grads = teacher_force.accumulate_gradient(params, surrogate, tqdm(batches, desc="Y teacher forcing", unit="batch"))
-    return grads, share
+    batches = tf_layout.length_sorted_batches(batch, tf_batch_size)
+    return teacher_force.accumulate_gradient(params, surrogate, tqdm(batches, desc="Y teacher forcing", unit="batch"))
 
 
 def directional_sums(model, direction: dict[str, Tensor], rollout, *, pad_token_id, temperature, top_p,
@@ -94,10 +78,10 @@ def directional_sums(model, direction: dict[str, Tensor], rollout, *, pad_token_
     (forward-mode AD: one JVP pass, eager attention since SDPA kernels lack forward AD; the
     output embedding ``chunk_tokens`` response tokens at a time): P_g, Q_g, S_g, T_g, each
     ``[B]`` float64."""
-    batch = teacher_force.from_rollout(rollout, pad_token_id)
+    batch = tf_layout.from_rollout(rollout, pad_token_id)
     B, G, T = rollout["rb_entropies"].shape
     entropy = rollout["rb_entropies"].double()
-    mask = torch.arange(T)[None, None, :] < rollout["response_lens"][..., None]
+    mask = estimators.response_mask(rollout["response_lens"], T)
     a, beta = (x.reshape(B * G, T) for x in estimators.score_weight_parts(entropy, mask, normalization, baseline))
     scorer = teacher_force.ResponseLogits(model)
     named = dict(model.named_parameters())
@@ -110,7 +94,7 @@ def directional_sums(model, direction: dict[str, Tensor], rollout, *, pad_token_
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
-        for rows in tqdm(teacher_force.length_sorted_batches(batch, tf_batch_size), desc="directional", unit="batch"):
+        for rows in tqdm(tf_layout.length_sorted_batches(batch, tf_batch_size), desc="directional", unit="batch"):
             sub = batch.select(rows)
 
             def fn(p):

@@ -1,5 +1,9 @@
-"""The batch plan (DESIGN §3): prompt indices of the E and U batches and their shard split."""
+"""The batch plan (DESIGN §3): the prompt indices of the E and the U batch and their shard split,
+one file per batch, each fixed by the seed and its own random stream, so that a change on one
+side leaves the other side's plan (and everything after it) untouched."""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -22,23 +26,21 @@ def split_shards(prompt_ids: list[int], num_shards: int) -> list[list[int]]:
     return [part.tolist() for part in np.array_split(np.asarray(prompt_ids, dtype=np.int64), num_shards)]
 
 
-def make_plan(
-    *, dataset_size: int, seed: int, G: int, E_total_sequences: int, E_sampling_mode: str,
-    B_U: int, E_num_shards: int, U_num_shards: int, U_dataset_size: int | None = None,
-) -> dict:
-    """The plan as a JSON-ready dict: per batch, the prompt ids and the ids of each shard.
-    ``dataset_size`` is the size of the E batch's prompt set; ``U_dataset_size`` that of the U
-    batch's when it comes from another split (default: the same set)."""
-    u_size = dataset_size if U_dataset_size is None else U_dataset_size
-    num_e = -(-E_total_sequences // G)
-    e_ids = draw_prompts("E", num_e, dataset_size, seed, replacement=E_sampling_mode == "replacement")
-    u_ids = draw_prompts("U", B_U, u_size, seed, replacement=False)
-    return {
-        "seed": seed,
-        "G": G,
-        "dataset_size": dataset_size,
-        "E": {"sampling_mode": E_sampling_mode, "prompt_ids": e_ids, "shards": split_shards(e_ids, E_num_shards),
-              "dataset_size": dataset_size},
-        "U": {"sampling_mode": "distinct", "prompt_ids": u_ids, "shards": split_shards(u_ids, U_num_shards),
-              "dataset_size": u_size},
-    }
+def num_prompts(kind: str, batch: dict) -> int:
+    """E: ceil(E_total_sequences / G) prompts; U: B_U."""
+    return math.ceil(batch["E_total_sequences"] / batch["G"]) if kind == "E" else batch["B_U"]
+
+
+def plan_batch(kind: str, batch: dict, dataset_size: int) -> dict:
+    """The plan of one batch as a JSON-ready dict: its prompt ids (E: with replacement or
+    distinct per ``E_sampling_mode``; U: distinct) and the ids of each shard. ``batch`` holds
+    the ``batch_config`` keys of that side only."""
+    mode = batch["E_sampling_mode"] if kind == "E" else "distinct"
+    ids = draw_prompts(kind, num_prompts(kind, batch), dataset_size, batch["seed"], replacement=mode == "replacement")
+    return {"kind": kind, "seed": batch["seed"], "sampling_mode": mode, "dataset_size": dataset_size,
+            "prompt_ids": ids, "shards": split_shards(ids, batch[f"{kind}_num_shards"])}
+
+
+def shard_offset(plan: dict, shard_index: int) -> int:
+    """Position in the batch's prompt list of shard ``shard_index``'s first prompt."""
+    return sum(len(s) for s in plan["shards"][:shard_index])

@@ -24,12 +24,12 @@ def provenance() -> dict:
     return {"package_version": version, "git_commit": commit, "git_dirty": dirty}
 
 
-def combine(first_order: dict, delta_h: dict, jackknife: dict, exact: dict | None = None) -> list[dict]:
+def combine(first_order: dict, snis: dict, jackknife: dict, exact: dict | None = None) -> list[dict]:
     """One row per η of the sweep: δH₁ with its E-side SE and, when the U jackknife is available,
     its U-side and total SE (E and U batches are independent, so variances add); ΔH ± SE, the
     ratio δH₁/ΔH, the central difference (ΔH(η) − ΔH(−η))/2 when −η was measured, ESS, and the
     exact ΔH when known."""
-    measured = {row["eta"]: row for row in delta_h["delta_h"]}
+    measured = {row["eta"]: row for row in snis["rows"]}
     rows = []
     for pred in first_order["delta_h1"]:
         eta = pred["eta"]
@@ -51,7 +51,17 @@ def combine(first_order: dict, delta_h: dict, jackknife: dict, exact: dict | Non
     return rows
 
 
-def format_table(rows: list[dict], unit: str) -> str:
+def u_batch_note(u_batch: dict) -> str:
+    """One line on the U batch's signal; says so when v carries no gradient from it."""
+    line = (f"U batch: {u_batch['informative_groups']} of {u_batch['num_groups']} prompt groups have non-zero "
+            f"advantages; loss {u_batch['loss_type']}: {u_batch['loss_formula']}")
+    if u_batch["informative_groups"] == 0:
+        line += ("\nNOTE: no prompt group of the U batch has a non-zero advantage: v carries no gradient from this "
+                 "batch (it is the optimizer state's momentum and weight decay alone)")
+    return line
+
+
+def format_table(rows: list[dict], unit: str, u_batch: dict | None = None) -> str:
     def f(x, spec=".4g"):
         return format(x, spec) if isinstance(x, (int, float)) else "-"
 
@@ -66,6 +76,8 @@ def format_table(rows: list[dict], unit: str) -> str:
             f"{f(r.get('delta_h_se'), '.2g'):>8} {f(r.get('ratio_delta_h1_over_delta_h'), '.3f'):>8} "
             f"{f(r.get('central_difference')):>11} {f(r.get('ess'), '.1f'):>7} {f(r.get('exact_delta_h')):>11}"
         )
+    if u_batch is not None:
+        lines.append(u_batch_note(u_batch))
     return "\n".join(lines) + "\n"
 
 

@@ -1,5 +1,6 @@
-"""Rollout shards: G responses for each prompt of one shard, rewards, advantages, and the per-token
-log q and RB entropies recorded at sampling time (DESIGN §3)."""
+"""Rollout shards: G responses for each prompt of one shard, their rewards (and reward outcome
+codes, stop reasons), and the per-token log q and RB entropies recorded at sampling time
+(DESIGN §3). The advantages are the update's business (:mod:`entropy_probe.losses`)."""
 from __future__ import annotations
 
 import logging
@@ -20,16 +21,6 @@ def chunk_seed(seed: int, kind: str, shard_index: int, chunk_index: int) -> int:
     """Independent, reproducible seed per (batch kind, shard, chunk): rerunning one shard
     reproduces it bit for bit without touching the others."""
     return int(np.random.SeedSequence([seed, _KIND_CODE[kind], shard_index, chunk_index]).generate_state(1)[0])
-
-
-def group_advantages(rewards_bg: Tensor, scale: bool) -> Tensor:
-    """A = r − mean_g r per prompt, ``[B, G] -> [B, G]``; with ``scale`` also divided by the
-    group's (unbiased) std + 1e-4, as GRPO does (G = 1: the std is taken as 0, not NaN)."""
-    centred = rewards_bg - rewards_bg.mean(-1, keepdim=True)
-    if scale:
-        std = rewards_bg.std(-1, keepdim=True) if rewards_bg.shape[-1] > 1 else torch.zeros_like(centred)
-        centred = centred / (std + 1e-4)
-    return centred
 
 
 def response_texts(tokenizer, tokens: Tensor, lens: Tensor, stopped_at_eos: Tensor) -> list[str]:
@@ -63,7 +54,7 @@ def _pad_to(x: Tensor, width: int, value, left: bool) -> Tensor:
 def rollout_shard(
     model, tokenizer, examples: list[dict], prompt_ids: list[int], *, G: int, kind: str,
     shard_index: int, seed: int, temperature: float, top_p: float, max_new_tokens: int,
-    rollout_batch_size: int, gen_batch_size: int, reward_fn, scale_rewards: bool,
+    rollout_batch_size: int, gen_batch_size: int, reward_fn,
     stop_strings: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Tensor]:
     """Generate one shard; returns its tensors (shapes: B prompts, G responses, T response width,
@@ -105,10 +96,10 @@ def rollout_shard(
         responses["reward_codes"] = torch.tensor(codes, dtype=torch.int8)
         responses["prompt_tokens"], responses["prompt_mask"] = encoded["input_ids"], encoded["attention_mask"]
         chunks.append(responses)
-    return _assemble(chunks, prompt_ids, G, pad, scale_rewards)
+    return _assemble(chunks, prompt_ids, G, pad)
 
 
-def _assemble(chunks: list[dict], prompt_ids: list[int], G: int, pad: int, scale_rewards: bool) -> dict[str, Tensor]:
+def _assemble(chunks: list[dict], prompt_ids: list[int], G: int, pad: int) -> dict[str, Tensor]:
     P = max(c["prompt_tokens"].shape[1] for c in chunks)
     T = max(c["response_tokens"].shape[1] for c in chunks)
     B = len(prompt_ids)
@@ -135,7 +126,6 @@ def _assemble(chunks: list[dict], prompt_ids: list[int], G: int, pad: int, scale
         "stop_reason": cat("stop_reason").view(B, G),
         "reward_codes": cat("reward_codes").view(B, G),
         "rewards": rewards_bg,
-        "advantages": group_advantages(rewards_bg, scale_rewards),
         "token_log_q": cat("token_log_q", T).view(B, G, T),
         "rb_entropies": cat("entropies", T).view(B, G, T),
     }
@@ -146,7 +136,7 @@ def check_shapes(tensors: dict[str, Tensor]) -> tuple[int, int, int]:
     B, G, L = tensors["sequences"].shape
     T = tensors["token_log_q"].shape[-1]
     expected = {
-        "attention_masks": (B, G, L), "advantages": (B, G), "rewards": (B, G), "response_lens": (B, G),
+        "attention_masks": (B, G, L), "rewards": (B, G), "response_lens": (B, G),
         "prompt_lens": (B,), "max_lengths": (B,), "prompt_ids": (B,), "rb_entropies": (B, G, T),
     }
     for name, shape in expected.items():

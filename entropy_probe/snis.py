@@ -6,20 +6,11 @@ nucleus chosen at θ; the reduction over the whole E batch is in float64.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from . import measure, teacher_force
-
-
-def shifted_parameters(model, direction: dict[str, Tensor], eta: float) -> dict[str, Tensor]:
-    """{"policy.<name>": θ + η·v} for the parameters in ``direction`` (others untouched)."""
-    named = dict(model.named_parameters())
-    return {f"policy.{k}": (named[k].detach().double() + eta * d.to(named[k].device).double()).to(named[k].dtype)
-            for k, d in direction.items()}
+from . import measure, normalization as norm, parameters, precision, teacher_force, tf_layout
 
 
 def _tokens_scores(logits: Tensor, tokens: Tensor, mask: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -40,7 +31,7 @@ def snis_pass(model, direction: dict[str, Tensor], rollout: dict[str, Tensor], e
     hidden states of the valid response tokens only); then the output embedding is applied
     ``chunk_tokens`` tokens at a time, θ's logits giving the nucleus that every θ' of the chunk
     reuses: one chunk of ``[chunk, V]`` logits per parameter point lives at once."""
-    batch = teacher_force.from_rollout(rollout, pad_token_id)
+    batch = tf_layout.from_rollout(rollout, pad_token_id)
     scorer = teacher_force.ResponseLogits(model)
     n = batch.input_ids.shape[0]
     out = {
@@ -51,19 +42,19 @@ def snis_pass(model, direction: dict[str, Tensor], rollout: dict[str, Tensor], e
         "T": batch.response_lens.double(),
     }
     device = next(model.parameters()).device
-    dtype = teacher_force.autocast_dtype(autocast_dtype)
-    points = [shifted_parameters(model, direction, 0.0)] + [shifted_parameters(model, direction, eta) for eta in etas]
+    dtype = precision.autocast_dtype(autocast_dtype)
+    points = [{f"policy.{k}": t for k, t in parameters.shifted(model, direction, eta).items()} for eta in [0.0, *etas]]
     with torch.no_grad():
-        for batch_rows in tqdm(teacher_force.length_sorted_batches(batch, tf_batch_size), desc="SNIS", unit="batch"):
+        for batch_rows in tqdm(tf_layout.length_sorted_batches(batch, tf_batch_size), desc="SNIS", unit="batch"):
             sub = batch.select(batch_rows)
-            rows, cols, tokens = teacher_force.valid_pairs(sub, device)
+            rows, cols, tokens = tf_layout.valid_pairs(sub, device)
             heads = [teacher_force.response_hidden_and_head(scorer, sub, rows, cols, params, dtype) for params in points]
             m = len(batch_rows)
             log_q_sum = torch.zeros(len(points), m, dtype=torch.float64, device=device)
             S_sum = torch.zeros(len(points), m, dtype=torch.float64, device=device)
             differs = torch.zeros(len(points), m, dtype=torch.float64, device=device)
             start = 0
-            for size in teacher_force.chunk_sizes(len(rows), chunk_tokens):
+            for size in tf_layout.chunk_sizes(len(rows), chunk_tokens):
                 sl = slice(start, start + size)
                 start += size
                 r, y = rows[sl], tokens[sl]
@@ -91,23 +82,20 @@ def delta_h(log_w: Tensor, S_shifted: Tensor, S: Tensor, T: Tensor, own_differs:
             normalization: str) -> dict:
     """ΔH at one η from whole-batch per-sequence values ``[N]`` (prompt-major), float64.
 
-    w_i = exp(lw_i − max lw); H(θ') = Σ w S' / Σ w T (token) or Σ w S' / Σ w (sequence);
-    ΔH = H(θ') − H̄(θ) on the same batch (paired). SE by the delta method over prompt groups.
+    w_i = exp(lw_i − max lw); H(θ') = Σ w S' / Σ w D and H̄(θ) = Σ S / Σ D on the same batch
+    (paired), D the normalization's per-response denominator; SE by the delta method over
+    prompt groups (:func:`normalization.ratio_influence` of both ratios).
     """
-    log_w, S_shifted, S, T = (x.double() for x in (log_w, S_shifted, S, T))
+    log_w, S_shifted, S = (x.double() for x in (log_w, S_shifted, S))
+    D = norm.get(normalization).denominators(T)
     w = torch.exp(log_w - log_w.max())
-    denom_w = w * T if normalization == "token" else w
-    denom = T if normalization == "token" else torch.ones_like(T)
-    n = S.numel() // G
-    A, Bw = (w * S_shifted).view(n, G).sum(-1), denom_w.view(n, G).sum(-1)
-    C, D = S.view(n, G).sum(-1), denom.view(n, G).sum(-1)
-    H_shifted, H_base = A.sum() / Bw.sum(), C.sum() / D.sum()
-    influence = (A - H_shifted * Bw) / Bw.mean() - (C - H_base * D) / D.mean()
+    H_shifted, psi_shifted = norm.ratio_influence(norm.group_sums(w * S_shifted, G), norm.group_sums(w * D, G))
+    H_base, psi_base = norm.ratio_influence(norm.group_sums(S, G), norm.group_sums(D, G))
     return {
-        "delta_h": float(H_shifted - H_base),
-        "se": float(influence.std(correction=1) / math.sqrt(n)),
-        "H_shifted": float(H_shifted),
-        "H_base": float(H_base),
+        "delta_h": H_shifted - H_base,
+        "se": norm.standard_error(psi_shifted - psi_base),
+        "H_shifted": H_shifted,
+        "H_base": H_base,
         "ess": float(w.sum() ** 2 / (w**2).sum()),
         "num_sequences": int(S.numel()),
         "log_weight_min": float(log_w.min()),

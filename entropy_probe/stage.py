@@ -30,14 +30,39 @@ def one_line(err: BaseException) -> str:
     return re.sub(r"\s*\n\s*", " ", str(err).strip()) or type(err).__name__
 
 
+def rule_config(smk) -> dict:
+    """The config a rule's script sees: its params (the defining values, see
+    :mod:`entropy_probe.stage_keys`) and the execution knobs of ``snakemake.config``."""
+    from .stage_keys import stage_config
+
+    return stage_config(smk.params.values, smk.config)
+
+
+def config_for(path: str | Path, stage: str) -> dict:
+    """The same view of a config file, for running stage ``stage`` by hand."""
+    from .config import load_config
+    from .stage_keys import stage_config_from
+
+    return stage_config_from(load_config(path), stage)
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's intra-op thread pool = the rule's ``threads`` (so ``--cores N`` and torch agree);
+    nothing to do for a stage that does not use torch."""
+    torch = sys.modules.get("torch")
+    if threads and torch is not None:
+        torch.set_num_threads(int(threads))
+
+
 @contextmanager
-def stage_run(log_file: str | Path | None = None) -> Iterator[None]:
+def stage_run(log_file: str | Path | None = None, threads: int | None = None) -> Iterator[None]:
     """Run a stage's body with logging set up (:func:`setup_logging`). A :class:`ProbeError` (a
     problem with the user's or the stage's inputs) is logged as exactly one line,
     ``ERROR: <message>``, to stderr and the rule's log, and the process exits with status 1, no
     traceback. Any other exception (a bug) propagates with its traceback, which also goes to the
     rule's log (on a cluster the console is a scheduler's file)."""
     setup_logging(log_file)
+    set_threads(threads)
     try:
         yield
     except ProbeError as err:
@@ -61,7 +86,7 @@ def stage_run(log_file: str | Path | None = None) -> Iterator[None]:
         raise
 
 
-def config_hash(*sections: dict) -> str:
-    """A short stable hash of config sections (recorded in shard headers)."""
-    blob = json.dumps(sections, sort_keys=True, default=str).encode()
+def config_hash(values: dict) -> str:
+    """A short stable hash of a stage's defining values (recorded in shard headers)."""
+    blob = json.dumps(values, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -125,6 +125,22 @@ def _adamw_param_direction(name: str, theta: Tensor, g: Tensor, st: AdamWParamSt
     return -(m / bias1) / denom - float(st.hyper.weight_decay) * theta
 
 
+def _sgd_rule(Y, params, state, max_grad_norm):
+    if state is not None:
+        raise ValueError("update.optimizer: sgd takes no optimizer state")
+    return sgd_direction(Y, max_grad_norm)
+
+
+def _adamw_rule(Y, params, state, max_grad_norm):
+    if params is None:
+        raise ValueError("update.optimizer: adamw needs the parameters θ (for the weight decay)")
+    return adamw_direction(Y, params, state, max_grad_norm)
+
+
+# update.optimizer -> v(Y, θ, saved state, max_grad_norm); v is keyed like Y (AdamW: like θ)
+UPDATE_RULES = {"sgd": _sgd_rule, "adamw": _adamw_rule}
+
+
 def update_direction(
     optimizer: str,
     Y: dict[str, Tensor],
@@ -132,13 +148,7 @@ def update_direction(
     state: dict[str, AdamWParamState] | None = None,
     max_grad_norm: float = 0.0,
 ) -> dict[str, Tensor]:
-    """v for ``optimizer`` (``sgd`` or ``adamw``), keyed like Y (AdamW: like ``params``)."""
-    if optimizer == "sgd":
-        if state is not None:
-            raise ValueError("update.optimizer: sgd takes no optimizer state")
-        return sgd_direction(Y, max_grad_norm)
-    if optimizer == "adamw":
-        if params is None:
-            raise ValueError("update.optimizer: adamw needs the parameters θ (for the weight decay)")
-        return adamw_direction(Y, params, state, max_grad_norm)
-    raise ValueError(f"update.optimizer: unknown optimizer {optimizer!r}")
+    """v of the update rule ``optimizer`` (:data:`UPDATE_RULES`)."""
+    if optimizer not in UPDATE_RULES:
+        raise ValueError(f"update.optimizer: unknown optimizer {optimizer!r} ({' | '.join(UPDATE_RULES)})")
+    return UPDATE_RULES[optimizer](Y, params, state, max_grad_norm)

@@ -7,8 +7,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from entropy_probe.config import load_config
-from entropy_probe.stage import stage_run
+from entropy_probe.stage import config_for, rule_config, stage_run
 from entropy_probe.toy import build_embedded_policy
 
 
@@ -23,12 +22,12 @@ def main(toy: dict, out_dir: str) -> None:
 
 
 if "snakemake" in globals():
-    with stage_run(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
-        main(snakemake.params.toy, snakemake.output[0])  # noqa: F821
+    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821 (injected by Snakemake)
+        main(rule_config(snakemake)["toy"], snakemake.output[0])  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
     parser.add_argument("out_dir")
     args = parser.parse_args()
     with stage_run():
-        main(load_config(args.config)["toy"], args.out_dir)
+        main(config_for(args.config, "build_policy")["toy"], args.out_dir)

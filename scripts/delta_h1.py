@@ -6,8 +6,7 @@ By hand:  python scripts/delta_h1.py CONFIG.yaml X.safetensors V.safetensors OUT
 import argparse
 
 from entropy_probe import first_order, gradients, shards
-from entropy_probe.config import load_config
-from entropy_probe.stage import stage_run
+from entropy_probe.stage import config_for, rule_config, stage_run
 
 
 def main(cfg: dict, x_path: str, v_path: str, directional_paths: list[str], json_path: str, table_path: str) -> None:
@@ -29,8 +28,8 @@ def main(cfg: dict, x_path: str, v_path: str, directional_paths: list[str], json
 
 
 if "snakemake" in globals():
-    with stage_run(snakemake.log[0]):  # noqa: F821
-        main(snakemake.params.cfg, snakemake.input.X, snakemake.input.v, list(snakemake.input.directional),  # noqa: F821
+    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
+        main(rule_config(snakemake), snakemake.input.X, snakemake.input.v, list(snakemake.input.directional),  # noqa: F821
              snakemake.output.json, snakemake.output.table)  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,4 +41,4 @@ elif __name__ == "__main__":
     parser.add_argument("directional", nargs="+")
     args = parser.parse_args()
     with stage_run():
-        main(load_config(args.config), args.x, args.v, args.directional, args.json_out, args.table_out)
+        main(config_for(args.config, "delta_h1"), args.x, args.v, args.directional, args.json_out, args.table_out)

@@ -6,15 +6,14 @@ By hand:  python scripts/directional.py CONFIG.yaml ROLLOUT.safetensors POLICY_D
 import argparse
 import logging
 
-from entropy_probe import guards, passes, probe, shards
-from entropy_probe.config import load_config
-from entropy_probe.stage import stage_run
+from entropy_probe import guards, passes, shards, stage_inputs
+from entropy_probe.stage import config_for, rule_config, stage_run
 
 
 def main(cfg: dict, rollout_path: str, policy_dir: str, v_path: str, out_path: str) -> None:
     gen, est = cfg["generation"], cfg["estimator"]
-    model, tokenizer, _, fingerprint = probe.load_for_teacher_forcing(cfg, policy_dir)
-    [rollout] = probe.read_rollouts([rollout_path], cfg, "E", fingerprint)
+    model, tokenizer, _, fingerprint = stage_inputs.load_for_teacher_forcing(cfg, policy_dir)
+    [rollout] = stage_inputs.read_rollouts([rollout_path], cfg, "E", fingerprint)
     v, _ = shards.read_shard(v_path, {"kind": "v", "model_fingerprint": fingerprint})
     sums = passes.directional_sums(
         model, v, rollout, pad_token_id=tokenizer.pad_token_id, temperature=gen["temperature"], top_p=gen["top_p"],
@@ -29,8 +28,8 @@ def main(cfg: dict, rollout_path: str, policy_dir: str, v_path: str, out_path: s
 
 
 if "snakemake" in globals():
-    with stage_run(snakemake.log[0]):  # noqa: F821
-        main(snakemake.params.cfg, snakemake.input.rollout, snakemake.input.policy, snakemake.input.v,  # noqa: F821
+    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
+        main(rule_config(snakemake), snakemake.input.rollout, snakemake.input.policy, snakemake.input.v,  # noqa: F821
              snakemake.output[0])  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,4 +40,4 @@ elif __name__ == "__main__":
     parser.add_argument("out")
     args = parser.parse_args()
     with stage_run():
-        main(load_config(args.config), args.rollout, args.policy_dir, args.v, args.out)
+        main(config_for(args.config, "directional"), args.rollout, args.policy_dir, args.v, args.out)

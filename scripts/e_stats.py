@@ -5,22 +5,21 @@ By hand:  python scripts/e_stats.py CONFIG.yaml POLICY_DIR OUT.json E_SHARD...
 import argparse
 import logging
 
-from entropy_probe import models, probe
-from entropy_probe.config import load_config
+from entropy_probe import models, stage_inputs
 from entropy_probe.shards import write_json
-from entropy_probe.stage import stage_run
+from entropy_probe.stage import config_for, rule_config, stage_run
 
 
 def main(cfg: dict, policy_dir: str, rollout_paths: list[str], out_path: str) -> None:
-    rollouts = probe.read_rollouts(rollout_paths, cfg, "E", models.fingerprint(policy_dir))
-    stats = probe.e_batch_stats(rollouts)
+    rollouts = stage_inputs.read_rollouts(rollout_paths, cfg, "E", models.fingerprint(policy_dir))
+    stats = stage_inputs.e_batch_stats(rollouts)
     write_json(out_path, stats)
     logging.getLogger("e_stats").info("E batch: %s", stats)
 
 
 if "snakemake" in globals():
-    with stage_run(snakemake.log[0]):  # noqa: F821
-        main(snakemake.params.cfg, snakemake.input.policy, list(snakemake.input.rollouts), snakemake.output[0])  # noqa: F821
+    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
+        main(rule_config(snakemake), snakemake.input.policy, list(snakemake.input.rollouts), snakemake.output[0])  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
@@ -29,4 +28,4 @@ elif __name__ == "__main__":
     parser.add_argument("rollouts", nargs="+")
     args = parser.parse_args()
     with stage_run():
-        main(load_config(args.config), args.policy_dir, args.rollouts, args.out)
+        main(config_for(args.config, "e_stats"), args.policy_dir, args.rollouts, args.out)

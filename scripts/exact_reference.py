@@ -2,9 +2,9 @@
 of every prompt of the dataset — the ground truth drawn on the report's plot. ΔH(η) keeps θ's
 nucleus at every position, the quantity SNIS estimates.
 
-The prompts are the E batch's prepared prompt set (results/data/summary.json names it).
+The prompts are the E batch's prepared prompt set (results/data/<E split>.json names it).
 
-By hand:  python scripts/exact_reference.py CONFIG.yaml POLICY_DIR V.safetensors OUT.json [--data SUMMARY.json]
+By hand:  python scripts/exact_reference.py CONFIG.yaml POLICY_DIR V.safetensors PREPARED_E.json OUT.json
 """
 import argparse
 import logging
@@ -12,23 +12,19 @@ import logging
 import torch
 
 from entropy_probe import data, exact, models, shards
-from entropy_probe.config import load_config, sweep_etas
-from entropy_probe.stage import stage_run
+from entropy_probe.config import sweep_etas
+from entropy_probe.stage import config_for, rule_config, stage_run
 
 
-def main(cfg: dict, policy_dir: str, v_path: str, out_path: str, data_summary: str | None = None) -> None:
+def main(cfg: dict, policy_dir: str, v_path: str, prepared_path: str, out_path: str) -> None:
     gen, est = cfg["generation"], cfg["estimator"]
     # On the CPU whatever model.device says: the policy is the embedded tiny one (this rule exists
     # only for it), and on a cluster this small job runs on a CPU node.
     model = models.load_policy(policy_dir, cfg["model"]["dtype"], "cpu")
     tokenizer = models.load_tokenizer(policy_dir)
     v, _ = shards.read_shard(v_path, {"kind": "v", "model_fingerprint": models.fingerprint(policy_dir)})
-    if data_summary:
-        e_set = shards.read_json(data_summary)["E"]
-        examples = data.load_prepared(e_set["file"], e_set["sha256"])
-    else:  # the raw prompt file (embedded set)
-        examples = data.load_examples(data.dataset_path(cfg["data"], policy_dir), cfg["data"]["prompt_field"],
-                                      cfg["data"]["answer_field"])
+    e_set = shards.read_json(prepared_path)
+    examples = data.load_prepared(e_set["file"], e_set["sha256"])
     prompts = [e["prompt"] for e in examples]
     kwargs = dict(temperature=gen["temperature"], top_p=gen["top_p"], max_new_tokens=gen["max_new_tokens"],
                   normalization=est["normalization"])
@@ -45,16 +41,16 @@ def main(cfg: dict, policy_dir: str, v_path: str, out_path: str, data_summary: s
 
 
 if "snakemake" in globals():
-    with stage_run(snakemake.log[0]):  # noqa: F821
-        main(snakemake.params.cfg, snakemake.input.policy, snakemake.input.v, snakemake.output[0],  # noqa: F821
-             snakemake.input.get("data"))  # noqa: F821
+    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
+        main(rule_config(snakemake), snakemake.input.policy, snakemake.input.v, snakemake.input.data,  # noqa: F821
+             snakemake.output[0])  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
     parser.add_argument("policy_dir")
     parser.add_argument("v")
+    parser.add_argument("prepared", help="results/data/<E split>.json (prepare_data): the E prompt set")
     parser.add_argument("out")
-    parser.add_argument("--data", help="results/data/summary.json: use the prepared E prompt set")
     args = parser.parse_args()
     with stage_run():
-        main(load_config(args.config), args.policy_dir, args.v, args.out, args.data)
+        main(config_for(args.config, "exact_reference"), args.policy_dir, args.v, args.prepared, args.out)

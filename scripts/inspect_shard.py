@@ -6,7 +6,7 @@ their rewards and advantages, EOS stops, entropy and log q statistics.
 import argparse
 
 
-from entropy_probe.inspect import summarize_shard  # noqa: E402
+from entropy_probe.shard_report import summarize_shard  # noqa: E402
 from entropy_probe.stage import stage_run  # noqa: E402
 
 

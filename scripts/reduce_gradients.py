@@ -1,41 +1,32 @@
-"""Stage: sum the gradient shards of one kind and normalize over the whole batch.
-X: Σ shards / ΣT (token) or / N (sequence); Y: Σ shards / Σ normalizer shares.
+"""Stage: the whole-batch X or Y gradient from its shards (entropy_probe.gradients.reduce_shards).
 
 By hand:  python scripts/reduce_gradients.py {X,Y} OUT.safetensors SHARD...
 """
 import argparse
 import logging
 
-import torch
-
 from entropy_probe import gradients, shards
 from entropy_probe.stage import stage_run
 
 log = logging.getLogger("reduce_gradients")
+SHARED_KEYS = ("model_fingerprint", "param_filter", "normalization", "baseline", "H_bar", "loss_type")
 
 
 def main(kind: str, shard_paths: list[str], out_path: str) -> None:
     loaded = [shards.read_shard(p, {"kind": kind}) for p in shard_paths]
     metas = [meta for _, meta in loaded]
-    for key in ("model_fingerprint", "param_filter", "normalization", "baseline", "H_bar", "loss_normalization"):
+    for key in SHARED_KEYS:
         values = {repr(m.get(key)) for m in metas}
         if len(values) > 1:
             raise shards.ShardError(f"{kind} gradient shards disagree on {key}: {sorted(values)}")
-    parts = [gradients.unpack(t) for t, _ in loaded]
-    total = gradients.sum_shards([g for g, _ in parts])
-    if kind == "X":
-        stats = {k: torch.cat([s[k] for _, s in parts]) for k in ("S", "T")}
-        normalizer = float(stats["T"].sum()) if metas[0]["normalization"] == "token" else float(stats["T"].numel())
-    else:
-        stats, normalizer = {}, sum(m["normalizer_share"] for m in metas)
-    reduced = {name: g / normalizer for name, g in total.items()}
+    reduced, stats, normalizer = gradients.reduce_shards(kind, [(gradients.unpack(t), m) for t, m in loaded])
     meta = {k: v for k, v in metas[0].items() if k not in ("schema_version", "normalizer_share")}
     shards.write_shard(out_path, gradients.pack(reduced, stats), meta | {"normalizer": normalizer, "num_shards": len(metas)})
     log.info("%s = Σ of %d shards / %.6g; |%s| = %.6g", kind, len(metas), normalizer, kind, gradients.global_norm(reduced))
 
 
 if "snakemake" in globals():
-    with stage_run(snakemake.log[0]):  # noqa: F821
+    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
         main(snakemake.wildcards.kind, list(snakemake.input), snakemake.output[0])  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,16 +1,18 @@
-"""Stage: one rollout shard (E or U): G responses per prompt from the sampling measure q. The
-prompts are those of the prepared prompt file the plan names (checked by hash).
+"""Stage: one rollout shard (E or U): G responses per prompt from the sampling measure q, with
+their rewards. The prompts are those of the prepared prompt file the batch's plan names (checked
+by hash). Advantages are not stored: the update stage computes them from the rewards (so a change
+of batch_config.scale_rewards or of the loss type does not regenerate rollouts).
 
-By hand:  python scripts/rollout.py CONFIG.yaml PLAN.json POLICY_DIR {E,U} SHARD_INDEX OUT.safetensors
+By hand:  python scripts/rollout.py CONFIG.yaml PLAN_KIND.json POLICY_DIR {E,U} SHARD_INDEX OUT.safetensors
 """
 import argparse
 import logging
 
-from entropy_probe import data, generate, models, rewards
-from entropy_probe.config import load_config
+from entropy_probe import data, generate, losses, models, rewards
 from entropy_probe.rollout import check_shapes, rollout_shard
 from entropy_probe.shards import read_json, write_shard
-from entropy_probe.stage import config_hash, stage_run
+from entropy_probe.stage import config_for, config_hash, rule_config, stage_run
+from entropy_probe.stage_keys import defining_values
 
 log = logging.getLogger("rollout")
 
@@ -18,8 +20,10 @@ log = logging.getLogger("rollout")
 def main(cfg: dict, plan_path: str, policy_dir: str, kind: str, shard_index: int, out_path: str) -> None:
     batch, gen = cfg["batch_config"], cfg["generation"]
     plan = read_json(plan_path)
-    prompt_ids = plan[kind]["shards"][shard_index]
-    source = plan[kind]["data"]
+    if plan.get("kind") != kind:
+        raise ValueError(f"{plan_path}: the plan of batch {plan.get('kind')!r}, expected {kind!r}")
+    prompt_ids = plan["shards"][shard_index]
+    source = plan["data"]
     examples = data.load_prepared(source["file"], source["sha256"])
     reward_fn = rewards.from_config(cfg["reward"])
     tokenizer = models.load_tokenizer(policy_dir)
@@ -29,21 +33,20 @@ def main(cfg: dict, plan_path: str, policy_dir: str, kind: str, shard_index: int
         model, tokenizer, examples, prompt_ids, G=batch["G"], kind=kind, shard_index=shard_index,
         seed=batch["seed"], temperature=gen["temperature"], top_p=gen["top_p"],
         max_new_tokens=gen["max_new_tokens"], rollout_batch_size=batch["rollout_batch_size"],
-        gen_batch_size=gen["gen_batch_size"], reward_fn=reward_fn, scale_rewards=batch["scale_rewards"],
-        stop_strings=gen.get("stop_strings", []),
+        gen_batch_size=gen["gen_batch_size"], reward_fn=reward_fn, stop_strings=gen["stop_strings"],
     )
     B, G, L = check_shapes(tensors)
     metadata = {
-        "batch_kind": kind, "shard_index": shard_index, "num_shards": len(plan[kind]["shards"]),
+        "batch_kind": kind, "shard_index": shard_index, "num_shards": len(plan["shards"]),
         "seed": batch["seed"], "G": G, "prompt_width": L - tensors["token_log_q"].shape[-1],
         "model_fingerprint": models.fingerprint(policy_dir),
         "generation": {k: gen[k] for k in ("temperature", "top_p", "max_new_tokens")},
         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-        "stop_strings": list(gen.get("stop_strings", [])),
+        "stop_strings": list(gen["stop_strings"]),
         "stop_reasons": {str(k): v for k, v in generate.STOP_REASONS.items()},
         "reward": {"name": cfg["reward"]["name"], "codes": rewards.legend()},
         "data": {"split": source["split"], "file": source["file"], "sha256": source["sha256"]},
-        "config_hash": config_hash(batch, gen, cfg["data"], cfg["reward"], cfg["model"]),
+        "config_hash": config_hash(defining_values(cfg, "rollout")),
     }
     write_shard(out_path, tensors, metadata)
     lens = tensors["response_lens"].float()
@@ -54,6 +57,8 @@ def main(cfg: dict, plan_path: str, policy_dir: str, kind: str, shard_index: int
     )
     log.info("stop reasons: %s; reward outcomes: %s",
              _counts(tensors["stop_reason"], generate.STOP_REASONS), _counts(tensors["reward_codes"], rewards.OUTCOMES))
+    log.info("prompt groups with non-zero advantages (rewards not all equal): %d of %d",
+             losses.informative_groups(tensors["rewards"]), B)
 
 
 def _counts(codes, legend: dict) -> str:
@@ -61,8 +66,8 @@ def _counts(codes, legend: dict) -> str:
 
 
 if "snakemake" in globals():
-    with stage_run(snakemake.log[0]):  # noqa: F821
-        main(snakemake.params.cfg, snakemake.input.plan, snakemake.input.policy,  # noqa: F821
+    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
+        main(rule_config(snakemake), snakemake.input.plan, snakemake.input.policy,  # noqa: F821
              snakemake.wildcards.kind, int(snakemake.wildcards.shard), snakemake.output[0])  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,4 +79,4 @@ elif __name__ == "__main__":
     parser.add_argument("out")
     args = parser.parse_args()
     with stage_run():
-        main(load_config(args.config), args.plan, args.policy_dir, args.kind, args.shard, args.out)
+        main(config_for(args.config, "rollout"), args.plan, args.policy_dir, args.kind, args.shard, args.out)

@@ -8,15 +8,15 @@ import logging
 
 import torch
 
-from entropy_probe import guards, probe, shards, snis
-from entropy_probe.config import load_config, sweep_etas
-from entropy_probe.stage import stage_run
+from entropy_probe import guards, shards, snis, stage_inputs
+from entropy_probe.config import sweep_etas
+from entropy_probe.stage import config_for, rule_config, stage_run
 
 
 def main(cfg: dict, rollout_path: str, policy_dir: str, v_path: str, out_path: str) -> None:
     gen = cfg["generation"]
-    model, tokenizer, _, fingerprint = probe.load_for_teacher_forcing(cfg, policy_dir)
-    [rollout] = probe.read_rollouts([rollout_path], cfg, "E", fingerprint)
+    model, tokenizer, fingerprint = stage_inputs.load_policy(cfg, policy_dir)
+    [rollout] = stage_inputs.read_rollouts([rollout_path], cfg, "E", fingerprint)
     v, _ = shards.read_shard(v_path, {"kind": "v", "model_fingerprint": fingerprint})
     etas = sweep_etas(cfg["estimator"])
     out = snis.snis_pass(model, v, rollout, etas, pad_token_id=tokenizer.pad_token_id,
@@ -30,8 +30,8 @@ def main(cfg: dict, rollout_path: str, policy_dir: str, v_path: str, out_path: s
 
 
 if "snakemake" in globals():
-    with stage_run(snakemake.log[0]):  # noqa: F821
-        main(snakemake.params.cfg, snakemake.input.rollout, snakemake.input.policy, snakemake.input.v,  # noqa: F821
+    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
+        main(rule_config(snakemake), snakemake.input.rollout, snakemake.input.policy, snakemake.input.v,  # noqa: F821
              snakemake.output[0])  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,4 +42,4 @@ elif __name__ == "__main__":
     parser.add_argument("out")
     args = parser.parse_args()
     with stage_run():
-        main(load_config(args.config), args.rollout, args.policy_dir, args.v, args.out)
+        main(config_for(args.config, "snis_shard"), args.rollout, args.policy_dir, args.v, args.out)

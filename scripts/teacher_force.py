@@ -1,29 +1,30 @@
-"""Stage: one teacher-forcing gradient shard. X: the entropy-gradient surrogate on an E shard;
-Y: the GRPO objective on a U shard. Unnormalized sums; the reduction divides.
+"""Stage: one teacher-forcing gradient shard. X: the entropy-gradient surrogate on an E shard
+(with the whole-E-batch plug-ins of e_stats); Y: the GRPO objective on a U shard (with the
+whole-U-batch coefficients of u_objective). Unnormalized sums; the reduction divides.
 
-By hand:  python scripts/teacher_force.py CONFIG.yaml {X,Y} ROLLOUT.safetensors POLICY_DIR OUT.safetensors [--stats E_STATS.json]
+By hand:  python scripts/teacher_force.py CONFIG.yaml X ROLLOUT.safetensors POLICY_DIR OUT.safetensors --stats E_STATS.json
+          python scripts/teacher_force.py CONFIG.yaml Y ROLLOUT.safetensors POLICY_DIR OUT.safetensors --objective U_OBJECTIVE.safetensors
 """
 import argparse
 import logging
 
-from entropy_probe import gradients, guards, passes, probe
-from entropy_probe.config import load_config
-from entropy_probe.shards import read_json, write_shard
-from entropy_probe.stage import stage_run
+from entropy_probe import gradients, guards, passes, stage_inputs
+from entropy_probe.shards import read_json, read_shard, write_shard
+from entropy_probe.stage import config_for, rule_config, stage_run
 
 log = logging.getLogger("teacher_force")
 
 
-def main(cfg: dict, kind: str, rollout_path: str, policy_dir: str, out_path: str, stats_path: str | None) -> None:
+def main(cfg: dict, kind: str, rollout_path: str, policy_dir: str, out_path: str, batch_input: str) -> None:
     gen, est = cfg["generation"], cfg["estimator"]
-    model, tokenizer, params, fingerprint = probe.load_for_teacher_forcing(cfg, policy_dir)
+    model, tokenizer, params, fingerprint = stage_inputs.load_for_teacher_forcing(cfg, policy_dir)
     rollout_kind = "E" if kind == "X" else "U"
-    [rollout] = probe.read_rollouts([rollout_path], cfg, rollout_kind, fingerprint)
+    [rollout] = stage_inputs.read_rollouts([rollout_path], cfg, rollout_kind, fingerprint)
     common = dict(pad_token_id=tokenizer.pad_token_id, temperature=gen["temperature"], tf_batch_size=gen["tf_batch_size"],
                   chunk_tokens=gen["tf_chunk_tokens"], autocast_dtype=gen["autocast_dtype"])
     meta = {"kind": kind, "model_fingerprint": fingerprint, "param_filter": est["param_filter"]}
     if kind == "X":
-        H_bar = read_json(stats_path)["H_bar_token"]
+        H_bar = read_json(batch_input)["H_bar_token"]
         grads, stats = passes.x_gradient(
             model, params, rollout, top_p=gen["top_p"], H_bar=H_bar, normalization=est["normalization"],
             baseline=est["baseline"], rb_requires_grad=gen["rb_requires_grad"], **common,
@@ -31,9 +32,12 @@ def main(cfg: dict, kind: str, rollout_path: str, policy_dir: str, out_path: str
         meta |= {"H_bar": H_bar, "normalization": est["normalization"], "baseline": est["baseline"],
                  "rb_requires_grad": gen["rb_requires_grad"]}
     else:
-        loss_norm = cfg["update"]["loss_normalization"]
-        grads, share = passes.y_gradient(model, params, rollout, normalization=loss_norm, **common)
-        stats, meta = {}, meta | {"loss_normalization": loss_norm, "normalizer_share": share}
+        objective, objective_meta = read_shard(batch_input, {"kind": "u_objective", "model_fingerprint": fingerprint})
+        rows = stage_inputs.rows_of_shard(objective, rollout, batch_input)
+        grads = passes.y_gradient(model, params, rollout, objective["coefficients"][rows], **common)
+        stats = {}
+        meta |= {"loss_type": objective_meta["loss_type"],
+                 "normalizer_share": float(objective["normalizer_terms"][rows].sum())}
     guards.check_parameters(grads, f"{kind} gradient", rollout_path)
     for name, values in stats.items():
         guards.check_sequences(values, f"teacher-forced {name}", rollout_path)
@@ -42,9 +46,9 @@ def main(cfg: dict, kind: str, rollout_path: str, policy_dir: str, out_path: str
 
 
 if "snakemake" in globals():
-    with stage_run(snakemake.log[0]):  # noqa: F821
-        main(snakemake.params.cfg, snakemake.wildcards.kind, snakemake.input.rollout, snakemake.input.policy,  # noqa: F821
-             snakemake.output[0], snakemake.input.get("stats"))  # noqa: F821
+    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
+        main(rule_config(snakemake), snakemake.wildcards.kind, snakemake.input.rollout, snakemake.input.policy,  # noqa: F821
+             snakemake.output[0], snakemake.input.batch)  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
@@ -52,9 +56,12 @@ elif __name__ == "__main__":
     parser.add_argument("rollout")
     parser.add_argument("policy_dir")
     parser.add_argument("out")
-    parser.add_argument("--stats", help="E batch statistics JSON (required for X)")
+    parser.add_argument("--stats", help="E batch statistics JSON (e_stats; required for X)")
+    parser.add_argument("--objective", help="the U batch's objective weights (u_objective; required for Y)")
     args = parser.parse_args()
-    if args.kind == "X" and not args.stats:
-        parser.error("X needs --stats (the e_stats stage's JSON)")
+    needed = args.stats if args.kind == "X" else args.objective
+    if not needed:
+        parser.error("X needs --stats (the e_stats stage's JSON); Y needs --objective (the u_objective stage's file)")
     with stage_run():
-        main(load_config(args.config), args.kind, args.rollout, args.policy_dir, args.out, args.stats)
+        main(config_for(args.config, f"teacher_force_{args.kind.lower()}"), args.kind, args.rollout, args.policy_dir,
+             args.out, needed)

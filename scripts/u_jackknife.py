@@ -7,9 +7,8 @@ import argparse
 import logging
 
 from entropy_probe import first_order, gradients, shards
-from entropy_probe.config import load_config
-from entropy_probe.stage import stage_run
-from entropy_probe.update_step import UpdateBuilder
+from entropy_probe.stage import config_for, rule_config, stage_run
+from entropy_probe.update_builder import UpdateBuilder
 
 
 def main(cfg: dict, x_path: str, policy_dir: str, y_paths: list[str], out_path: str) -> None:
@@ -25,8 +24,8 @@ def main(cfg: dict, x_path: str, policy_dir: str, y_paths: list[str], out_path: 
 
 
 if "snakemake" in globals():
-    with stage_run(snakemake.log[0]):  # noqa: F821
-        main(snakemake.params.cfg, snakemake.input.X, snakemake.input.policy, list(snakemake.input.Y),  # noqa: F821
+    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
+        main(rule_config(snakemake), snakemake.input.X, snakemake.input.policy, list(snakemake.input.Y),  # noqa: F821
              snakemake.output[0])  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,4 +36,4 @@ elif __name__ == "__main__":
     parser.add_argument("y_shards", nargs="+")
     args = parser.parse_args()
     with stage_run():
-        main(load_config(args.config), args.x, args.policy_dir, args.y_shards, args.out)
+        main(config_for(args.config, "u_jackknife"), args.x, args.policy_dir, args.y_shards, args.out)

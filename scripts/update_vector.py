@@ -8,10 +8,9 @@ By hand:  python scripts/update_vector.py CONFIG.yaml Y.safetensors POLICY_DIR O
 import argparse
 import logging
 
-from entropy_probe import gradients, guards, shards
-from entropy_probe.config import load_config
-from entropy_probe.stage import stage_run
-from entropy_probe.update_step import UpdateBuilder
+from entropy_probe import gradients, guards, losses, shards
+from entropy_probe.stage import config_for, rule_config, stage_run
+from entropy_probe.update_builder import UpdateBuilder
 
 log = logging.getLogger("update_vector")
 
@@ -19,10 +18,13 @@ log = logging.getLogger("update_vector")
 def main(cfg: dict, y_path: str, policy_dir: str, out_path: str) -> None:
     tensors, y_meta = shards.read_shard(y_path, {"kind": "Y"})
     Y, _ = gradients.unpack(tensors)
+    if cfg["update"]["optimizer"] == "sgd" and gradients.global_norm(Y) == 0:
+        raise losses.NoSignalError(f"{y_path}: Y = 0 (no prompt group of the U batch has a non-zero advantage), so "
+                                   "with update.optimizer: sgd v = 0; see the u_objective log")
     build = UpdateBuilder(cfg, policy_dir, y_meta["model_fingerprint"], y_path)
     v = build(Y, y_path)
     meta = build.describe(Y) | {"kind": "v", "param_filter": y_meta.get("param_filter"),
-                                "loss_normalization": y_meta.get("loss_normalization")}
+                                "loss_type": y_meta.get("loss_type")}
     guards.check_parameters(v, "update vector v", y_path)
     shards.write_shard(out_path, v, meta)
     log.info("v (%s): |v| = %.6g over %d tensors; |Y| = %.6g, clip coefficient %.6g", build.optimizer,
@@ -30,8 +32,8 @@ def main(cfg: dict, y_path: str, policy_dir: str, out_path: str) -> None:
 
 
 if "snakemake" in globals():
-    with stage_run(snakemake.log[0]):  # noqa: F821
-        main(snakemake.params.cfg, snakemake.input.Y, snakemake.input.policy, snakemake.output[0])  # noqa: F821
+    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
+        main(rule_config(snakemake), snakemake.input.Y, snakemake.input.policy, snakemake.output[0])  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
@@ -40,4 +42,4 @@ elif __name__ == "__main__":
     parser.add_argument("out")
     args = parser.parse_args()
     with stage_run():
-        main(load_config(args.config), args.y, args.policy_dir, args.out)
+        main(config_for(args.config, "update_vector"), args.y, args.policy_dir, args.out)

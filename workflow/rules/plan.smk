@@ -1,5 +1,6 @@
-# The prompt sets (rendered, tokenized, filtered by data.max_prompt_tokens) and the batch plan,
-# which draws prompt ids from them; the rollouts read the same prepared files.
+# The prompt set of each split (rendered, tokenized, filtered by data.max_prompt_tokens) and the
+# plan of each batch, which draws prompt ids from its split's set; the rollouts read the same
+# prepared files. One job per split and per batch: a change on the U side leaves the E side alone.
 if probe_data.source_kind(config["data"]["source"]) == "hub":
 
     localrules:
@@ -8,31 +9,36 @@ if probe_data.source_kind(config["data"]["source"]) == "hub":
 
 rule prepare_data:
     input:
-        files=probe_data.input_files(config["data"]),
-        policy=POLICY_DIR,
+        files=lambda wc: probe_data.input_files(config["data"], SPLIT_OF_NAME[wc.split]),
+        policy=POLICY,
     output:
-        summary=DATA_SUMMARY,
-        splits=list(DATA_FILES.values()),
-    params:
-        data=config["data"],
+        prompts=f"{RESULTS}/data/{{split}}.jsonl",
+        report=f"{RESULTS}/data/{{split}}.json",
+    log:
+        f"{RESULTS}/logs/prepare_data_{{split}}.log",
     conda:
         "../envs/probe.yaml"
-    log:
-        f"{RESULTS}/logs/prepare_data.log",
+    threads: 1
+    params:
+        values=params_of("prepare_data"),
+        split=lambda wc: SPLIT_OF_NAME[wc.split],
     script:
         "../../scripts/prepare_data.py"
 
 
 rule plan:
     input:
-        data=DATA_SUMMARY,
+        prepared=lambda wc: PREPARED[wc.kind],
     output:
-        f"{RESULTS}/plan.json",
-    params:
-        cfg=sections("batch_config"),
+        f"{RESULTS}/plan/{{kind}}.json",
+    log:
+        f"{RESULTS}/logs/plan_{{kind}}.log",
+    wildcard_constraints:
+        kind="E|U",
     conda:
         "../envs/probe.yaml"
-    log:
-        f"{RESULTS}/logs/plan.log",
+    threads: 1
+    params:
+        values=lambda wc: params_of(f"plan_{wc.kind}"),
     script:
         "../../scripts/plan.py"

@@ -1,21 +1,23 @@
+# The policy every later stage loads: the embedded tiny policy (built and trained here), or the
+# spec of a configured model (resolved checkpoint and adapter, fingerprinted).
 if EMBEDDED_MODEL:
 
     rule build_policy:
         output:
             directory(f"{RESULTS}/policy"),
-        params:
-            toy=config["toy"],
-        conda:
-            "../envs/probe.yaml"
         log:
             f"{RESULTS}/logs/build_policy.log",
+        conda:
+            "../envs/probe.yaml"
+        threads: 1
+        params:
+            values=params_of("build_policy"),
         script:
             "../../scripts/build_policy.py"
 
 else:
 
-    # Resolves the configured model (a hub id is fetched here: a local rule, where the network is)
-    # and adapter, and fingerprints them; every later rule loads the policy from this spec.
+    # A hub id is fetched here: a local rule, where the network is.
     localrules:
         policy_spec,
 
@@ -24,11 +26,12 @@ else:
             local_model_files(),
         output:
             f"{RESULTS}/policy.json",
-        params:
-            model=config["model"],
-        conda:
-            "../envs/probe.yaml"
         log:
             f"{RESULTS}/logs/policy_spec.log",
+        conda:
+            "../envs/probe.yaml"
+        threads: 1
+        params:
+            values=params_of("policy_spec"),
         script:
             "../../scripts/policy_spec.py"

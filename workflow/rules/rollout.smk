@@ -1,19 +1,23 @@
+# G responses per prompt from the sampling measure q, one job per shard of each batch.
 rule rollout:
     input:
-        plan=rules.plan.output[0],
-        policy=POLICY_DIR,
+        plan=f"{RESULTS}/plan/{{kind}}.json",
+        policy=POLICY,
     output:
         f"{RESULTS}/rollouts/{{kind}}/shard_{{shard}}.safetensors",
+    log:
+        f"{RESULTS}/logs/rollout_{{kind}}_{{shard}}.log",
+    benchmark:
+        benchmark_path("rollout_{kind}_{shard}")
     wildcard_constraints:
         kind="E|U",
         shard=r"\d+",
-    params:
-        cfg=ROLLOUT_CFG,
-    resources:
-        gpu=GPU,
     conda:
         "../envs/probe.yaml"
-    log:
-        f"{RESULTS}/logs/rollout_{{kind}}_{{shard}}.log",
+    threads: MODEL_THREADS
+    resources:
+        gpu=GPU,
+    params:
+        values=params_of("rollout"),
     script:
         "../../scripts/rollout.py"

@@ -1,18 +1,23 @@
+# δH₁(η) = η·X·v with its error bars, ΔH(η) by SNIS, the exact reference where the policy can be
+# enumerated, and the report.
 rule directional:
     input:
         rollout=f"{RESULTS}/rollouts/E/shard_{{shard}}.safetensors",
-        policy=POLICY_DIR,
+        policy=POLICY,
         v=rules.update_vector.output[0],
     output:
         f"{RESULTS}/directional/shard_{{shard}}.safetensors",
-    params:
-        cfg=sections("batch_config", "generation", "model", estimator=ESTIMATOR_KEYS),
-    resources:
-        gpu=GPU,
-    conda:
-        "../envs/probe.yaml"
     log:
         f"{RESULTS}/logs/directional_{{shard}}.log",
+    benchmark:
+        benchmark_path("directional_{shard}")
+    conda:
+        "../envs/probe.yaml"
+    threads: MODEL_THREADS
+    resources:
+        gpu=GPU,
+    params:
+        values=params_of("directional"),
     script:
         "../../scripts/directional.py"
 
@@ -21,16 +26,19 @@ rule delta_h1:
     input:
         X=f"{RESULTS}/gradients/X.safetensors",
         v=rules.update_vector.output[0],
-        directional=shard_paths(f"{RESULTS}/directional/shard_{{shard}}.safetensors", "E"),
+        directional=shard_paths(
+            f"{RESULTS}/directional/shard_{{shard}}.safetensors", "E"
+        ),
     output:
         json=f"{RESULTS}/delta_h1.json",
         table=f"{RESULTS}/delta_h1.txt",
-    params:
-        cfg=sections(batch_config=["G"], estimator=["eta_list"]),
-    conda:
-        "../envs/probe.yaml"
     log:
         f"{RESULTS}/logs/delta_h1.log",
+    conda:
+        "../envs/probe.yaml"
+    threads: 1
+    params:
+        values=params_of("delta_h1"),
     script:
         "../../scripts/delta_h1.py"
 
@@ -38,69 +46,91 @@ rule delta_h1:
 rule snis_shard:
     input:
         rollout=f"{RESULTS}/rollouts/E/shard_{{shard}}.safetensors",
-        policy=POLICY_DIR,
+        policy=POLICY,
         v=rules.update_vector.output[0],
     output:
         f"{RESULTS}/snis/shard_{{shard}}.safetensors",
-    params:
-        cfg=sections("batch_config", "generation", "model", estimator=["eta_list", "central_difference", "param_filter"]),
-    resources:
-        gpu=GPU,
-    conda:
-        "../envs/probe.yaml"
     log:
         f"{RESULTS}/logs/snis_shard_{{shard}}.log",
+    benchmark:
+        benchmark_path("snis_shard_{shard}")
+    conda:
+        "../envs/probe.yaml"
+    threads: MODEL_THREADS
+    resources:
+        gpu=GPU,
+    params:
+        values=params_of("snis_shard"),
     script:
         "../../scripts/snis_shard.py"
 
 
-rule delta_h:
+rule delta_h_snis:
     input:
         shard_paths(f"{RESULTS}/snis/shard_{{shard}}.safetensors", "E"),
     output:
-        f"{RESULTS}/delta_h.json",
-    params:
-        cfg=sections(batch_config=["G"], estimator=["normalization"]),
+        f"{RESULTS}/delta_h_snis.json",
+    log:
+        f"{RESULTS}/logs/delta_h_snis.log",
     conda:
         "../envs/probe.yaml"
-    log:
-        f"{RESULTS}/logs/delta_h.log",
+    threads: 1
+    params:
+        values=params_of("delta_h_snis"),
     script:
-        "../../scripts/delta_h.py"
+        "../../scripts/delta_h_snis.py"
 
 
 if EXACT_REFERENCE:
 
+    # On the CPU whatever model.device says (a small job; on a cluster it runs on a CPU node).
     rule exact_reference:
         input:
-            policy=POLICY_DIR,
+            policy=POLICY,
             v=rules.update_vector.output[0],
-            data=DATA_SUMMARY,
+            data=PREPARED["E"],
         output:
             f"{RESULTS}/estimates/exact.json",
-        params:
-            cfg=sections("data", "generation", "model", estimator=["normalization", "eta_list", "central_difference"]),
-        conda:
-            "../envs/probe.yaml"
         log:
             f"{RESULTS}/logs/exact_reference.log",
+        conda:
+            "../envs/probe.yaml"
+        threads: 1
+        params:
+            values=params_of("exact_reference"),
         script:
             "../../scripts/exact_reference.py"
 
 
 rule summary:
     input:
-        unpack(lambda wc: {"exact": rules.exact_reference.output[0]} if EXACT_REFERENCE else {}),
+        unpack(
+            lambda wc: (
+                {"exact": rules.exact_reference.output[0]} if EXACT_REFERENCE else {}
+            )
+        ),
         delta_h1=rules.delta_h1.output.json,
-        delta_h=rules.delta_h.output[0],
+        delta_h_snis=rules.delta_h_snis.output[0],
         u_jackknife=rules.u_jackknife.output[0],
+        u_objective=U_OBJECTIVE,
     output:
         json=f"{RESULTS}/summary.json",
-        table=f"{RESULTS}/summary.txt",
-        plot=report(f"{RESULTS}/plot.png", caption="../report/plot.rst", category="Entropy change"),
-    conda:
-        "../envs/probe.yaml"
+        table=report(
+            f"{RESULTS}/summary.txt",
+            caption="../report/table.rst",
+            category="Entropy change",
+        ),
+        plot=report(
+            f"{RESULTS}/plot.png",
+            caption="../report/plot.rst",
+            category="Entropy change",
+        ),
     log:
         f"{RESULTS}/logs/summary.log",
+    conda:
+        "../envs/probe.yaml"
+    threads: 1
+    params:
+        values=params_of("summary"),
     script:
         "../../scripts/summary.py"

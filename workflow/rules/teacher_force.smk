@@ -1,36 +1,67 @@
+# Whole-batch plug-ins (E) and objective weights (U), then the X and Y gradient shards and their
+# reduction (DESIGN §2 "X = ∇H", "Y and v").
+U_OBJECTIVE = f"{RESULTS}/estimates/u_objective.safetensors"
+
+
 rule e_stats:
     input:
-        policy=POLICY_DIR,
+        policy=POLICY,
         rollouts=shard_paths(f"{RESULTS}/rollouts/E/shard_{{shard}}.safetensors", "E"),
     output:
         f"{RESULTS}/estimates/e_stats.json",
-    params:
-        cfg=ROLLOUT_CFG,
-    conda:
-        "../envs/probe.yaml"
     log:
         f"{RESULTS}/logs/e_stats.log",
+    conda:
+        "../envs/probe.yaml"
+    threads: 1
+    params:
+        values=params_of("e_stats"),
     script:
         "../../scripts/e_stats.py"
+
+
+# Advantages and loss coefficients of the whole U batch; stops the run when the U batch gives an
+# SGD update no gradient.
+rule u_objective:
+    input:
+        policy=POLICY,
+        rollouts=shard_paths(f"{RESULTS}/rollouts/U/shard_{{shard}}.safetensors", "U"),
+    output:
+        U_OBJECTIVE,
+    log:
+        f"{RESULTS}/logs/u_objective.log",
+    conda:
+        "../envs/probe.yaml"
+    threads: 1
+    params:
+        values=params_of("u_objective"),
+    script:
+        "../../scripts/u_objective.py"
 
 
 rule teacher_force_x:
     input:
         rollout=f"{RESULTS}/rollouts/E/shard_{{shard}}.safetensors",
-        policy=POLICY_DIR,
-        stats=rules.e_stats.output[0],
+        policy=POLICY,
+        batch=rules.e_stats.output[0],
+        # order only: a U batch without signal stops the run before any teacher forcing, and a
+        # change of the U side never reruns X (ancient: its time stamp is not compared)
+        after_u_objective=ancient(U_OBJECTIVE),
     output:
         f"{RESULTS}/teacher_force/{{kind}}/shard_{{shard}}.safetensors",
-    wildcard_constraints:
-        kind="X",
-    params:
-        cfg=sections("batch_config", "generation", "model", estimator=ESTIMATOR_KEYS),
-    resources:
-        gpu=GPU,
-    conda:
-        "../envs/probe.yaml"
     log:
         f"{RESULTS}/logs/teacher_force_{{kind}}_{{shard}}.log",
+    benchmark:
+        benchmark_path("teacher_force_{kind}_{shard}")
+    wildcard_constraints:
+        kind="X",
+    conda:
+        "../envs/probe.yaml"
+    threads: MODEL_THREADS
+    resources:
+        gpu=GPU,
+    params:
+        values=params_of("teacher_force_x"),
     script:
         "../../scripts/teacher_force.py"
 
@@ -38,19 +69,23 @@ rule teacher_force_x:
 rule teacher_force_y:
     input:
         rollout=f"{RESULTS}/rollouts/U/shard_{{shard}}.safetensors",
-        policy=POLICY_DIR,
+        policy=POLICY,
+        batch=U_OBJECTIVE,
     output:
         f"{RESULTS}/teacher_force/{{kind}}/shard_{{shard}}.safetensors",
-    wildcard_constraints:
-        kind="Y",
-    params:
-        cfg=sections("batch_config", "generation", "model", estimator=["param_filter"], update=["loss_normalization"]),
-    resources:
-        gpu=GPU,
-    conda:
-        "../envs/probe.yaml"
     log:
         f"{RESULTS}/logs/teacher_force_{{kind}}_{{shard}}.log",
+    benchmark:
+        benchmark_path("teacher_force_{kind}_{shard}")
+    wildcard_constraints:
+        kind="Y",
+    conda:
+        "../envs/probe.yaml"
+    threads: MODEL_THREADS
+    resources:
+        gpu=GPU,
+    params:
+        values=params_of("teacher_force_y"),
     script:
         "../../scripts/teacher_force.py"
 
@@ -58,15 +93,17 @@ rule teacher_force_y:
 rule reduce_gradients:
     input:
         lambda wc: shard_paths(
-            f"{RESULTS}/teacher_force/{wc.kind}/shard_{{shard}}.safetensors", "E" if wc.kind == "X" else "U"
+            f"{RESULTS}/teacher_force/{wc.kind}/shard_{{shard}}.safetensors",
+            "E" if wc.kind == "X" else "U",
         ),
     output:
         f"{RESULTS}/gradients/{{kind}}.safetensors",
+    log:
+        f"{RESULTS}/logs/reduce_gradients_{{kind}}.log",
     wildcard_constraints:
         kind="X|Y",
     conda:
         "../envs/probe.yaml"
-    log:
-        f"{RESULTS}/logs/reduce_gradients_{{kind}}.log",
+    threads: 1
     script:
         "../../scripts/reduce_gradients.py"

@@ -3,18 +3,16 @@ rule update_vector:
     input:
         unpack(update_state_inputs),
         Y=f"{RESULTS}/gradients/Y.safetensors",
-        policy=POLICY_DIR,
+        policy=POLICY,
     output:
         f"{RESULTS}/update/v.safetensors",
-    params:
-        cfg=sections(
-            model=["name_or_path", "dtype"],
-            update=["optimizer", "optimizer_state", "optimizer_param_names", "max_grad_norm"],
-        ),
-    conda:
-        "../envs/probe.yaml"
     log:
         f"{RESULTS}/logs/update_vector.log",
+    conda:
+        "../envs/probe.yaml"
+    threads: 1
+    params:
+        values=params_of("update_vector"),
     script:
         "../../scripts/update_vector.py"
 
@@ -24,14 +22,15 @@ rule u_jackknife:
         unpack(update_state_inputs),
         X=f"{RESULTS}/gradients/X.safetensors",
         Y=shard_paths(f"{RESULTS}/teacher_force/Y/shard_{{shard}}.safetensors", "U"),
-        policy=POLICY_DIR,
+        policy=POLICY,
     output:
         f"{RESULTS}/estimates/u_jackknife.json",
-    params:
-        cfg=rules.update_vector.params.cfg,
-    conda:
-        "../envs/probe.yaml"
     log:
         f"{RESULTS}/logs/u_jackknife.log",
+    conda:
+        "../envs/probe.yaml"
+    threads: 1
+    params:
+        values=params_of("u_jackknife"),
     script:
         "../../scripts/u_jackknife.py"

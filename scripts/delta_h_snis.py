@@ -1,6 +1,7 @@
-"""Stage: the true ΔH(η) by SNIS over the whole E batch, with SE, ESS and diagnostics per η.
+"""Stage: the true ΔH(η) with θ's nucleus held fixed, by SNIS over the whole E batch (DESIGN §2),
+with SE, ESS and diagnostics per η.
 
-By hand:  python scripts/delta_h.py CONFIG.yaml OUT.json SNIS_SHARD...
+By hand:  python scripts/delta_h_snis.py CONFIG.yaml OUT.json SNIS_SHARD...
 """
 import argparse
 import logging
@@ -8,8 +9,7 @@ import logging
 import torch
 
 from entropy_probe import shards, snis
-from entropy_probe.config import load_config
-from entropy_probe.stage import stage_run
+from entropy_probe.stage import config_for, rule_config, stage_run
 
 
 def main(cfg: dict, shard_paths: list[str], out_path: str) -> None:
@@ -23,15 +23,15 @@ def main(cfg: dict, shard_paths: list[str], out_path: str) -> None:
     for j, eta in enumerate(etas):
         row = snis.delta_h(cat["log_w"][j], cat["S_shifted"][j], cat["S"], cat["T"], cat["own_nucleus_differs"][j], G, norm)
         rows.append({"eta": eta, **row})
-        logging.getLogger("delta_h").info("eta %.4g: ΔH = %.6g ± %.3g, ESS %.1f / %d", eta, row["delta_h"], row["se"],
+        logging.getLogger("delta_h_snis").info("eta %.4g: ΔH = %.6g ± %.3g, ESS %.1f / %d", eta, row["delta_h"], row["se"],
                                           row["ess"], row["num_sequences"])
     shards.write_json(out_path, {"normalization": norm, "model_fingerprint": loaded[0][1]["model_fingerprint"],
-                                 "delta_h": rows})
+                                 "rows": rows})
 
 
 if "snakemake" in globals():
-    with stage_run(snakemake.log[0]):  # noqa: F821
-        main(snakemake.params.cfg, list(snakemake.input), snakemake.output[0])  # noqa: F821
+    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
+        main(rule_config(snakemake), list(snakemake.input), snakemake.output[0])  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
@@ -39,4 +39,4 @@ elif __name__ == "__main__":
     parser.add_argument("shards", nargs="+")
     args = parser.parse_args()
     with stage_run():
-        main(load_config(args.config), args.shards, args.out)
+        main(config_for(args.config, "delta_h_snis"), args.shards, args.out)

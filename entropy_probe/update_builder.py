@@ -7,8 +7,7 @@ import logging
 from torch import Tensor
 
 from . import gradients, models, shards
-from .config import EMBEDDED
-from .input_files import resolve_state_paths
+from .input_files import EMBEDDED, resolve_state_paths
 from .optimizer_state import load_adamw_state
 from .update import FRESH_HYPER, clip_coefficient, update_direction
 

@@ -1,0 +1,167 @@
+"""The GRPO objective on the U batch (DESIGN §2 "Y and v", §2b "Trainer loss normalizations"):
+group advantages and the registry of loss types, the one place every trainer's normalization is
+written down (in the style of verl's ``core_algos.py``).
+
+On-policy, with the ratio at 1, clipping inactive and KL 0, every loss type is
+J = Σ_i c_i Σ_k log p_ik over the U batch's responses i (prompt-major, b·G + g), p = softmax(z/τ)
+(no top-p: what trainers use), and Y = ∇J (ascent). c_i = a_i / Z is split into a per-response
+numerator a_i and a normalizer Z = Σ_i z_i, so that shards accumulate Σ a_i ∇ Σ_k log p_ik and the
+reduction divides once (and a leave-one-shard-out jackknife can drop a shard's z's).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .errors import ProbeError
+
+SCALE_MODES = ("none", "group", "batch")
+STD_EPS = 1e-4  # GRPO / TRL: A / (std + 1e-4)
+
+
+def scale_mode(value) -> str:
+    """``batch_config.scale_rewards``: true = ``group`` (GRPO), false = ``none``, or a TRL mode."""
+    if value is True:
+        return "group"
+    if value is False:
+        return "none"
+    if value not in SCALE_MODES:
+        raise ValueError(f"batch_config.scale_rewards: {value!r} is not one of true, false, {', '.join(SCALE_MODES)}")
+    return value
+
+
+def group_advantages(rewards: Tensor, scale) -> Tensor:
+    """A = r − mean_g r per prompt group, ``[B, G] -> [B, G]``; ``group`` also divides by the
+    group's (unbiased) std + 1e-4, ``batch`` by the whole batch's; G = 1 gives A = 0 (the std
+    is taken as 0, not NaN)."""
+    mode = scale_mode(scale)
+    centred = rewards - rewards.mean(-1, keepdim=True)
+    if mode == "group":
+        std = rewards.std(-1, keepdim=True) if rewards.shape[-1] > 1 else torch.zeros_like(centred)
+        centred = centred / (std + STD_EPS)
+    elif mode == "batch":
+        std = rewards.std() if rewards.numel() > 1 else torch.zeros(())
+        centred = centred / (std + STD_EPS)
+    return centred
+
+
+def informative_groups(rewards: Tensor) -> int:
+    """Prompt groups whose advantages are not all zero (rewards not all equal), ``[B, G] -> int``:
+    only they contribute to Y."""
+    return int((rewards != rewards[:, :1]).any(-1).sum())
+
+
+class NoSignalError(ValueError, ProbeError):
+    """The U batch gives the update no gradient (every group's advantages are zero)."""
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """Loss-type settings that are config keys (``update.*``); 0 = unset."""
+
+    max_completion_length: int = 0
+    loss_scale_factor: float = 0.0
+    micro_batch_size: int = 0
+
+
+@dataclass(frozen=True)
+class LossType:
+    name: str
+    formula: str
+    weights: Callable[[Tensor, Tensor, LossSettings], tuple[Tensor, Tensor]]  # (a, z), each [B, G]
+    needs: tuple[str, ...] = ()
+
+
+def _require(settings: LossSettings, key: str, loss: str):
+    value = getattr(settings, key)
+    if not value or value <= 0:
+        raise ValueError(f"update.{key}: must be > 0 for update.loss_type {loss!r}")
+    return value
+
+
+def _token_mean(A, T, s):
+    return A, T.double()
+
+
+def _seq_mean_token_mean(A, T, s):
+    return A / T.double(), torch.ones_like(A)
+
+
+def _seq_mean_token_sum(A, T, s):
+    return A, torch.ones_like(A)
+
+
+def _dr_grpo(A, T, s):
+    L = _require(s, "max_completion_length", "dr_grpo")
+    return A, torch.full_like(A, float(L))
+
+
+def _prompt_max_len(A, T, s):
+    B, G = A.shape
+    L_max = T.double().max(-1, keepdim=True).values
+    return A / (G * L_max), torch.full_like(A, 1.0 / G)
+
+
+def _seq_mean_token_sum_norm(A, T, s):
+    factor = _require(s, "loss_scale_factor", "seq-mean-token-sum-norm")
+    return A, torch.full_like(A, factor / A.numel())
+
+
+def _bnpo(A, T, s):
+    """Per micro-batch of ``micro_batch_size`` consecutive responses: Σ A log p / Σ T of the
+    micro-batch, averaged over the M micro-batches (gradient accumulation)."""
+    size = _require(s, "micro_batch_size", "bnpo")
+    flat_T = T.double().reshape(-1)
+    n = flat_T.numel()
+    starts = torch.arange(0, n, size)
+    tokens = torch.stack([flat_T[i:i + size].sum() for i in starts.tolist()]).clamp(min=1.0)
+    per_response = tokens.repeat_interleave(size)[:n].reshape(A.shape)
+    return A / (len(starts) * per_response), torch.full_like(A, 1.0 / n)
+
+
+_TYPES = [
+    LossType("token_mean", "Σ_i Σ_k A_i log p_ik / Σ_i T_i (DAPO)", _token_mean),
+    LossType("seq_mean_token_mean", "(1/N) Σ_i (1/T_i) Σ_k A_i log p_ik (GRPO)", _seq_mean_token_mean),
+    LossType("seq_mean_token_sum", "(1/N) Σ_i Σ_k A_i log p_ik", _seq_mean_token_sum),
+    LossType("dr_grpo", "Σ_i Σ_k A_i log p_ik / (N · max_completion_length) (TRL dr_grpo)", _dr_grpo,
+             ("max_completion_length",)),
+    LossType("seq_mean_token_sum_prompt_max_len",
+             "mean over prompts of Σ_{i∈b} Σ_k A_i log p_ik / (G · L_max of prompt b) (Dr-GRPO with each prompt's "
+             "longest response; not TRL's dr_grpo)", _prompt_max_len),
+    LossType("seq_mean_token_sum_norm", "Σ_i Σ_k A_i log p_ik / loss_scale_factor (verl)", _seq_mean_token_sum_norm,
+             ("loss_scale_factor",)),
+    LossType("bnpo", "mean over micro-batches of Σ_{i∈mb} Σ_k A_i log p_ik / Σ_{i∈mb} T_i (TRL bnpo)", _bnpo,
+             ("micro_batch_size",)),
+]
+LOSS_TYPES = {t.name: t for t in _TYPES}
+# trainers' names for the same quantities (TRL loss_type, verl loss_agg_mode)
+ALIASES = {
+    "dapo": "token_mean", "token-mean": "token_mean",
+    "grpo": "seq_mean_token_mean", "seq-mean-token-mean": "seq_mean_token_mean",
+    "seq-mean-token-sum": "seq_mean_token_sum", "seq-mean-token-sum-norm": "seq_mean_token_sum_norm",
+}
+NAMES = tuple(LOSS_TYPES) + tuple(ALIASES)
+
+
+def resolve(name: str) -> LossType:
+    canonical = ALIASES.get(name, name)
+    if canonical not in LOSS_TYPES:
+        raise ValueError(f"update.loss_type: unknown loss type {name!r} ({' | '.join(NAMES)})")
+    return LOSS_TYPES[canonical]
+
+
+def response_weights(loss_type: str, advantages: Tensor, lengths: Tensor,
+                     settings: LossSettings = LossSettings()) -> tuple[Tensor, Tensor]:
+    """(a, z), each ``[B, G]`` float64, over the whole U batch: c_i = a_i / Σ z."""
+    a, z = resolve(loss_type).weights(advantages.double(), lengths, settings)
+    return a, z
+
+
+def response_coefficients(loss_type: str, advantages: Tensor, lengths: Tensor,
+                          settings: LossSettings = LossSettings()) -> Tensor:
+    """c_i of J = Σ_i c_i Σ_k log p_ik, ``[B, G]`` float64 (whole U batch, prompt-major)."""
+    a, z = response_weights(loss_type, advantages, lengths, settings)
+    return a / z.sum()

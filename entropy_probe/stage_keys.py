@@ -1,0 +1,140 @@
+"""Which config keys define each stage's output: the rules' ``params`` and the stages' view of
+the config.
+
+A rule reruns when its params change, so each rule's params hold exactly the values that define
+its output (:data:`STAGE_KEYS`), in a canonical form (sorted keys, numbers as the schema types
+them), so that neither the key order of the config file nor an unrelated key of the same section
+reruns it. Pure execution knobs (:data:`EXECUTION_KEYS`: device, batch and chunk sizes) change no
+stored number beyond float rounding and are no rule's params: a stage reads them from the config
+as it stands. A stage sees only its defining keys and the execution knobs
+(:func:`stage_config`): reading any other key is a KeyError, so a stage cannot silently depend
+on a value its cache does not track.
+
+E-side stages never list U-side keys and the other way round (a test checks it). Torch-free: the
+Snakefile imports this while it parses.
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+SAMPLING = ("generation.temperature", "generation.top_p", "generation.max_new_tokens", "generation.stop_strings")
+# what a rollout shard's header records and every reader of it checks (entropy_probe.stage_inputs)
+ROLLOUT_PROVENANCE = SAMPLING + ("batch_config.seed", "batch_config.G")
+REWARD = ("reward.name", "reward.function", "reward.format_weight")
+PASS_NUMERICS = ("model.dtype", "model.trainable", "generation.autocast_dtype", "estimator.param_filter")
+X_ESTIMATOR = ("estimator.normalization", "estimator.baseline", "generation.rb_requires_grad")
+UPDATE_RULE = ("update.optimizer", "update.optimizer_state", "update.optimizer_param_names", "update.max_grad_norm",
+               "model.name_or_path", "model.dtype")
+ETA_SWEEP = ("estimator.eta_list", "estimator.central_difference")
+
+STAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "build_policy": ("toy.seed", "toy.max_operand", "toy.target_accuracy", "toy.max_steps"),
+    "policy_spec": ("model.name_or_path", "model.adapter_path", "model.trust_remote_code"),
+    "prepare_data": ("data.source", "data.config_name", "data.prompt_field", "data.answer_field",
+                     "data.answer_pattern", "data.prompt_template", "data.use_chat_template", "data.system_prompt",
+                     "data.max_prompt_tokens"),
+    "plan_E": ("batch_config.seed", "batch_config.G", "batch_config.E_total_sequences",
+               "batch_config.E_sampling_mode", "batch_config.E_num_shards"),
+    "plan_U": ("batch_config.seed", "batch_config.B_U", "batch_config.U_num_shards"),
+    "rollout": ROLLOUT_PROVENANCE + REWARD + ("model.dtype",),
+    "e_stats": ROLLOUT_PROVENANCE,
+    "u_objective": ROLLOUT_PROVENANCE + ("batch_config.scale_rewards", "update.loss_type",
+                                         "update.max_completion_length", "update.loss_scale_factor",
+                                         "update.micro_batch_size"),
+    "teacher_force_x": ROLLOUT_PROVENANCE + PASS_NUMERICS + X_ESTIMATOR,
+    "teacher_force_y": ROLLOUT_PROVENANCE + PASS_NUMERICS,
+    "update_vector": UPDATE_RULE,
+    "u_jackknife": UPDATE_RULE,
+    "directional": ROLLOUT_PROVENANCE + PASS_NUMERICS + X_ESTIMATOR,
+    "delta_h1": ("estimator.eta_list", "batch_config.G"),
+    "snis_shard": ROLLOUT_PROVENANCE + ETA_SWEEP + ("model.dtype", "generation.autocast_dtype"),
+    "delta_h_snis": ("estimator.normalization", "batch_config.G"),
+    "exact_reference": SAMPLING + ETA_SWEEP + ("estimator.normalization", "model.dtype"),
+}
+# The summary records every defining value (its params: the union of all stages' keys).
+STAGE_KEYS["summary"] = tuple(sorted({key for keys in STAGE_KEYS.values() for key in keys}))
+
+# Change no stored number beyond float rounding (tests hold the summary to that): read, not tracked.
+EXECUTION_KEYS = ("model.device", "batch_config.rollout_batch_size", "generation.gen_batch_size",
+                  "generation.tf_batch_size", "generation.tf_chunk_tokens")
+# Decide which files exist (the DAG), not what a file holds: no stage reads them as values.
+STRUCTURE_KEYS = ("data.split", "data.E_split", "data.U_split")
+
+# The two batches: a stage of one side never depends on the other side's keys.
+U_ONLY_KEYS = ("batch_config.B_U", "batch_config.U_num_shards", "batch_config.scale_rewards", "data.U_split",
+               "update.loss_type", "update.max_completion_length", "update.loss_scale_factor",
+               "update.micro_batch_size", "update.optimizer", "update.optimizer_state",
+               "update.optimizer_param_names", "update.max_grad_norm")
+E_ONLY_KEYS = ("batch_config.E_total_sequences", "batch_config.E_sampling_mode", "batch_config.E_num_shards",
+               "data.E_split", "estimator.normalization", "estimator.baseline", "generation.rb_requires_grad")
+E_SIDE_STAGES = ("plan_E", "e_stats", "teacher_force_x")
+U_SIDE_STAGES = ("plan_U", "u_objective", "teacher_force_y", "update_vector", "u_jackknife")
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+@lru_cache(maxsize=1)
+def _number_keys() -> frozenset[str]:
+    """Dotted keys the schema types as ``number`` (or arrays of numbers): 1 and 1.0 are one value."""
+    import yaml
+
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    keys = set()
+    for section, sub in schema["properties"].items():
+        for key, spec in sub.get("properties", {}).items():
+            if spec.get("type") == "number" or spec.get("items", {}).get("type") == "number":
+                keys.add(f"{section}.{key}")
+    return frozenset(keys)
+
+
+def lookup(config: dict, dotted: str):
+    section, key = dotted.split(".", 1)
+    return config[section][key]
+
+
+# values spelled in two ways (entropy_probe.losses.scale_mode reads both)
+_SYNONYMS = {"batch_config.scale_rewards": {True: "group", False: "none"}}
+
+
+def _canonical(dotted: str, value):
+    if dotted in _SYNONYMS and not isinstance(value, (list, dict)):
+        return _SYNONYMS[dotted].get(value, value)
+    if dotted in _number_keys():
+        if isinstance(value, list):
+            return [float(x) for x in value]
+        return float(value)
+    return value
+
+
+def defining_values(config: dict, stage: str) -> dict:
+    """{dotted key: value} of the keys that define ``stage``'s output, canonical."""
+    return {key: _canonical(key, lookup(config, key)) for key in STAGE_KEYS[stage]}
+
+
+def rule_params(config: dict, stage: str) -> str:
+    """The canonical params string of a rule: its defining values as sorted, compact JSON."""
+    return json.dumps(defining_values(config, stage), sort_keys=True, separators=(",", ":"))
+
+
+def nest(flat: dict) -> dict:
+    """{"a.b": 1} -> {"a": {"b": 1}}."""
+    out: dict = {}
+    for dotted, value in flat.items():
+        section, key = dotted.split(".", 1)
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def stage_config(defining: dict | str, full_config: dict) -> dict:
+    """What a stage sees: its defining values (a dict, or the rule's params string) and the
+    execution knobs of the full config, as a nested config dict with nothing else in it."""
+    flat = json.loads(defining) if isinstance(defining, str) else dict(defining)
+    flat |= {key: lookup(full_config, key) for key in EXECUTION_KEYS}
+    return nest(flat)
+
+
+def stage_config_from(full_config: dict, stage: str) -> dict:
+    """:func:`stage_config` of a full (validated) config, for running a stage by hand."""
+    return stage_config(defining_values(full_config, stage), full_config)
