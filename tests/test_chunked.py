@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from entropy_probe import estimators, generate, measure, passes, snis, teacher_force
+from entropy_probe import estimators, generate, losses, measure, parameters, passes, snis, teacher_force, tf_layout
 
 SETTINGS = [(1.0, 1.0), (0.7, 0.8), (1.3, 0.95)]  # (temperature, top_p)
 CHUNKS = [1, 7, 10**6]  # one token at a time, a size that divides nothing here, one chunk
@@ -125,7 +125,7 @@ def sampled_rollout(model, *, B=3, G=3, P=5, T=6, temperature=1.0, top_p=1.0, se
         "sequences": torch.cat([prompt_tokens.repeat_interleave(G, 0), out.response_tokens], 1).view(B, G, -1),
         "attention_masks": torch.cat([prompt_mask.repeat_interleave(G, 0), valid.long()], 1).view(B, G, -1),
         "prompt_lens": prompt_lens, "response_lens": lens, "max_lengths": lens.max(-1).values,
-        "rewards": rewards, "advantages": rewards - rewards.mean(-1, keepdim=True),
+        "rewards": rewards,
         "token_log_q": out.token_log_q.view(B, G, -1), "rb_entropies": out.entropies.view(B, G, -1),
     }, pad
 
@@ -158,7 +158,7 @@ def assert_grads_close(a, b, rtol=2e-4):
 def test_chunked_scores_equal_unchunked(temperature, top_p, chunk):
     model = small_qwen2(tied=False)
     rollout, pad = sampled_rollout(model, temperature=temperature, top_p=top_p, seed=1)
-    batch = teacher_force.from_rollout(rollout, pad)
+    batch = tf_layout.from_rollout(rollout, pad)
     assert batch.response_mask.sum() > chunk or chunk >= 10**6
     with torch.no_grad():
         lq, h, log_p = reference_scores(model, batch, temperature, top_p)
@@ -175,7 +175,7 @@ def test_chunked_scores_equal_unchunked(temperature, top_p, chunk):
 def test_checkpointed_score_gradients_equal_unchunked(temperature, top_p):
     model = small_qwen2(tied=True)
     rollout, pad = sampled_rollout(model, temperature=temperature, top_p=top_p, seed=2)
-    batch = teacher_force.from_rollout(rollout, pad)
+    batch = tf_layout.from_rollout(rollout, pad)
     a = torch.randn(batch.response_tokens.shape, generator=torch.Generator().manual_seed(0))
     lq, h, _ = reference_scores(model, batch, temperature, top_p)
     expected = grads_of(model, (h + a * lq).sum())
@@ -196,7 +196,7 @@ def test_fused_surrogate_value_and_gradients_equal_autograd(temperature, top_p, 
         wrapped.weight = model.lm_head.weight
         model.lm_head = wrapped
     rollout, pad = sampled_rollout(model, temperature=temperature, top_p=top_p, seed=3)
-    batch = teacher_force.from_rollout(rollout, pad)
+    batch = tf_layout.from_rollout(rollout, pad)
     g = torch.Generator().manual_seed(1)
     valid = batch.response_mask.float()
     c_h, c_q, c_p = valid, torch.randn(valid.shape, generator=g) * valid, torch.randn(valid.shape, generator=g) * valid
@@ -219,10 +219,11 @@ def test_fused_surrogate_value_and_gradients_equal_autograd(temperature, top_p, 
 
 
 def reference_x_gradient(model, rollout, pad, temperature, top_p, H_bar, rb_requires_grad=True):
-    batch = teacher_force.from_rollout(rollout, pad)
-    weights = passes.x_weights(rollout, H_bar, "token", "loo")
+    batch = tf_layout.from_rollout(rollout, pad)
+    coefs = estimators.x_coefficients(rollout["rb_entropies"], rollout["response_lens"], H_bar, "token", "loo",
+                                      rb_requires_grad)
     lq, h, _ = reference_scores(model, batch, temperature, top_p)
-    value = estimators.x_surrogate(h, lq, weights[:, : h.shape[1]].float(), rb_requires_grad)
+    value = estimators.surrogate_value(coefs, h, lq)
     return dict(zip([n for n, p in model.named_parameters()], grads_of(model, value))), h.double().sum(-1)
 
 
@@ -230,7 +231,7 @@ def reference_x_gradient(model, rollout, pad, temperature, top_p, H_bar, rb_requ
 def test_x_and_y_passes_equal_the_unchunked_gradients(temperature, top_p):
     model = small_qwen2(tied=False)
     rollout, pad = sampled_rollout(model, B=4, G=3, temperature=temperature, top_p=top_p, seed=4)
-    params = teacher_force.selected_parameters(model)
+    params = parameters.select(model)
     H_bar = float(rollout["rb_entropies"].sum() / rollout["response_lens"].sum())
     expected, S = reference_x_gradient(model, rollout, pad, temperature, top_p, H_bar)
     for tf_batch_size, chunk in ((5, 7), (1000, 1), (2, 10**6)):
@@ -240,21 +241,21 @@ def test_x_and_y_passes_equal_the_unchunked_gradients(temperature, top_p):
         assert_grads_close([grads[k] for k in expected], [expected[k].double() for k in expected])
         torch.testing.assert_close(stats["S"], S, atol=1e-5, rtol=1e-6)
     # Y: the GRPO objective's gradient
-    batch = teacher_force.from_rollout(rollout, pad)
-    coef, _ = estimators.grpo_coefficients(rollout["advantages"], rollout["response_lens"], rollout["max_lengths"],
-                                           "seq_mean_token_mean")
+    batch = tf_layout.from_rollout(rollout, pad)
+    advantages = losses.group_advantages(rollout["rewards"], "none")
+    coef, _ = losses.response_weights("seq_mean_token_mean", advantages, rollout["response_lens"])
     _, _, log_p = reference_scores(model, batch, temperature, top_p)
     y_expected = grads_of(model, (coef.reshape(-1, 1).float() * log_p).sum())
     for tf_batch_size, chunk in ((5, 7), (1000, 3)):
-        grads, _ = passes.y_gradient(model, params, rollout, pad_token_id=pad, temperature=temperature,
-                                     normalization="seq_mean_token_mean", tf_batch_size=tf_batch_size, chunk_tokens=chunk)
+        grads = passes.y_gradient(model, params, rollout, coef, pad_token_id=pad, temperature=temperature,
+                                  tf_batch_size=tf_batch_size, chunk_tokens=chunk)
         assert_grads_close([grads[k] for k in expected], [g.double() for g in y_expected])
 
 
 def test_x_pass_without_rb_gradient_drops_only_the_pathwise_term():
     model = small_qwen2(tied=True)
     rollout, pad = sampled_rollout(model, temperature=0.7, top_p=0.8, seed=5)
-    params = teacher_force.selected_parameters(model)
+    params = parameters.select(model)
     expected, _ = reference_x_gradient(model, rollout, pad, 0.7, 0.8, 1.0, rb_requires_grad=False)
     grads, _ = passes.x_gradient(model, params, rollout, pad_token_id=pad, temperature=0.7, top_p=0.8, H_bar=1.0,
                                  normalization="token", baseline="loo", rb_requires_grad=False, tf_batch_size=4,
@@ -265,7 +266,7 @@ def test_x_pass_without_rb_gradient_drops_only_the_pathwise_term():
 def test_bf16_autocast_x_pass_is_close_to_fp32():
     model = small_qwen2(tied=False)
     rollout, pad = sampled_rollout(model, seed=6)
-    params = teacher_force.selected_parameters(model)
+    params = parameters.select(model)
     kwargs = dict(pad_token_id=pad, temperature=1.0, top_p=1.0, H_bar=1.0, normalization="token", baseline="loo",
                   rb_requires_grad=True, tf_batch_size=64, chunk_tokens=7)
     fp32, _ = passes.x_gradient(model, params, rollout, **kwargs)
@@ -288,7 +289,7 @@ def test_chunked_directional_sums_equal_one_chunk(temperature, top_p):
     for key in one:
         torch.testing.assert_close(chunked[key], one[key], atol=1e-6, rtol=1e-5)
     # and X·v from the reverse-mode pass agrees with the forward-mode sums
-    params = teacher_force.selected_parameters(model)
+    params = parameters.select(model)
     S, T = one["S"].sum(), one["T"].sum()
     x, _ = passes.x_gradient(model, params, rollout, H_bar=float(S / T), tf_batch_size=3, chunk_tokens=5, **kwargs)
     n = one["P"].numel()
@@ -299,7 +300,7 @@ def test_chunked_directional_sums_equal_one_chunk(temperature, top_p):
 
 def reference_snis(model, direction, rollout, etas, pad, temperature, top_p):
     """The SNIS per-sequence quantities from full [n, T, V] logits at θ and each θ'."""
-    batch = teacher_force.from_rollout(rollout, pad)
+    batch = tf_layout.from_rollout(rollout, pad)
     scorer = teacher_force.ResponseLogits(model)
     args = (batch.input_ids, batch.attention_mask, batch.prompt_lens, batch.response_tokens.shape[1])
     valid = batch.response_mask
@@ -316,7 +317,7 @@ def reference_snis(model, direction, rollout, etas, pad, temperature, top_p):
         base_lq, S = sums(base)
         out = {"log_w": [], "S_shifted": [], "own_nucleus_differs": []}
         for eta in etas:
-            logits = torch.func.functional_call(scorer, snis.shifted_parameters(model, direction, eta), args)
+            logits = torch.func.functional_call(scorer, {f"policy.{k}": t for k, t in parameters.shifted(model, direction, eta).items()}, args)
             lq, S_shifted = sums(logits)
             out["log_w"].append(lq - base_lq)
             out["S_shifted"].append(S_shifted)

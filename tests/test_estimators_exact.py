@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from entropy_probe import estimators, passes, probe, rollout, rewards, teacher_force
+from entropy_probe import estimators, losses, parameters, passes, rollout, rewards, stage_inputs, teacher_force, tf_layout
 
 from entropy_probe import exact
 
@@ -26,7 +26,7 @@ def sample_batch(model, tokenizer, temperature, top_p, num_prompts=NUM_PROMPTS, 
     return rollout.rollout_shard(
         model, tokenizer, PROMPTS, ids, G=G, kind="E", shard_index=0, seed=seed, temperature=temperature,
         top_p=top_p, max_new_tokens=MAX_NEW_TOKENS, rollout_batch_size=256, gen_batch_size=1024,
-        reward_fn=rewards.exact_match, scale_rewards=False,
+        reward_fn=rewards.exact_match,
     )
 
 
@@ -50,8 +50,8 @@ def batches(toy_model):
 def test_x_estimator_is_unbiased_against_exact_gradient(toy_model, batches, temperature, top_p):
     model, tokenizer = toy_model
     batch = batches[(temperature, top_p)]
-    stats = probe.e_batch_stats([batch])
-    params = teacher_force.selected_parameters(model)
+    stats = stage_inputs.e_batch_stats([batch])
+    params = parameters.select(model)
     prompts = [p["prompt"] for p in PROMPTS]
     us = directions(model)
     for normalization in ("token", "sequence"):
@@ -104,8 +104,8 @@ def test_x_does_not_depend_on_the_sharding(toy_model, batches):
     """The same E batch cut into 1 or 4 shards gives the same X (whole-batch H̄)."""
     model, tokenizer = toy_model
     batch = batches[(0.7, 0.8)]
-    stats = probe.e_batch_stats([batch])
-    params = teacher_force.selected_parameters(model)
+    stats = stage_inputs.e_batch_stats([batch])
+    params = parameters.select(model)
     kwargs = dict(pad_token_id=tokenizer.pad_token_id, temperature=0.7, top_p=0.8, H_bar=stats["H_bar_token"],
                   normalization="token", baseline="loo", rb_requires_grad=True, tf_batch_size=100)
     whole, _ = passes.x_gradient(model, params, batch, **kwargs)
@@ -121,8 +121,8 @@ def test_x_does_not_depend_on_the_sharding(toy_model, batches):
 def test_rb_requires_grad_false_drops_the_pathwise_term(toy_model, batches):
     model, tokenizer = toy_model
     batch = _slice_groups(batches[(1.0, 1.0)], 0, 32)
-    stats = probe.e_batch_stats([batch])
-    params = teacher_force.selected_parameters(model)
+    stats = stage_inputs.e_batch_stats([batch])
+    params = parameters.select(model)
     kwargs = dict(pad_token_id=tokenizer.pad_token_id, temperature=1.0, top_p=1.0, H_bar=stats["H_bar_token"],
                   normalization="token", baseline="loo", tf_batch_size=64)
     with_rb, _ = passes.x_gradient(model, params, batch, rb_requires_grad=True, **kwargs)
@@ -132,7 +132,7 @@ def test_rb_requires_grad_false_drops_the_pathwise_term(toy_model, batches):
     diff = sum(float((with_rb[k] - without[k]).abs().sum()) for k in with_rb)
     assert diff > 1e-3
     # the pathwise term alone is ∇ Σ h: check it against autograd on the same batch
-    tb = teacher_force.from_rollout(batch, tokenizer.pad_token_id)
+    tb = tf_layout.from_rollout(batch, tokenizer.pad_token_id)
     for p in params.values():
         p.grad = None
     scores = teacher_force.score(teacher_force.ResponseLogits(model), tb, 1.0, 1.0)
@@ -149,21 +149,22 @@ def test_y_estimator_is_unbiased_against_exact_grpo_gradient(toy_model):
     model, tokenizer = toy_model
     temperature, top_p, num_groups = 0.7, 0.8, 96
     batch = sample_batch(model, tokenizer, temperature, top_p, num_prompts=num_groups, seed=5)
-    params = teacher_force.selected_parameters(model)
+    params = parameters.select(model)
     expected_y = exact.exact_grpo_gradient(
         model, tokenizer, [p["prompt"] for p in PROMPTS], [p["answer"] for p in PROMPTS], temperature=temperature,
         top_p=top_p, max_new_tokens=MAX_NEW_TOKENS, G=G)
     u = {k: g.double() for k, g in expected_y.items()}
+    advantages = losses.group_advantages(batch["rewards"], "none")
+    numerators, terms = losses.response_weights("grpo", advantages, batch["response_lens"])
     per_group = []
     for g in range(num_groups):
-        grads, share = passes.y_gradient(model, params, _slice_groups(batch, g, g + 1),
-                                         pad_token_id=tokenizer.pad_token_id, temperature=temperature,
-                                         normalization="seq_mean_token_mean", tf_batch_size=G)
-        per_group.append(x_dot(grads, u, share))
+        grads = passes.y_gradient(model, params, _slice_groups(batch, g, g + 1), numerators[g:g + 1],
+                                  pad_token_id=tokenizer.pad_token_id, temperature=temperature, tf_batch_size=G)
+        per_group.append(x_dot(grads, u, float(terms[g].sum())))
     per_group = torch.tensor(per_group, dtype=torch.float64)
-    whole, share = passes.y_gradient(model, params, batch, pad_token_id=tokenizer.pad_token_id,
-                                     temperature=temperature, normalization="seq_mean_token_mean", tf_batch_size=512)
-    estimate = x_dot(whole, u, share)
+    whole = passes.y_gradient(model, params, batch, numerators, pad_token_id=tokenizer.pad_token_id,
+                              temperature=temperature, tf_batch_size=512)
+    estimate = x_dot(whole, u, float(terms.sum()))
     assert estimate == pytest.approx(float(per_group.mean()), rel=1e-4)
     se = float(per_group.std() / num_groups**0.5)
     truth = exact.dot(expected_y, u)

@@ -15,7 +15,7 @@ import types
 import pytest
 import torch
 
-from entropy_probe import generate, measure, rewards
+from entropy_probe import generate, measure, parameters, rewards
 from entropy_probe.toy import EOS, PAD, VOCAB
 
 from entropy_probe import exact
@@ -283,14 +283,15 @@ def test_fixed_nucleus_gradient_with_top_p(smooth_model):
     # At a step large enough to move a nucleus boundary, "base" keeps θ's tree (and is still a
     # probability measure) while "own" does not.
     enum_kw = dict(temperature=0.7, top_p=0.8, max_new_tokens=MAX_NEW)
-    shifted = exact.shifted_parameters(model64, direction, 0.03)
+    shifted = parameters.shifted(model64, direction, 0.03)
     with torch.no_grad():
         at_theta = exact.enumerate_responses(model64, tokenizer, PROMPTS, **enum_kw)
         base = exact.enumerate_responses(model64, tokenizer, PROMPTS, params=shifted, nucleus="base", **enum_kw)
         own = exact.enumerate_responses(model64, tokenizer, PROMPTS, params=shifted, nucleus="own", **enum_kw)
     assert torch.equal(base.tokens, at_theta.tokens) and torch.equal(base.prompt_index, at_theta.prompt_index)
     assert torch.allclose(base.per_prompt(torch.ones_like(base.log_q)), torch.ones(len(PROMPTS), dtype=torch.float64))
-    assert not torch.allclose(base.entropy_sum, own.entropy_sum), "the step moved no nucleus boundary"
+    moved = own.tokens.shape != base.tokens.shape or not torch.allclose(base.entropy_sum, own.entropy_sum)
+    assert moved, "the step moved no nucleus boundary"
 
 
 # --- 5. exact E[Y] of GRPO against brute force over groups ---
@@ -298,7 +299,7 @@ def test_fixed_nucleus_gradient_with_top_p(smooth_model):
 def _per_response_scores(model, tokenizer, prompts, golds, *, temperature, top_p, max_new_tokens):
     """For every enumerated response: q, the reward and f = (1/T) Σ_k ∇ log softmax(z_k/τ)(y_k)
     (flattened, from one unbatched forward/backward per response), grouped by prompt."""
-    params = exact.trainable_parameters(model)
+    params = parameters.select(model)
     names = list(params)
     with torch.no_grad():
         enum = exact.enumerate_responses(
@@ -321,8 +322,10 @@ def _per_response_scores(model, tokenizer, prompts, golds, *, temperature, top_p
             r.append(rewards.exact_match(tokenizer.decode(response, skip_special_tokens=True), gold))
         r = torch.tensor(r, dtype=torch.float64)
         q = enum.q[leaves]
-        assert 0 < float((q * r).sum()) < 1, "rewards do not vary: the test would be vacuous"
         groups.append((q, r, torch.stack(f)))
+    # a prompt whose nucleus holds one answer contributes 0; at least one must not (how many do
+    # depends on the trained toy policy, which differs across CPUs at float rounding)
+    assert any(0 < float((q * r).sum()) < 1 for q, r, _ in groups), "rewards do not vary: the test would be vacuous"
     return groups, names
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from entropy_probe import guards, probe, shards
+from entropy_probe import guards, shards, stage_inputs
 
 
 def test_non_finite_gradient_names_the_parameter():
@@ -23,10 +23,10 @@ def test_non_finite_sequence_value_names_the_sequence():
 
 def _rollout_like(tmp_path, **overrides):
     tensors = {"token_log_q": torch.zeros(2, 2, 3), "rb_entropies": torch.zeros(2, 2, 3),
-               "rewards": torch.zeros(2, 2), "advantages": torch.zeros(2, 2)}
+               "rewards": torch.zeros(2, 2)}
     tensors.update(overrides)
     cfg = {"generation": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 3}, "batch_config": {"seed": 0, "G": 2}}
-    meta = probe.rollout_expectations(cfg, "E", "abc")
+    meta = stage_inputs.rollout_expectations(cfg, "E", "abc")
     path = tmp_path / "shard.safetensors"
     shards.write_shard(path, tensors, meta)
     return path, cfg
@@ -37,19 +37,19 @@ def test_rollout_with_nan_entropy_is_refused_on_read(tmp_path):
     bad[1, 0, 2] = float("nan")
     path, cfg = _rollout_like(tmp_path, rb_entropies=bad)
     with pytest.raises(guards.NonFiniteError, match=r"rb_entropies.*sequence 2"):
-        probe.read_rollouts([path], cfg, "E", "abc")
+        stage_inputs.read_rollouts([path], cfg, "E", "abc")
 
 
 def test_rollout_from_another_model_or_generation_config_is_refused(tmp_path):
     path, cfg = _rollout_like(tmp_path)
-    assert probe.read_rollouts([path], cfg, "E", "abc")  # matching: accepted
+    assert stage_inputs.read_rollouts([path], cfg, "E", "abc")  # matching: accepted
     with pytest.raises(shards.ShardError, match=r"model_fingerprint.*'abc'.*'other'"):
-        probe.read_rollouts([path], cfg, "E", "other")
+        stage_inputs.read_rollouts([path], cfg, "E", "other")
     other = {**cfg, "generation": {**cfg["generation"], "top_p": 0.9}}
     with pytest.raises(shards.ShardError, match="generation"):
-        probe.read_rollouts([path], other, "E", "abc")
+        stage_inputs.read_rollouts([path], other, "E", "abc")
     with pytest.raises(shards.ShardError, match="batch_kind"):
-        probe.read_rollouts([path], cfg, "U", "abc")
+        stage_inputs.read_rollouts([path], cfg, "U", "abc")
 
 
 def test_truncated_shard_is_reported_by_name(tmp_path):

@@ -1,25 +1,28 @@
-"""The batch plan (DESIGN §3): E and U prompt draws and their shard split."""
+"""The batch plans (DESIGN §3): E and U prompt draws and their shard split, one plan per batch."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from entropy_probe.plan import draw_prompts, make_plan, split_shards
+from entropy_probe.plan import draw_prompts, plan_batch, shard_offset, split_shards
 
 BASE = dict(dataset_size=400, seed=0, G=4, E_total_sequences=512, E_sampling_mode="replacement",
             B_U=32, E_num_shards=3, U_num_shards=2)
 
 
 def plan(**changes):
-    return make_plan(**{**BASE, **changes})
+    """Both batches' plans from one set of batch_config values (each plan sees all of them, so a
+    plan that depended on the other side's keys would show it)."""
+    settings = {**BASE, **changes}
+    size = settings.pop("dataset_size")
+    return {kind: plan_batch(kind, settings, size) for kind in ("E", "U")}
 
 
 @pytest.mark.parametrize("E_total,G", [(512, 4), (513, 4), (16, 2), (7, 3), (5, 5)])
 def test_number_of_e_prompts_is_ceil(E_total, G):
     p = plan(E_total_sequences=E_total, G=G, E_num_shards=1)
     assert len(p["E"]["prompt_ids"]) == math.ceil(E_total / G)
-    assert p["G"] == G
 
 
 def test_replacement_mode_repeats_when_e_exceeds_the_dataset():
@@ -93,6 +96,7 @@ def test_plan_shards_cover_the_batches():
         assert [i for s in shards for i in s] == p[kind]["prompt_ids"]
         sizes = [len(s) for s in shards]
         assert max(sizes) - min(sizes) <= 1
+        assert [shard_offset(p[kind], i) for i in range(k)] == [sum(sizes[:i]) for i in range(k)]
 
 
 def test_plan_is_json_ready():

@@ -1,4 +1,4 @@
-"""Rollout shards (DESIGN §2 "Sampling measure q", §3): shapes, rewards, advantages, seeding, and
+"""Rollout shards (DESIGN §2 "Sampling measure q", §3): shapes, rewards, seeding, and
 the log q / RB entropies recorded at sampling time against an independent teacher-forced pass."""
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ import torch
 
 from entropy_probe import data, measure, rewards
 from entropy_probe.generate import response_lengths
-from entropy_probe.plan import make_plan
-from entropy_probe.rollout import check_shapes, group_advantages, rollout_shard
+from entropy_probe.plan import plan_batch
+from entropy_probe.rollout import check_shapes, rollout_shard
 
 # The seed's smoke test: E_total_sequences = 16, B_U = 8, G = 2.
-SMOKE = dict(dataset_size=400, seed=0, G=2, E_total_sequences=16, E_sampling_mode="replacement",
-             B_U=8, E_num_shards=1, U_num_shards=1)
-PLAN = make_plan(**SMOKE)
+SMOKE = dict(seed=0, G=2, E_total_sequences=16, E_sampling_mode="replacement", B_U=8, E_num_shards=1, U_num_shards=1)
+PLAN = {kind: plan_batch(kind, SMOKE, 400) for kind in ("E", "U")}
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +21,7 @@ def examples(toy_policy_dir):
 
 
 def _rollout(toy_model, examples, *, kind="E", ids=None, G=2, seed=0, temperature=1.0, top_p=0.95,
-             scale_rewards=False, rollout_batch_size=4, gen_batch_size=4, max_new_tokens=3):
+             rollout_batch_size=4, gen_batch_size=4, max_new_tokens=3):
     """One shard, generated in several chunks and several generate calls per chunk (2 prompts
     per call), so padding and re-assembly are exercised too."""
     model, tokenizer = toy_model
@@ -30,7 +29,7 @@ def _rollout(toy_model, examples, *, kind="E", ids=None, G=2, seed=0, temperatur
         model, tokenizer, examples, PLAN[kind]["prompt_ids"] if ids is None else ids, G=G, kind=kind,
         shard_index=0, seed=seed, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
         rollout_batch_size=rollout_batch_size, gen_batch_size=gen_batch_size,
-        reward_fn=rewards.get_reward("exact_match"), scale_rewards=scale_rewards,
+        reward_fn=rewards.get_reward("exact_match"),
     )
 
 
@@ -71,7 +70,7 @@ def test_smoke_shapes(shards, toy_model, examples, kind):
     T = t["token_log_q"].shape[-1]
     P = L - T
     assert t["attention_masks"].shape == (B, G, L)
-    assert t["advantages"].shape == t["rewards"].shape == t["response_lens"].shape == (B, G)
+    assert t["rewards"].shape == t["response_lens"].shape == (B, G)
     assert len(t["prompt_lens"]) == len(t["max_lengths"]) == B
     assert t["rb_entropies"].shape == t["token_log_q"].shape == (B, G, T)
     assert 1 <= T <= 3
@@ -111,37 +110,6 @@ def test_rewards_are_exact_match_and_vary_within_some_groups(shards, toy_model, 
         varying = (t["rewards"] != t["rewards"][:, :1]).any(-1)
         assert varying.any(), f"{kind}: no group with varying rewards"
         assert set(t["rewards"].unique().tolist()) == {0.0, 1.0}
-
-
-def test_advantages_are_centred_per_prompt(shards):
-    for t in shards.values():
-        r = t["rewards"]
-        torch.testing.assert_close(t["advantages"], r - r.mean(-1, keepdim=True))
-        torch.testing.assert_close(t["advantages"].sum(-1), torch.zeros(r.shape[0]))
-        varying = (r != r[:, :1]).any(-1)
-        assert (t["advantages"][varying] != 0).all() and (t["advantages"][~varying] == 0).all()
-
-
-def test_group_advantages_values():
-    r = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [1.0, 0.0]])
-    torch.testing.assert_close(group_advantages(r, scale=False), torch.tensor([[0.5, -0.5], [0, 0], [0, 0], [0.5, -0.5]]))
-    s = 0.5 / (2 ** -0.5 + 1e-4)  # unbiased std of {0, 1} is 1/sqrt(2)
-    torch.testing.assert_close(group_advantages(r, scale=True), torch.tensor([[s, -s], [0, 0], [0, 0], [s, -s]]))
-    r4 = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
-    std = torch.tensor([1.0, 0, 0, 0]).std().item()
-    torch.testing.assert_close(group_advantages(r4, scale=True), (r4 - 0.25) / (std + 1e-4))
-    for scale in (False, True):  # G = 1: every advantage is 0, never NaN
-        assert torch.equal(group_advantages(torch.tensor([[1.0], [0.0]]), scale), torch.zeros(2, 1))
-
-
-def test_scaled_advantages_in_a_shard(toy_model, examples, shards):
-    t = _rollout(toy_model, examples, kind="E", scale_rewards=True)
-    assert torch.equal(t["rewards"], shards["E"]["rewards"])  # scaling changes only advantages
-    r = t["rewards"]
-    expected = (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + 1e-4)
-    torch.testing.assert_close(t["advantages"], expected)
-    varying = (r != r[:, :1]).any(-1)
-    assert (t["advantages"][varying].abs() > 0.7).all()  # ±0.5 / (0.707 + 1e-4) for G = 2
 
 
 def test_same_seed_same_tensors_different_seed_different(toy_model, examples, shards):
@@ -238,7 +206,7 @@ def test_checkpoint_generation_config_does_not_change_q(toy_model, examples, sha
 
 
 def test_inspector_summarizes_a_written_shard(shards, toy_model, tmp_path):
-    from entropy_probe.inspect import rollout_statistics, summarize_shard
+    from entropy_probe.shard_report import rollout_statistics, summarize_shard
     from entropy_probe.shards import write_shard
 
     t = shards["E"]
