@@ -1,5 +1,6 @@
 """The estimators of DESIGN §2 as pure tensor functions: the X surrogate weights (entropy-to-go,
-leave-one-out baseline), the GRPO (Y) coefficients, and the linearized standard errors.
+leave-one-out baseline) and the linearized standard errors (the GRPO (Y) coefficients are
+:mod:`entropy_probe.losses`).
 
 Shapes: B prompts, G responses each, T response positions; ``mask`` is ``[B, G, T]`` bool with
 position k (0-based) valid iff k < T_i.
@@ -53,24 +54,6 @@ def x_surrogate(entropy: Tensor, token_log_q: Tensor, weights: Tensor, rb_requir
     the pathwise term is dropped from the gradient."""
     pathwise = entropy.sum() if rb_requires_grad else entropy.detach().sum()
     return pathwise + (weights.detach() * token_log_q).sum()
-
-
-def grpo_coefficients(advantages: Tensor, response_lens: Tensor, max_lengths: Tensor, normalization: str):
-    """Per-response coefficient c_i of Σ_k log p_ik in the GRPO objective, ``[B, G]``, and this
-    shard's share of the normalizer (DESIGN §2 "Y and v"); J = Σ c_i Σ_k log p_ik / Σ share.
-
-    token_mean (DAPO): c = A, share = ΣT. seq_mean_token_mean (GRPO): c = A / T_i, share = B·G.
-    seq_mean_token_sum_max_len (Dr-GRPO): c = A / (G·L_max of the prompt), share = B.
-    """
-    B, G = advantages.shape
-    a = advantages.double()
-    if normalization == "token_mean":
-        return a, float(response_lens.sum())
-    if normalization == "seq_mean_token_mean":
-        return a / response_lens.double(), float(B * G)
-    if normalization == "seq_mean_token_sum_max_len":
-        return a / (G * max_lengths.double()[:, None]), float(B)
-    raise ValueError(f"update.loss_normalization: unknown normalization {normalization!r}")
 
 
 def directional_estimate(P: Tensor, Q: Tensor, S: Tensor, T: Tensor, G: int, normalization: str) -> tuple[float, float]:

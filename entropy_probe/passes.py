@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from . import estimators, teacher_force
+from . import estimators, losses, teacher_force
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +63,16 @@ def x_gradient(model, params, rollout, *, pad_token_id, temperature, top_p, H_ba
 
 
 def y_gradient(model, params, rollout, *, pad_token_id, temperature, normalization,
-               tf_batch_size, chunk_tokens=None, autocast_dtype=None) -> tuple[dict[str, Tensor], float]:
-    """∇ Σ_{i∈shard} c_i Σ_k log softmax(z_ik/τ)(y_ik) (unnormalized, float64) and this shard's
-    share of the normalizer (see :func:`estimators.grpo_coefficients`). Batching, chunking and
-    autocast as in :func:`x_gradient`."""
+               tf_batch_size, chunk_tokens=None, autocast_dtype=None,
+               loss_settings: dict | None = None) -> tuple[dict[str, Tensor], float]:
+    """∇ Σ_{i∈shard} w_i Σ_k log softmax(z_ik/τ)(y_ik) (unnormalized, float64) and this shard's
+    share Z(shard) of the normalizer: Y = Σ_shards ∇ / Σ_shards Z (:func:`losses.shard_terms`;
+    ``normalization`` is a loss type of :data:`losses.LOSS_TYPES`, ``loss_settings`` its
+    ``max_completion_length`` / ``loss_scale_factor``). Batching, chunking and autocast as in
+    :func:`x_gradient`."""
     batch = teacher_force.from_rollout(rollout, pad_token_id)
-    coef, share = estimators.grpo_coefficients(
-        rollout["advantages"], rollout["response_lens"], rollout["max_lengths"], normalization
-    )
+    coef, share = losses.shard_terms(normalization, rollout["advantages"], rollout["response_lens"],
+                                     **(loss_settings or {}))
     coef = coef.reshape(-1)
     scorer = teacher_force.ResponseLogits(model)
     dtype = teacher_force.autocast_dtype(autocast_dtype)

@@ -10,6 +10,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import generate, rewards
+from .losses import group_advantages
 
 log = logging.getLogger(__name__)
 
@@ -20,16 +21,6 @@ def chunk_seed(seed: int, kind: str, shard_index: int, chunk_index: int) -> int:
     """Independent, reproducible seed per (batch kind, shard, chunk): rerunning one shard
     reproduces it bit for bit without touching the others."""
     return int(np.random.SeedSequence([seed, _KIND_CODE[kind], shard_index, chunk_index]).generate_state(1)[0])
-
-
-def group_advantages(rewards_bg: Tensor, scale: bool) -> Tensor:
-    """A = r − mean_g r per prompt, ``[B, G] -> [B, G]``; with ``scale`` also divided by the
-    group's (unbiased) std + 1e-4, as GRPO does (G = 1: the std is taken as 0, not NaN)."""
-    centred = rewards_bg - rewards_bg.mean(-1, keepdim=True)
-    if scale:
-        std = rewards_bg.std(-1, keepdim=True) if rewards_bg.shape[-1] > 1 else torch.zeros_like(centred)
-        centred = centred / (std + 1e-4)
-    return centred
 
 
 def response_texts(tokenizer, tokens: Tensor, lens: Tensor, stopped_at_eos: Tensor) -> list[str]:

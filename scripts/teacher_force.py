@@ -32,7 +32,8 @@ def main(cfg: dict, kind: str, rollout_path: str, policy_dir: str, out_path: str
                  "rb_requires_grad": gen["rb_requires_grad"]}
     else:
         loss_norm = cfg["update"]["loss_normalization"]
-        grads, share = passes.y_gradient(model, params, rollout, normalization=loss_norm, **common)
+        settings = {key: cfg["update"][key] for key in ("max_completion_length", "loss_scale_factor") if key in cfg["update"]}
+        grads, share = passes.y_gradient(model, params, rollout, normalization=loss_norm, loss_settings=settings, **common)
         stats, meta = {}, meta | {"loss_normalization": loss_norm, "normalizer_share": share}
     guards.check_parameters(grads, f"{kind} gradient", rollout_path)
     for name, values in stats.items():

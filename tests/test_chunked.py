@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from entropy_probe import estimators, generate, measure, passes, snis, teacher_force
+from entropy_probe import estimators, generate, losses, measure, passes, snis, teacher_force
 
 SETTINGS = [(1.0, 1.0), (0.7, 0.8), (1.3, 0.95)]  # (temperature, top_p)
 CHUNKS = [1, 7, 10**6]  # one token at a time, a size that divides nothing here, one chunk
@@ -241,8 +241,7 @@ def test_x_and_y_passes_equal_the_unchunked_gradients(temperature, top_p):
         torch.testing.assert_close(stats["S"], S, atol=1e-5, rtol=1e-6)
     # Y: the GRPO objective's gradient
     batch = teacher_force.from_rollout(rollout, pad)
-    coef, _ = estimators.grpo_coefficients(rollout["advantages"], rollout["response_lens"], rollout["max_lengths"],
-                                           "seq_mean_token_mean")
+    coef, _ = losses.shard_terms("seq_mean_token_mean", rollout["advantages"], rollout["response_lens"])
     _, _, log_p = reference_scores(model, batch, temperature, top_p)
     y_expected = grads_of(model, (coef.reshape(-1, 1).float() * log_p).sum())
     for tf_batch_size, chunk in ((5, 7), (1000, 3)):

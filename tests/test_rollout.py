@@ -8,7 +8,8 @@ import torch
 from entropy_probe import data, measure, rewards
 from entropy_probe.generate import response_lengths
 from entropy_probe.plan import make_plan
-from entropy_probe.rollout import check_shapes, group_advantages, rollout_shard
+from entropy_probe.losses import group_advantages
+from entropy_probe.rollout import check_shapes, rollout_shard
 
 # The seed's smoke test: E_total_sequences = 16, B_U = 8, G = 2.
 SMOKE = dict(dataset_size=400, seed=0, G=2, E_total_sequences=16, E_sampling_mode="replacement",
