@@ -66,8 +66,9 @@ def grpo_config(output_dir: str | Path, **overrides):
 
 
 def make_trainer(policy_dir: str | Path, output_dir: str | Path, rows: list[dict] | None = None,
-                 trainer_cls=None, callbacks=None, **config):
-    """A ``GRPOTrainer`` on a fresh copy of the toy policy (TRL patches the model's forward)."""
+                 trainer_cls=None, callbacks=None, peft_config=None, **config):
+    """A ``GRPOTrainer`` on a fresh copy of the toy policy (TRL patches the model's forward);
+    with ``peft_config`` TRL wraps it in a PEFT model and trains the adapter only."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOTrainer
@@ -78,7 +79,7 @@ def make_trainer(policy_dir: str | Path, output_dir: str | Path, rows: list[dict
     trainer = (trainer_cls or GRPOTrainer)(
         model=model, reward_funcs=reward, args=grpo_config(output_dir, **config),
         train_dataset=Dataset.from_list(rows if rows is not None else toy_rows(policy_dir)),
-        processing_class=tokenizer, callbacks=callbacks,
+        processing_class=tokenizer, callbacks=callbacks, peft_config=peft_config,
     )
     trainer.reward_log = reward
     return trainer
@@ -229,21 +230,23 @@ def _recording_trainer_cls():
     return RecordingGRPOTrainer, GradientRecorder
 
 
-def run_training(policy_dir: str | Path, output_dir: str | Path, *, max_steps: int = 4, **config) -> TrainingRun:
+def run_training(policy_dir: str | Path, output_dir: str | Path, *, max_steps: int = 4, peft_config=None,
+                 **config) -> TrainingRun:
     """``train()`` for ``max_steps`` optimizer steps: B = 4 prompts × G = 4 per step in two
     micro-batches (gradient accumulation 2), torch AdamW with weight decay 0.1 (two param groups),
     a linear learning-rate decay, gradient clipping at 1.0, ``loss_type`` dapo, a checkpoint with the
-    optimizer and scheduler state after every step. Seeded; records each step (:class:`StepRecord`)."""
+    optimizer and scheduler state after every step (with ``peft_config``: the adapter's). Seeded;
+    records each step (:class:`StepRecord`)."""
     trainer_cls, recorder_cls = _recording_trainer_cls()
     ref: list = []
     settings = dict(per_device_train_batch_size=8, gradient_accumulation_steps=2, max_steps=max_steps,
-                    learning_rate=3e-3, weight_decay=0.1, optim="adamw_torch", lr_scheduler_type="linear",
+                    learning_rate=2e-4, weight_decay=0.1, optim="adamw_torch", lr_scheduler_type="linear",
                     warmup_steps=0, max_grad_norm=1.0, loss_type="dapo", save_strategy="steps", save_steps=1,
                     save_only_model=False, shuffle_dataset=True)
     settings.update(config)
     rows = toy_rows(policy_dir, range(0, 400, 7))
     trainer = make_trainer(policy_dir, output_dir, rows, trainer_cls=trainer_cls, callbacks=[recorder_cls(ref)],
-                           **settings)
+                           peft_config=peft_config, **settings)
     trainer.records = []
     ref.append(trainer)
     start = time.perf_counter()
