@@ -125,25 +125,30 @@ _TOKEN_MEAN = LossType(
     description="sum over all tokens of the step's batch / its token count (TRL `dapo`, verl `token-mean`)",
     weight=lambda A, T, s: A, normalizer_term=lambda T: T)
 _BNPO = LossType(
-    formula="J = (1/M) Σ_m Σ_{i∈m} Σ_k A_i log p_ik / Σ_{i∈m} T_i, M micro-batches of micro_batch_size responses",
-    description="token mean per micro-batch, averaged over the micro-batches (TRL `bnpo`); needs update.micro_batch_size",
+    formula="J = (1/M) Σ_m Σ_{i∈m} Σ_k A_i log p_ik / Σ_{i∈m} T_i, M micro-batches of micro_batch_size "
+            "responses",
+    description="token mean per micro-batch, averaged over the micro-batches (TRL `bnpo`); "
+                "needs update.micro_batch_size",
     required=(MICRO_BATCH_SIZE,), coefficients=_bnpo_coefficients)
-_DR_GRPO = LossType(
-    formula="J = Σ_i Σ_k A_i log p_ik / (N · L), L = max_completion_length",
-    description="token sum / (responses × max_completion_length, a constant) (TRL `dr_grpo`); "
-                "needs update.max_completion_length",
-    required=(MAX_COMPLETION_LENGTH,),
-    weight=lambda A, T, s: A / float(s["max_completion_length"]), normalizer_term=_ones)
+
+
+def _token_sum_over_constant(key: str, formula: str, description: str) -> LossType:
+    """J = (1/N) Σ_i Σ_k A_i log p_ik / C, C the setting ``key`` (a constant of the run)."""
+    setting = _SETTING_NAMES[key]
+    return LossType(formula=formula, description=f"{description}; needs {key}", required=(key,),
+                    weight=lambda A, T, s: A / float(s[setting]), normalizer_term=_ones)
+
+
+_DR_GRPO = _token_sum_over_constant(
+    MAX_COMPLETION_LENGTH, "J = Σ_i Σ_k A_i log p_ik / (N · L), L = max_completion_length",
+    "token sum / (responses × max_completion_length, a constant) (TRL `dr_grpo`)")
+_SEQ_MEAN_TOKEN_SUM_NORM = _token_sum_over_constant(
+    LOSS_SCALE_FACTOR, "J = (1/N) Σ_i Σ_k A_i log p_ik / F, F = loss_scale_factor",
+    "`seq-mean-token-sum` divided by a constant factor (verl `seq-mean-token-sum-norm`)")
 _SEQ_MEAN_TOKEN_SUM = LossType(
     formula="J = (1/N) Σ_i Σ_k A_i log p_ik",
     description="mean over responses of each response's token sum (verl `seq-mean-token-sum`)",
     weight=lambda A, T, s: A, normalizer_term=_ones)
-_SEQ_MEAN_TOKEN_SUM_NORM = LossType(
-    formula="J = (1/N) Σ_i Σ_k A_i log p_ik / F, F = loss_scale_factor",
-    description="`seq-mean-token-sum` divided by a constant factor (verl `seq-mean-token-sum-norm`); "
-                "needs update.loss_scale_factor",
-    required=(LOSS_SCALE_FACTOR,),
-    weight=lambda A, T, s: A / float(s["loss_scale_factor"]), normalizer_term=_ones)
 _PROMPT_MAX_LEN = LossType(
     formula="J = (1/B) Σ_b Σ_g Σ_k A_bg log p_bgk / (G · L_max(b)), L_max(b) = max_g T_bg",
     description="per prompt, token sum / (G × the prompt's longest response), mean over prompts "
@@ -152,7 +157,8 @@ _PROMPT_MAX_LEN = LossType(
     normalizer_term=lambda T: torch.full_like(T, 1.0 / T.shape[-1]))
 
 LOSS_TYPES: dict[str, LossType] = {
-    "grpo": _SEQ_MEAN_TOKEN_MEAN, "seq-mean-token-mean": _SEQ_MEAN_TOKEN_MEAN, "seq_mean_token_mean": _SEQ_MEAN_TOKEN_MEAN,
+    "grpo": _SEQ_MEAN_TOKEN_MEAN, "seq-mean-token-mean": _SEQ_MEAN_TOKEN_MEAN,
+    "seq_mean_token_mean": _SEQ_MEAN_TOKEN_MEAN,
     "dapo": _TOKEN_MEAN, "token-mean": _TOKEN_MEAN, "token_mean": _TOKEN_MEAN,
     "bnpo": _BNPO,
     "dr_grpo": _DR_GRPO,
@@ -166,7 +172,8 @@ def get_loss_type(name: str) -> LossType:
     try:
         return LOSS_TYPES[name]
     except KeyError:
-        raise ValueError(f"update.loss_normalization: unknown loss type {name!r}; one of {sorted(LOSS_TYPES)}") from None
+        raise ValueError(f"update.loss_normalization: unknown loss type {name!r}; "
+                         f"one of {sorted(LOSS_TYPES)}") from None
 
 
 def required_settings(name: str) -> tuple[str, ...]:
@@ -183,13 +190,13 @@ def describe_loss_types() -> list[tuple[str, str, str]]:
     return [(" = ".join(group), specs[key].formula, specs[key].description) for key, group in names.items()]
 
 
-def _settings(spec: LossType, values: dict) -> dict:
+def _settings(name: str, spec: LossType, values: dict) -> dict:
     """The settings ``spec`` needs, each checked (a ValueError naming the missing config key)."""
     out = {}
     for key in spec.required:
         value = values.get(_SETTING_NAMES[key])
         if value is None:
-            raise ValueError(f"{key} is required by this update.loss_normalization and is not set")
+            raise ValueError(f"{key} is required by update.loss_normalization {name!r} and is not set")
         if not value > 0:
             raise ValueError(f"{key} must be > 0, got {value}")
         out[_SETTING_NAMES[key]] = value
@@ -202,8 +209,8 @@ def response_coefficients(loss_type: str, advantages: Tensor, lengths: Tensor, *
     """c ``[B, G]`` float64 with J = Σ_i c_i Σ_k log p_ik over the WHOLE U batch (module docstring);
     ``advantages`` and ``lengths`` (T_i) ``[B, G]``, prompt-major."""
     spec = get_loss_type(loss_type)
-    s = _settings(spec, {"max_completion_length": max_completion_length, "loss_scale_factor": loss_scale_factor,
-                         "micro_batch_size": micro_batch_size})
+    s = _settings(loss_type, spec, {"max_completion_length": max_completion_length,
+                                    "loss_scale_factor": loss_scale_factor, "micro_batch_size": micro_batch_size})
     A, T = advantages.double(), lengths.double()
     if spec.coefficients is not None:
         return spec.coefficients(A, T, s)
@@ -218,7 +225,7 @@ def shard_terms(loss_type: str, advantages: Tensor, lengths: Tensor, **settings)
     if not spec.separable:
         raise ValueError(f"update.loss_normalization: {loss_type!r} normalizes each micro-batch separately; its "
                          "coefficients need the whole U batch (response_coefficients), not one shard")
-    s = _settings(spec, settings)
+    s = _settings(loss_type, spec, settings)
     T = lengths.double()
     return spec.weight(advantages.double(), T, s), float(spec.normalizer_term(T).sum())
 

@@ -153,8 +153,8 @@ def match_parameter_order(saved: dict, path: Path, model: nn.Module) -> list[lis
                                    f"model has {len(names)} trainable {labels[i]} parameters, the group "
                                    f"{len(group['params'])} (another model, or other trainable parameters)")
             if saved_shape is not None and saved_shape != shapes[names[position]]:
-                raise _error(path, f"state tensor {pid} (param group {i}, position {position}) has shape {saved_shape}, "
-                                   f"but the Trainer's order puts {names[position]!r} of shape "
+                raise _error(path, f"state tensor {pid} (param group {i}, position {position}) has shape "
+                                   f"{saved_shape}, but the Trainer's order puts {names[position]!r} of shape "
                                    f"{shapes[names[position]]} there (another model, or other trainable parameters)")
         if len(names) > len(group["params"]):
             raise _error(path, f"param group {i} holds {len(group['params'])} parameters, the model has "

@@ -67,9 +67,9 @@ def test_project_y_pass_equals_trl_loss_gradient(toy_policy_dir, tmp_path, u_bat
     total, shares = {}, 0.0
     for shard in (slice(0, 1), slice(1, B)):
         grads, share = passes.y_gradient(
-            trainer.model, params, {k: v[shard] for k, v in rollout.items()}, pad_token_id=trainer._tokenizer.pad_token_id,
-            temperature=H.TEMPERATURE, normalization=loss_type, tf_batch_size=5,
-            loss_settings={"max_completion_length": H.MAX_COMPLETION_LENGTH})
+            trainer.model, params, {k: v[shard] for k, v in rollout.items()},
+            pad_token_id=trainer.processing_class.pad_token_id, temperature=H.TEMPERATURE, normalization=loss_type,
+            tf_batch_size=5, loss_settings={"max_completion_length": H.MAX_COMPLETION_LENGTH})
         total = {k: total.get(k, 0) + g for k, g in grads.items()}
         shares += share
     _assert_close({k: g / shares for k, g in total.items() if k in trl_y}, trl_y)
