@@ -112,10 +112,14 @@ def _seq_mean_token_sum_norm(A, T, s):
 
 def _bnpo(A, T, s):
     """Per micro-batch of ``micro_batch_size`` consecutive responses: Σ A log p / Σ T of the
-    micro-batch, averaged over the M micro-batches (gradient accumulation)."""
+    micro-batch, averaged over the M micro-batches (gradient accumulation). As in TRL the
+    micro-batch size divides the step's batch."""
     size = _require(s, "micro_batch_size", "bnpo")
     flat_T = T.double().reshape(-1)
     n = flat_T.numel()
+    if n % size:
+        raise ValueError(f"update.micro_batch_size: {size} does not divide the U batch's {n} responses "
+                         "(TRL requires per_device_train_batch_size to divide the generation batch)")
     starts = torch.arange(0, n, size)
     tokens = torch.stack([flat_T[i:i + size].sum() for i in starts.tolist()]).clamp(min=1.0)
     per_response = tokens.repeat_interleave(size)[:n].reshape(A.shape)
@@ -131,7 +135,7 @@ _TYPES = [
     LossType("seq_mean_token_sum_prompt_max_len",
              "mean over prompts of Σ_{i∈b} Σ_k A_i log p_ik / (G · L_max of prompt b) (Dr-GRPO with each prompt's "
              "longest response; not TRL's dr_grpo)", _prompt_max_len),
-    LossType("seq_mean_token_sum_norm", "Σ_i Σ_k A_i log p_ik / loss_scale_factor (verl)", _seq_mean_token_sum_norm,
+    LossType("seq_mean_token_sum_norm", "Σ_i Σ_k A_i log p_ik / loss_scale_factor (verl, DESIGN §2b)", _seq_mean_token_sum_norm,
              ("loss_scale_factor",)),
     LossType("bnpo", "mean over micro-batches of Σ_{i∈mb} Σ_k A_i log p_ik / Σ_{i∈mb} T_i (TRL bnpo)", _bnpo,
              ("micro_batch_size",)),
@@ -153,15 +157,27 @@ def resolve(name: str) -> LossType:
     return LOSS_TYPES[canonical]
 
 
-def response_weights(loss_type: str, advantages: Tensor, lengths: Tensor,
-                     settings: LossSettings = LossSettings()) -> tuple[Tensor, Tensor]:
-    """(a, z), each ``[B, G]`` float64, over the whole U batch: c_i = a_i / Σ z."""
-    a, z = resolve(loss_type).weights(advantages.double(), lengths, settings)
-    return a, z
+def required_settings(loss_type: str) -> tuple[str, ...]:
+    """The config keys a loss type needs set (> 0)."""
+    return tuple(f"update.{key}" for key in resolve(loss_type).needs)
 
 
-def response_coefficients(loss_type: str, advantages: Tensor, lengths: Tensor,
-                          settings: LossSettings = LossSettings()) -> Tensor:
+def describe_loss_types() -> list[tuple[str, str]]:
+    """(names, formula) per loss type, aliases first joined by " = " (for the README)."""
+    names = {t: [a for a, c in ALIASES.items() if c == t] + [t] for t in LOSS_TYPES}
+    return [(" = ".join(names[t]), LOSS_TYPES[t].formula) for t in LOSS_TYPES]
+
+
+def response_weights(loss_type: str, advantages: Tensor, lengths: Tensor, settings: LossSettings | None = None,
+                     **setting_values) -> tuple[Tensor, Tensor]:
+    """(a, z), each ``[B, G]`` float64, over the whole U batch: c_i = a_i / Σ z. Settings as a
+    :class:`LossSettings` or as its fields."""
+    settings = settings or LossSettings(**{k: v for k, v in setting_values.items() if v is not None})
+    return resolve(loss_type).weights(advantages.double(), lengths, settings)
+
+
+def response_coefficients(loss_type: str, advantages: Tensor, lengths: Tensor, settings: LossSettings | None = None,
+                          **setting_values) -> Tensor:
     """c_i of J = Σ_i c_i Σ_k log p_ik, ``[B, G]`` float64 (whole U batch, prompt-major)."""
-    a, z = response_weights(loss_type, advantages, lengths, settings)
+    a, z = response_weights(loss_type, advantages, lengths, settings, **setting_values)
     return a / z.sum()

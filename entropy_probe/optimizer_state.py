@@ -5,7 +5,9 @@ optimizer (the concatenation of its param groups, in order); its ``param_groups`
 hyperparameters (betas, eps, weight_decay — trainers put biases and norms in a wd = 0 group).
 The names come from a JSON file written next to it: a list with one list of parameter names per
 param group, in the group's order (a flat list of all names, groups concatenated, is accepted
-too). The embedded policy saves both (``optimizer.pt``, ``optimizer_param_names.json``).
+too). The embedded policy saves both (``optimizer.pt``, ``optimizer_param_names.json``). For an
+HF Trainer / TRL checkpoint the name lists are rebuilt by the Trainer's own grouping rule and
+passed directly (:mod:`entropy_probe.trainer_checkpoint`).
 
 Every problem is an :class:`OptimizerStateError` naming the file and, where it applies, the
 parameter: a configured state is never replaced by a fresh optimizer.
@@ -50,12 +52,14 @@ class LoadedState:
                 "optimizer_param_groups": self.groups, "optimizer_unstepped_params": self.num_unstepped}
 
 
-def _read_names(names_path: str, param_groups: list[dict]) -> list[list[str]]:
-    """The names file as one list per param group, checked against the groups' sizes."""
-    try:
-        names = json.loads(Path(names_path).read_text())
-    except (OSError, ValueError) as err:
-        raise OptimizerStateError(f"{names_path}: cannot read the optimizer parameter names ({err})") from err
+def _read_names(names_path: str, param_groups: list[dict], names=None) -> list[list[str]]:
+    """The names file (or ``names`` given directly) as one list per param group, checked against
+    the groups' sizes."""
+    if names is None:
+        try:
+            names = json.loads(Path(names_path).read_text())
+        except (OSError, ValueError) as err:
+            raise OptimizerStateError(f"{names_path}: cannot read the optimizer parameter names ({err})") from err
     sizes = [len(g["params"]) for g in param_groups]
     if isinstance(names, list) and all(isinstance(n, str) for n in names):  # flat: groups concatenated
         if len(names) != sum(sizes):
@@ -117,18 +121,27 @@ def _group_hyper(path: str, i: int, group: dict) -> AdamWHyper:
     return AdamWHyper(betas=betas, eps=float(group["eps"]), weight_decay=float(group["weight_decay"]))
 
 
-def load_adamw_state(path: str, names_path: str, params: dict[str, Tensor]) -> LoadedState:
-    """Load an AdamW ``state_dict`` (``torch.load(weights_only=True)``: no pickled code runs) and
-    map it to the policy's parameters by name. ``params``: every named parameter of the policy
-    (for the name and shape checks)."""
-    path, names_path = str(path), str(names_path)
+def read_state_dict(path: str | Path) -> dict:
+    """A torch optimizer ``state_dict`` (``torch.load(weights_only=True)``: no pickled code runs)."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types; all mean "not loadable"
         raise OptimizerStateError(f"{path}: cannot load the optimizer state ({type(err).__name__}: {err})") from err
     if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict)
             and isinstance(saved.get("param_groups"), list)):
         raise OptimizerStateError(f"{path}: not a torch optimizer state_dict (no 'state' and 'param_groups')")
+    return saved
+
+
+def load_adamw_state(path: str, names: str | list[list[str]], params: dict[str, Tensor], *,
+                     state_dict: dict | None = None) -> LoadedState:
+    """Load an AdamW ``state_dict`` (:func:`read_state_dict`, or ``state_dict`` already read from
+    ``path``) and map it to the policy's parameters by name. ``names``: the names file, or the
+    name lists themselves (one per param group, e.g. :mod:`entropy_probe.trainer_checkpoint`'s).
+    ``params``: every named parameter of the policy (for the name and shape checks)."""
+    given = None if isinstance(names, (str, Path)) else [list(g) for g in names]
+    path, names_path = str(path), (f"{path} (parameter order)" if given is not None else str(names))
+    saved = read_state_dict(path) if state_dict is None else state_dict
     groups = saved["param_groups"]
     hypers = [_group_hyper(path, i, g) for i, g in enumerate(groups)]
     lrs = {float(g["lr"]) for g in groups if "lr" in g}
@@ -136,7 +149,7 @@ def load_adamw_state(path: str, names_path: str, params: dict[str, Tensor]) -> L
         raise OptimizerStateError(
             f"{path}: the param groups have different learning rates {sorted(lrs)}; v is per unit of one learning "
             "rate, so per-group learning rates are not supported")
-    names = _read_names(names_path, groups)
+    names = _read_names(names_path, groups, given)
 
     per_param: dict[str, AdamWParamState] = {}
     steps: set[float] = set()

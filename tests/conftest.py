@@ -60,3 +60,25 @@ def default_run(tmp_path_factory):
     write_run_config(work)
     run_snakemake(work, RUN_CONFIG, "--cores", "2")
     return work
+
+
+@pytest.fixture(scope="session")
+def trl_run(toy_policy_dir, tmp_path_factory):
+    """Four real TRL GRPOTrainer steps on the embedded policy (full model), a checkpoint after
+    each (tests/trl_harness.py; about a second)."""
+    pytest.importorskip("trl")
+    from trl_harness import run_training
+
+    return run_training(toy_policy_dir, tmp_path_factory.mktemp("trl_run"))
+
+
+@pytest.fixture(scope="session")
+def trl_lora_run(toy_policy_dir, tmp_path_factory):
+    """The same run training a LoRA adapter (PEFT) instead of the full model."""
+    pytest.importorskip("trl")
+    from peft import LoraConfig
+    from trl_harness import run_training
+
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], bias="none")
+    return run_training(toy_policy_dir, tmp_path_factory.mktemp("trl_lora_run"), peft_config=lora,
+                        learning_rate=1e-3)

@@ -1,0 +1,173 @@
+"""An HF ``Trainer`` / TRL checkpoint directory ``checkpoint-N`` as the AdamW update's inputs
+(DESIGN §2 "Y and v"): the model or PEFT adapter, the AdamW state mapped to parameter names with
+no names file, the learning rate of the next step and the global step.
+
+Files read: ``adapter_config.json`` (present: a PEFT adapter on ``base_model_name_or_path``;
+absent: a full model, ``config.json`` + weights), ``optimizer.pt``, ``scheduler.pt``,
+``trainer_state.json``. ``training_args.bin`` is a pickle and is never loaded; every
+``torch.load`` is ``weights_only=True``.
+
+**Parameter order.** ``Trainer.create_optimizer`` builds two param groups from the trainable
+parameters (``requires_grad``) in ``model.named_parameters()`` order: group 0 the names in
+``Trainer.get_decay_parameter_names(model)`` (weight decay ``args.weight_decay``), group 1 the
+others (no decay). A torch ``state_dict`` numbers the parameters 0, 1, … through the groups in
+that order. The model passed in must have the trainable parameters of the run (for a PEFT
+checkpoint: the ``PeftModel`` with its adapter trainable). The rebuilt order is checked against
+every saved tensor's shape and each group's size; a mismatch is a
+:class:`TrainerCheckpointError` naming the file and the first mismatching tensor, never a guess.
+
+**Learning rate.** The Trainer steps the scheduler after every optimizer step, so ``scheduler.pt``
+(``_last_lr``) in ``checkpoint-N`` holds the rate of step N + 1, the step this probe takes from
+the checkpoint. Without ``scheduler.pt``, ``trainer_state.json``'s ``log_history`` gives the rate
+step N used (the same only under a constant schedule); ``learning_rate_source`` says which.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .optimizer_state import LoadedState, OptimizerStateError, load_adamw_state, read_state_dict
+
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+TRAINER_STATE_FILE = "trainer_state.json"
+ADAPTER_CONFIG = "adapter_config.json"
+MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+class TrainerCheckpointError(OptimizerStateError):
+    """A Trainer checkpoint that cannot be read, or whose optimizer state does not fit the model."""
+
+
+@dataclass
+class CheckpointFiles:
+    """What a ``checkpoint-N`` directory holds (no model loaded)."""
+
+    path: Path
+    kind: str  # "model" (config.json + weights) or "adapter" (PEFT)
+    base_model: str | None  # adapter: adapter_config.json's base_model_name_or_path
+    optimizer: Path
+    global_step: int
+    learning_rate: float | None
+    learning_rate_source: str
+
+
+@dataclass
+class TrainerCheckpoint:
+    files: CheckpointFiles
+    param_group_names: list[list[str]]  # [decay names, no-decay names], the optimizer's order
+    state: LoadedState  # AdamW state per parameter name (for update.adamw_direction)
+
+
+def _error(path: Path, message: str) -> TrainerCheckpointError:
+    return TrainerCheckpointError(f"{path}: {message}")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise _error(path, f"cannot read ({err})") from err
+
+
+def _learning_rate(directory: Path, step: int, state: dict | None) -> tuple[float | None, str]:
+    """(rate of step N + 1 from scheduler.pt, or step N's from the log history; its source)."""
+    scheduler = directory / SCHEDULER_FILE
+    if scheduler.is_file():
+        try:
+            saved = torch.load(str(scheduler), map_location="cpu", weights_only=True)
+        except Exception as err:  # unpickling errors come in many types
+            raise _error(scheduler, f"cannot load the scheduler state ({type(err).__name__}: {err})") from err
+        rates = {float(r) for r in (saved.get("_last_lr") or [])} if isinstance(saved, dict) else set()
+        if len(rates) != 1:
+            raise _error(scheduler, f"expected one learning rate in _last_lr, found {sorted(rates)}")
+        return rates.pop(), f"{SCHEDULER_FILE} _last_lr (the rate of step {step + 1}, the next step)"
+    logged = [e for e in (state or {}).get("log_history", []) if e.get("step") == step and "learning_rate" in e]
+    if logged:
+        return float(logged[-1]["learning_rate"]), (
+            f"{TRAINER_STATE_FILE} log_history (the rate step {step} used; step {step + 1}'s only under a constant "
+            "schedule)")
+    return None, "none: no scheduler.pt and no learning_rate logged at this step"
+
+
+def inspect_checkpoint(checkpoint_dir: str | Path) -> CheckpointFiles:
+    """Model or adapter, the optimizer file, the global step and the learning rate of a checkpoint."""
+    directory = Path(checkpoint_dir)
+    if not directory.is_dir():
+        raise _error(directory, "not a directory")
+    if (directory / ADAPTER_CONFIG).is_file():
+        kind, base = "adapter", _read_json(directory / ADAPTER_CONFIG).get("base_model_name_or_path")
+    elif (directory / "config.json").is_file() and any((directory / f).is_file() for f in MODEL_WEIGHTS):
+        kind, base = "model", None
+    else:
+        raise _error(directory, f"neither a PEFT adapter ({ADAPTER_CONFIG}) nor a model (config.json and weights)")
+    optimizer = directory / OPTIMIZER_FILE
+    if not optimizer.is_file():
+        raise _error(directory, f"no {OPTIMIZER_FILE} (was the checkpoint saved with save_only_model?)")
+    state = _read_json(directory / TRAINER_STATE_FILE) if (directory / TRAINER_STATE_FILE).is_file() else None
+    named = re.fullmatch(r"checkpoint-(\d+)", directory.name)
+    step = state.get("global_step") if state else None
+    if step is None and named is None:
+        raise _error(directory, f"no {TRAINER_STATE_FILE} and not named checkpoint-N: the global step is unknown")
+    if step is not None and named is not None and int(named.group(1)) != int(step):
+        raise _error(directory / TRAINER_STATE_FILE, f"global_step {step} differs from the directory name")
+    step = int(step if step is not None else named.group(1))
+    rate, source = _learning_rate(directory, step, state)
+    return CheckpointFiles(directory, kind, base, optimizer, step, rate, source)
+
+
+def trainer_param_groups(model: nn.Module) -> list[list[str]]:
+    """[decay, no-decay] names of ``model``'s trainable parameters, ``named_parameters()`` order:
+    ``Trainer.create_optimizer``'s grouping, by ``Trainer.get_decay_parameter_names``."""
+    from transformers import Trainer
+
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    return [[n for n in trainable if n in decay], [n for n in trainable if n not in decay]]
+
+
+def match_parameter_order(saved: dict, path: Path, model: nn.Module) -> list[list[str]]:
+    """The Trainer's parameter order for ``model``, checked against a saved optimizer state:
+    two param groups, every saved exp_avg shaped like the parameter at its position, each group
+    of the right size. The first mismatch is a :class:`TrainerCheckpointError`."""
+    expected = trainer_param_groups(model)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    groups = saved["param_groups"]
+    labels = ("decay", "no-decay")
+    if len(groups) != len(expected):
+        raise _error(path, f"{len(groups)} param groups; the Trainer builds {len(expected)} (decay, no-decay): "
+                           "not an HF Trainer optimizer state")
+    for i, (group, names) in enumerate(zip(groups, expected)):
+        for position, pid in enumerate(group["params"]):
+            entry = saved["state"].get(pid) or {}
+            saved_shape = tuple(entry["exp_avg"].shape) if isinstance(entry.get("exp_avg"), Tensor) else None
+            if position >= len(names):
+                raise _error(path, f"state tensor {pid} (param group {i}, position {position}"
+                                   f"{', shape ' + str(saved_shape) if saved_shape else ''}) has no parameter: the "
+                                   f"model has {len(names)} trainable {labels[i]} parameters, the group "
+                                   f"{len(group['params'])} (another model, or other trainable parameters)")
+            if saved_shape is not None and saved_shape != shapes[names[position]]:
+                raise _error(path, f"state tensor {pid} (param group {i}, position {position}) has shape "
+                                   f"{saved_shape}, but the Trainer's order puts {names[position]!r} of shape "
+                                   f"{shapes[names[position]]} there (another model, or other trainable parameters)")
+        if len(names) > len(group["params"]):
+            raise _error(path, f"param group {i} holds {len(group['params'])} parameters, the model has "
+                               f"{len(names)} trainable {labels[i]} parameters; the first without state is "
+                               f"{names[len(group['params'])]!r} (other trainable parameters than in training)")
+    return expected
+
+
+def load_trainer_checkpoint(checkpoint_dir: str | Path, model: nn.Module) -> TrainerCheckpoint:
+    """The checkpoint's files, the optimizer's parameter order rebuilt for ``model`` (the model of
+    the checkpoint, with the run's trainable parameters) and its AdamW state by name."""
+    files = inspect_checkpoint(checkpoint_dir)
+    saved = read_state_dict(files.optimizer)
+    names = match_parameter_order(saved, files.optimizer, model)
+    state = load_adamw_state(str(files.optimizer), names, dict(model.named_parameters()), state_dict=saved)
+    return TrainerCheckpoint(files, names, state)
