@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # workloads; the package, also when not pip-installed
 import workloads  # noqa: E402
 
-from entropy_probe import models, passes, teacher_force  # noqa: E402
+from entropy_probe import models, parameters, passes, tf_layout  # noqa: E402
 
 
 def rss_bytes(field: str) -> int:
@@ -92,7 +92,7 @@ def measure(mode: str, spec_name: str, seqs: int, prompt: int, response: int, de
     spec = workloads.SIZES[spec_name]
     model = workloads.build_qwen2(spec, device)
     rollout = workloads.synthetic_rollout(model, B=max(1, seqs // G), G=G, P=prompt, T=response, seed=0)
-    params = teacher_force.selected_parameters(model)
+    params = parameters.select(model)
     pad = spec.vocab - 2
     peak = CudaPeak() if device.startswith("cuda") else CpuPeak()
     start = time.perf_counter()
@@ -101,7 +101,7 @@ def measure(mode: str, spec_name: str, seqs: int, prompt: int, response: int, de
                           normalization="token", baseline="loo", rb_requires_grad=True, tf_batch_size=seqs,
                           chunk_tokens=chunk_tokens)
     elif mode == "y":
-        passes.y_gradient(model, params, rollout, pad_token_id=pad, temperature=1.0, normalization="seq_mean_token_mean",
+        passes.y_gradient(model, params, rollout, workloads.grpo_numerators(rollout), pad_token_id=pad, temperature=1.0,
                           tf_batch_size=seqs, chunk_tokens=chunk_tokens)
     elif mode == "plain":
         plain_forward_backward(model, rollout, device)
@@ -112,7 +112,7 @@ def measure(mode: str, spec_name: str, seqs: int, prompt: int, response: int, de
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"mode": mode, "spec": spec_name, "seqs": seqs, "prompt": prompt, "response": response,
             "peak_increase_bytes": increase, "param_bytes": param_bytes, "seconds": seconds,
-            "chunk_tokens": chunk_tokens or teacher_force.DEFAULT_CHUNK_TOKENS}
+            "chunk_tokens": chunk_tokens or tf_layout.DEFAULT_CHUNK_TOKENS}
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # workloads; the package, also when not pip-installed
 import workloads as W  # noqa: E402
 
-from entropy_probe import generate, models, passes, teacher_force  # noqa: E402
+from entropy_probe import generate, models, parameters, passes, teacher_force, tf_layout  # noqa: E402
 
 ROWS: list[dict] = []
 PEAKS: dict[str, list[float]] = {}  # matmul peaks measured during the run, per dtype
@@ -76,7 +76,7 @@ def bench_x_vs_loop_tiny(args):
     model.to(args.device)
     B = args.preset.tiny_prompts
     rollout = W.tiny_rollout(model, tokenizer, B=B, G=4, seed=0, top_p=0.95)
-    params = teacher_force.selected_parameters(model)
+    params = parameters.select(model)
     tokens, _, _ = W.token_counts(rollout)
     kw = x_kwargs(tokenizer.pad_token_id, top_p=0.95)
     ours_s, (ours, _) = W.timed(lambda: passes.x_gradient(model, params, rollout, tf_batch_size=64, **kw),
@@ -95,7 +95,7 @@ def mid_setup(args):
     model = W.build_qwen2(spec, args.device)
     B, G, P, T = args.preset.x_batch
     rollout = W.synthetic_rollout(model, B=B, G=G, P=P, T=T, seed=0)
-    params = teacher_force.selected_parameters(model)
+    params = parameters.select(model)
     n_params = sum(p.numel() for p in model.parameters())
     return spec, model, rollout, params, f"{spec.name} {n_params / 1e6:.0f}M, {B * G} seqs, P≤{P}, T≤{T}"
 
@@ -146,8 +146,8 @@ def bench_flops(args, setup):
         runs = {
             "X": lambda: passes.x_gradient(model, params, rollout, tf_batch_size=n, autocast_dtype=autocast,
                                            **x_kwargs(spec.vocab - 2)),
-            "Y": lambda: passes.y_gradient(model, params, rollout, pad_token_id=spec.vocab - 2, temperature=1.0,
-                                           normalization="seq_mean_token_mean", tf_batch_size=n,
+            "Y": lambda: passes.y_gradient(model, params, rollout, W.grpo_numerators(rollout),
+                                           pad_token_id=spec.vocab - 2, temperature=1.0, tf_batch_size=n,
                                            autocast_dtype=autocast),
         }
         for pass_name, fn in runs.items():
@@ -172,10 +172,10 @@ def bench_flops(args, setup):
 def nucleus_sizes(model, rollout, pad, top_p):
     from entropy_probe import measure
 
-    batch = teacher_force.from_rollout(rollout, pad)
+    batch = tf_layout.from_rollout(rollout, pad)
     scorer = teacher_force.ResponseLogits(model)
     device = next(model.parameters()).device
-    rows, cols, _ = teacher_force.valid_pairs(batch, device)
+    rows, cols, _ = tf_layout.valid_pairs(batch, device)
     with torch.no_grad():
         hidden, head = teacher_force.response_hidden_and_head(scorer, batch, rows, cols)
         sizes = torch.cat([measure.nucleus_mask(head(h), 1.0, top_p).sum(-1) for h in hidden.split(256)]).float()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from entropy_probe import estimators, generate, measure, passes
+from entropy_probe import estimators, generate, measure
 
 # ---------------------------------------------------------------------------------------------
 # models
@@ -153,7 +153,7 @@ def synthetic_rollout(model, *, B: int, G: int, P: int, T: int, seed: int = 0, t
     return {
         "sequences": sequences, "attention_masks": masks, "prompt_lens": prompt_lens,
         "response_lens": response_lens, "max_lengths": response_lens.max(-1).values,
-        "rewards": rewards, "advantages": rewards - rewards.mean(-1, keepdim=True),
+        "rewards": rewards,
         "token_log_q": torch.zeros(B, G, T), "rb_entropies": entropies,
     }
 
@@ -168,8 +168,16 @@ def tiny_rollout(model, tokenizer, *, B: int, G: int, seed: int = 0, top_p: floa
     return rollout.rollout_shard(
         model, tokenizer, examples, ids, G=G, kind="E", shard_index=0, seed=seed, temperature=temperature,
         top_p=top_p, max_new_tokens=3, rollout_batch_size=1024, gen_batch_size=4096,
-        reward_fn=rewards.exact_match, scale_rewards=False,
+        reward_fn=rewards.exact_match,
     )
+
+
+def grpo_numerators(rollout: dict[str, Tensor]) -> Tensor:
+    """The per-response numerators a_i of the GRPO objective (entropy_probe.losses) for a Y pass."""
+    from entropy_probe import losses
+
+    advantages = losses.group_advantages(rollout["rewards"], "none")
+    return losses.response_weights("grpo", advantages, rollout["response_lens"])[0]
 
 
 def token_counts(rollout: dict[str, Tensor]) -> tuple[int, int, Tensor]:
@@ -212,7 +220,8 @@ def per_sequence_x_gradient(model, params, rollout, *, temperature, top_p, H_bar
     sequence through ``model(...)`` (``logits_to_keep``: logits of the response positions only),
     gradients summed in float64."""
     B, G, _ = rollout["rb_entropies"].shape
-    weights = passes.x_weights(rollout, H_bar, normalization, baseline)
+    coefs = estimators.x_coefficients(rollout["rb_entropies"], rollout["response_lens"], H_bar, normalization,
+                                      baseline, rb_requires_grad)
     device = next(model.parameters()).device
     total = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
     for i in range(B * G):
@@ -220,8 +229,10 @@ def per_sequence_x_gradient(model, params, rollout, *, temperature, top_p, H_bar
         ids = torch.cat([prompt, response])[None].to(device)
         logits = model(input_ids=ids, logits_to_keep=len(response) + 1).logits[0, :-1]
         lq, h, _ = measure.score_tokens(logits, response.to(device), temperature, top_p)
-        w = weights[i, :len(response)].to(device, torch.float32)
-        estimators.x_surrogate(h, lq, w, rb_requires_grad).backward()
+        row = estimators.XCoefficients(
+            entropy=None if coefs.entropy is None else coefs.entropy[i:i + 1, :len(response)].to(device),
+            log_q=coefs.log_q[i:i + 1, :len(response)].to(device))
+        estimators.surrogate_value(row, h[None], lq[None]).backward()
         for k, p in params.items():
             if p.grad is not None:
                 total[k] += p.grad.double()

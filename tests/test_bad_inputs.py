@@ -25,7 +25,8 @@ from workflow_util import REPO, run_snakemake
 from entropy_probe.errors import ProbeError
 
 WORKERS = 3  # Snakemake processes at once (each mostly starts Python and imports)
-STAGE_ORDER = ["rollout", "prepare_data", None]  # the failing stage, last first: the runs that take longest
+# the failing stage, last first: the runs that take longest
+STAGE_ORDER = ["summary", "u_objective", "rollout", "prepare_data", None]
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Case:
     expect: str  # regex one console line must match (the key or the file named)
     stage: str | None = None  # None: the config check at parse time; else the rule that fails
     absent: list[str] = field(default_factory=list)  # globs under results/ that must not exist
+    succeeds: bool = False  # not an error: the run finishes and results/summary.txt has a line matching expect
 
 
 ADAMW = {"optimizer": "adamw"}
@@ -100,12 +102,24 @@ CASES = [
     Case("reward_raises", {"reward": CUSTOM | {"function": "{inp}/rewards.py:raises"}},
          r"^ERROR: reward\.function '[^']*/rewards\.py:raises' raised ValueError: cannot grade '.*' \(prompt "
          r"'\d\+\d=', response '.*', gold answer '\d+'\)", "rollout", ["rollouts/*/*"]),
+
+    # ----------------------------------------------- a U batch without signal (a reward that is always 0)
+    Case("no_signal_with_sgd", {"reward": CUSTOM | {"function": "{inp}/rewards.py:zero"}},
+         r"^ERROR: no prompt group of the U batch \(2 groups of G = 2\) has a non-zero advantage .* stopped before "
+         r"teacher forcing\. Raise batch_config\.B_U or G", "u_objective", ["teacher_force", "gradients", "estimates/u_*"]),
+    Case("no_signal_with_adamw", {"reward": CUSTOM | {"function": "{inp}/rewards.py:zero"}, "update": ADAMW},
+         r"^NOTE: no prompt group of the U batch has a non-zero advantage: v carries no gradient from this batch",
+         succeeds=True),
 ]
 
 ROWS = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(3) for b in range(3)]  # 9 rows, 4 tokens each
 REWARDS = '''
 def raises(response, gold):
     raise ValueError(f"cannot grade {response!r}")
+
+
+def zero(response, gold):
+    return 0.0
 '''
 
 
@@ -175,7 +189,7 @@ def outcomes(request, inputs, tmp_path_factory):
                 if item.module is request.module and hasattr(item, "callspec") and "case" in item.callspec.params}
     works = {case.id: tmp_path_factory.mktemp(case.id) for case in CASES if case.id in selected}
     pool = ThreadPoolExecutor(WORKERS)
-    longest_first = sorted(CASES, key=lambda c: STAGE_ORDER.index(c.stage))  # the runs that reach jobs first
+    longest_first = sorted(CASES, key=lambda c: STAGE_ORDER.index("summary" if c.succeeds else c.stage))  # the runs that reach jobs first
     futures = {case.id: (works[case.id], pool.submit(_run, case, inputs, works[case.id]))
                for case in longest_first if case.id in selected}
     yield futures
@@ -206,6 +220,11 @@ def test_bad_input_fails_with_one_line_and_no_partial_output(case, outcomes):
     result = future.result()
     output = result.stdout + "\n" + result.stderr
     context = f"\n--- snakemake output of {case.id} ---\n{output[-5000:]}"
+    if case.succeeds:
+        assert result.returncode == 0, context
+        table = (work / "results" / "summary.txt").read_text().splitlines()
+        assert len([line for line in table if re.search(case.expect, line)]) == 1, table
+        return
     assert result.returncode != 0, context
     matching = [line for line in output.splitlines() if re.search(case.expect, line)]
     assert len(matching) == 1, f"{len(matching)} lines match {case.expect!r}{context}"
@@ -221,7 +240,7 @@ def test_bad_input_fails_with_one_line_and_no_partial_output(case, outcomes):
     assert logs, f"no log of rule {case.stage}{context}"
     last_lines = [log.read_text().splitlines()[-1] for log in logs if log.read_text().strip()]
     assert any(re.search(case.expect, line) for line in last_lines), last_lines
-    for pattern in case.absent:  # the failed job's outputs are gone
+    for pattern in case.absent:  # the failed job's outputs are gone (and what it stops)
         assert not list(results.glob(pattern)), sorted(map(str, results.glob(pattern)))
     for path in results.rglob("*"):  # what earlier jobs wrote is whole
         if path.is_file():

@@ -36,7 +36,7 @@ def run_until_then_kill(work, log_name, timeout=600):
 
 def summary_numbers(work):
     summary = json.loads((work / "results" / "summary.json").read_text())
-    return summary["rows"], summary["first_order"]["X_dot_v"], summary["delta_h"]["delta_h"]
+    return summary["rows"], summary["first_order"]["X_dot_v"], summary["delta_h_snis"]["rows"]
 
 
 def test_killed_runs_resume_to_the_uninterrupted_results(tmp_path, default_run):

@@ -132,7 +132,7 @@ def test_only_adapter_parameters_in_x_y_v_and_base_unchanged(probe_run, toy_poli
     # the checkpoint and the adapter on disk are untouched; the spec covers both
     assert _hash_dir(toy_policy_dir) == before["base"] and _hash_dir(adapter_dir) == before["adapter"]
     spec = read_json(results / "policy.json")
-    assert spec["trainable"] == "adapters" and spec["adapter_dir"] == str(Path(adapter_dir).resolve())
+    assert "trainable" not in spec and spec["adapter_dir"] == str(Path(adapter_dir).resolve())
     assert spec["fingerprint"] != models.fingerprint(toy_policy_dir)  # the adapter files count
     assert v_meta["model_fingerprint"] == spec["fingerprint"] == models.fingerprint(results / "policy.json")
     delta = read_json(results / "delta_h1.json")
@@ -183,13 +183,14 @@ def test_prepared_data_plan_and_rollouts_agree(probe_run, data_dir):
     and reported, the plan draws only from the kept prompts, the shards hold their token ids."""
     work, _ = probe_run
     results = work / "results"
-    summary = read_json(results / "data" / "summary.json")
-    assert summary["E"]["split"] == "test.jsonl" and summary["U"]["split"] == "train.parquet"
-    assert summary["splits"]["test.jsonl"]["num_rows"] == 32 and summary["E"]["size"] == 30
-    assert summary["E"]["num_dropped_too_long"] == 2 and summary["splits"]["test.jsonl"]["dropped_row_indices_head"] == [5, 21]
-    assert summary["U"]["size"] == 40 and summary["U"]["num_dropped_too_long"] == 0
-    assert "2 of 32 prompts are longer than data.max_prompt_tokens = 6" in (results / "logs" / "prepare_data.log").read_text()
-    plan = read_json(results / "plan.json")
+    e_set, u_set = read_json(results / "data" / "test.jsonl.json"), read_json(results / "data" / "train.parquet.json")
+    assert e_set["split"] == "test.jsonl" and u_set["split"] == "train.parquet"
+    assert e_set["num_rows"] == 32 and e_set["num_kept"] == 30
+    assert e_set["num_dropped_too_long"] == 2 and e_set["dropped_row_indices_head"] == [5, 21]
+    assert u_set["num_kept"] == 40 and u_set["num_dropped_too_long"] == 0
+    log = (results / "logs" / "prepare_data_test.jsonl.log").read_text()
+    assert "2 of 32 prompts are longer than data.max_prompt_tokens = 6" in log
+    plan = {kind: read_json(results / "plan" / f"{kind}.json") for kind in ("E", "U")}
     assert plan["E"]["dataset_size"] == 30 and plan["U"]["dataset_size"] == 40
     assert max(plan["E"]["prompt_ids"]) < 30 and len(set(plan["U"]["prompt_ids"])) == 6
     tokenizer = models.load_tokenizer(results / "policy.json")
@@ -383,10 +384,12 @@ def test_sizes_checked_early_for_files_and_at_plan_time_after_filtering(tmp_path
     spec = importlib.util.spec_from_file_location("plan_script", REPO / "scripts" / "plan.py")
     plan_script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plan_script)
-    summary = {"E": {"split": "train", "size": 3, "num_dropped_too_long": 2},
-               "U": {"split": "train", "size": 3, "num_dropped_too_long": 2}}
+    prepared = {"split": "train", "num_kept": 3, "num_dropped_too_long": 2}
     with pytest.raises(ConfigError, match="B_U: 4 distinct prompts, but .* 3 prompts after data.max_prompt_tokens dropped 2"):
-        plan_script.check_sizes({"B_U": 4, "E_total_sequences": 4, "G": 2, "E_sampling_mode": "replacement"}, summary)
+        plan_script.check_size("U", {"B_U": 4}, prepared)
+    with pytest.raises(ConfigError, match="E_total_sequences: distinct mode needs 4 prompts"):
+        plan_script.check_size("E", {"E_total_sequences": 8, "G": 2, "E_sampling_mode": "distinct"}, prepared)
+    plan_script.check_size("E", {"E_total_sequences": 8, "G": 2, "E_sampling_mode": "replacement"}, prepared)
 
 
 def test_example_config_is_valid_against_the_schema():
@@ -409,9 +412,8 @@ def test_example_config_is_valid_against_the_schema():
 
 def test_adapter_loading_trainable_modes_and_optimizer_names(toy_policy_dir, adapter_dir, tmp_path):
     spec_path = tmp_path / "policy.json"
-    spec = models.write_spec({"name_or_path": str(toy_policy_dir), "adapter_path": str(adapter_dir)}, spec_path)
-    assert spec["trainable"] == "adapters"
-    model = models.load_policy(spec_path, "float32", "cpu")
+    models.write_spec({"name_or_path": str(toy_policy_dir), "adapter_path": str(adapter_dir)}, spec_path)
+    model = models.load_policy(spec_path, "float32", "cpu")  # trainable "auto": the adapters
     assert not model.training and all(not m.training for m in model.modules())  # dropout off
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(_is_adapter_name(n) for n in trainable)
@@ -424,9 +426,7 @@ def test_adapter_loading_trainable_modes_and_optimizer_names(toy_policy_dir, ada
     ids = torch.tensor([[1, 10, 2, 11]])
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
-    spec["trainable"] = "all"
-    spec_path.write_text(json.dumps(spec))
-    everything = models.load_policy(spec_path, "float32", "cpu")
+    everything = models.load_policy(spec_path, "float32", "cpu", trainable="all")
     assert all(p.requires_grad for p in everything.parameters())
 
     params = {n: p.detach() for n, p in model.named_parameters()}

@@ -62,7 +62,7 @@ def test_first_run_produces_policy_plan_and_shards(workflow_dir):
     policy = workflow_dir / "results" / "policy"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "prompts.jsonl", "optimizer.pt"):
         assert (policy / name).is_file(), name
-    plan = read_json(workflow_dir / "results" / "plan.json")
+    plan = {kind: read_json(workflow_dir / "results" / "plan" / f"{kind}.json") for kind in ("E", "U")}
     assert len(plan["E"]["prompt_ids"]) == 512 and len(plan["E"]["shards"]) == 2
     assert len(plan["U"]["prompt_ids"]) == 16 == len(set(plan["U"]["prompt_ids"])) and len(plan["U"]["shards"]) == 2
     for path in SHARDS:
@@ -73,7 +73,7 @@ def test_first_run_produces_policy_plan_and_shards(workflow_dir):
         assert tensors["prompt_ids"].tolist() == plan[kind]["shards"][index]
         B = len(plan[kind]["shards"][index])
         assert tensors["sequences"].shape[:2] == (B, 4)
-        assert tensors["advantages"].shape == (B, 4)
+        assert tensors["rewards"].shape == (B, 4) and "advantages" not in tensors  # the update's business
 
 
 def test_second_dry_run_has_nothing_to_do(workflow_dir):
@@ -83,7 +83,7 @@ def test_second_dry_run_has_nothing_to_do(workflow_dir):
 def test_a_deleted_shard_is_regenerated_alone_and_identically(workflow_dir):
     lost = workflow_dir / SHARDS[1]
     before, meta_before = read_shard(lost)
-    kept = [workflow_dir / p for p in (SHARDS[0], SHARDS[2], SHARDS[3], "results/plan.json",
+    kept = [workflow_dir / p for p in (SHARDS[0], SHARDS[2], SHARDS[3], "results/plan/E.json", "results/plan/U.json",
                                        "results/policy/model.safetensors")]
     mtimes = {p: p.stat().st_mtime_ns for p in kept}
     lost.unlink()

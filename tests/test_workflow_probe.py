@@ -58,7 +58,7 @@ def test_first_order_matches_exact_gradient(summary):
 
 def test_snis_matches_exact_delta_h(summary):
     exact = {r["eta"]: r["exact_delta_h"] for r in summary["exact"]["delta_h"]}
-    for row in summary["delta_h"]["delta_h"]:
+    for row in summary["delta_h_snis"]["rows"]:
         z = (row["delta_h"] - exact[row["eta"]]) / row["se"]
         assert abs(z) < 4, row | {"exact": exact[row["eta"]]}
         assert 0 < row["ess"] <= row["num_sequences"]
@@ -77,9 +77,18 @@ def test_changing_only_the_eta_sweep_reruns_only_the_eta_stages(probe_dir):
     config["estimator"]["eta_list"] = [2e-5, 2e-4]
     (probe_dir / "probe_eta.yaml").write_text(yaml.safe_dump(config))
     jobs = dry_run_jobs(probe_dir, "probe_eta.yaml")
-    assert set(jobs) == {"snis_shard", "delta_h", "delta_h1", "exact_reference", "summary", "all"}, jobs
+    assert jobs == {"snis_shard": 2, "delta_h_snis": 1, "delta_h1": 1, "exact_reference": 1, "summary": 1, "all": 1}
 
 
-def test_snakemake_report(probe_dir):
+def test_snakemake_report_opens_on_the_table_and_the_plot(probe_dir):
+    """The report's landing page (the global workflow description) holds the summary table and
+    the plot itself, not just links to them."""
+    import base64
+
     run_snakemake(probe_dir, RUN_CONFIG, "--report", "report.html", timeout=300)
-    assert (probe_dir / "report.html").stat().st_size > 100_000
+    html = (probe_dir / "report.html").read_text()
+    rows = (probe_dir / "results" / "summary.txt").read_text().splitlines()[2:]
+    assert rows and all(row.strip()[:40] in html for row in rows)  # every row of the table
+    plot = base64.b64encode((probe_dir / "results" / "plot.png").read_bytes()).decode()
+    assert f"data:image/png;base64,{plot[:200]}" in html  # the plot, embedded
+    assert "Units: nats per token" in html

@@ -1,0 +1,122 @@
+"""Cached means cached (issue 12): after the default run, each kind of config change schedules
+exactly the jobs whose output it can change — an η sweep only the η stages, a U-only key only the
+U side and what follows it, an E-only key only the E side, a generation key everything from the
+rollouts, an execution knob or a reordered config nothing — and a run forced through with other
+execution knobs reports the same numbers.
+
+Works on a copy of the session's uninterrupted run (conftest.default_run).
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+import yaml
+from conftest import RUN_CONFIG
+
+from entropy_probe import stage_keys
+from workflow_util import dry_run_jobs, run_snakemake
+
+pytestmark = pytest.mark.workflow
+
+# the jobs that follow a new v (two E shards): its uses on the E side and the report
+AFTER_V = {"update_vector": 1, "directional": 2, "snis_shard": 2, "delta_h1": 1, "delta_h_snis": 1,
+           "exact_reference": 1, "summary": 1, "all": 1}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(default_run, tmp_path_factory):
+    work = tmp_path_factory.mktemp("caching") / "run"
+    shutil.copytree(default_run, work, symlinks=True)
+    return work
+
+
+def jobs_after(work, change: dict, name: str) -> dict[str, int]:
+    config = yaml.safe_load((work / RUN_CONFIG).read_text())
+    for dotted, value in change.items():
+        section, key = dotted.split(".")
+        config[section][key] = value
+    (work / name).write_text(yaml.safe_dump(config))
+    return dry_run_jobs(work, name)
+
+
+def test_eta_sweep_reruns_only_the_eta_stages(cache_dir):
+    jobs = jobs_after(cache_dir, {"estimator.eta_list": [2e-5, 2e-4]}, "eta.yaml")
+    assert jobs == {"snis_shard": 2, "delta_h_snis": 1, "delta_h1": 1, "exact_reference": 1, "summary": 1, "all": 1}
+
+
+def test_a_u_only_key_leaves_the_e_side_alone(cache_dir):
+    jobs = jobs_after(cache_dir, {"batch_config.B_U": 12}, "b_u.yaml")
+    assert jobs == {"plan": 1, "rollout": 2, "u_objective": 1, "teacher_force_y": 2, "reduce_gradients": 1,
+                    "u_jackknife": 1} | AFTER_V
+
+
+def test_an_e_only_key_leaves_the_u_side_alone(cache_dir):
+    jobs = jobs_after(cache_dir, {"batch_config.E_total_sequences": 1024}, "e_total.yaml")
+    assert jobs == {"plan": 1, "rollout": 2, "e_stats": 1, "teacher_force_x": 2, "reduce_gradients": 1,
+                    "u_jackknife": 1, "directional": 2, "snis_shard": 2, "delta_h1": 1, "delta_h_snis": 1,
+                    "summary": 1, "all": 1}
+
+
+def test_a_generation_key_reruns_everything_from_the_rollouts(cache_dir):
+    jobs = jobs_after(cache_dir, {"generation.temperature": 0.9}, "temperature.yaml")
+    assert jobs == {"rollout": 4, "e_stats": 1, "u_objective": 1, "teacher_force_x": 2, "teacher_force_y": 2,
+                    "reduce_gradients": 2, "u_jackknife": 1} | AFTER_V
+
+
+EXECUTION = {"generation.tf_chunk_tokens": 5, "generation.tf_batch_size": 7, "generation.gen_batch_size": 8,
+             "batch_config.rollout_batch_size": 3, "model.device": "cpu"}
+
+
+@pytest.mark.parametrize("key", sorted(EXECUTION))
+def test_an_execution_knob_schedules_nothing(cache_dir, key):
+    assert key in stage_keys.EXECUTION_KEYS
+    assert jobs_after(cache_dir, {key: EXECUTION[key]}, f"knob_{key}.yaml") == {}
+
+
+def _shuffled(obj, rng):
+    if not isinstance(obj, dict):
+        return obj
+    items = list(obj.items())
+    rng.shuffle(items)
+    return {k: _shuffled(v, rng) for k, v in items}
+
+
+def test_the_same_config_with_its_keys_shuffled_schedules_nothing(cache_dir):
+    config = yaml.safe_load((cache_dir / RUN_CONFIG).read_text())
+    for seed in range(3):
+        shuffled = _shuffled(config, random.Random(seed))
+        assert list(shuffled) != list(config) or seed
+        (cache_dir / "shuffled.yaml").write_text(yaml.safe_dump(shuffled, sort_keys=False))
+        assert dry_run_jobs(cache_dir, "shuffled.yaml") == {}
+    # 1 and 1.0 are one value
+    config["generation"]["temperature"] = 1
+    (cache_dir / "int.yaml").write_text(yaml.safe_dump(config))
+    assert dry_run_jobs(cache_dir, "int.yaml") == {}
+
+
+def _numbers(obj, path=""):
+    if isinstance(obj, dict):
+        return {k: v for key, value in obj.items() for k, v in _numbers(value, f"{path}/{key}").items()}
+    if isinstance(obj, list):
+        return {k: v for i, value in enumerate(obj) for k, v in _numbers(value, f"{path}[{i}]").items()}
+    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        return {path: float(obj)}
+    return {}
+
+
+def test_a_run_forced_through_with_other_execution_knobs_reports_the_same_numbers(default_run, tmp_path):
+    work = tmp_path / "knobs"
+    shutil.copytree(default_run, work, symlinks=True)
+    jobs_after(work, EXECUTION, "knobs.yaml")  # writes the config
+    run_snakemake(work, "knobs.yaml", "--cores", "2", "--forcerun", "rollout")
+    before = json.loads((default_run / "results" / "summary.json").read_text())
+    after = json.loads((work / "results" / "summary.json").read_text())
+    assert after["config"] == before["config"]  # the summary records defining values only
+    old, new = _numbers({k: v for k, v in before.items() if k != "config"}), _numbers(after)
+    assert old.keys() == {k for k in new if not k.startswith("/config")}
+    for key, value in old.items():
+        # fp32 teacher forcing in other batch and chunk shapes: rounding, far below any SE
+        assert new[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
