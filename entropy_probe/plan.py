@@ -22,6 +22,19 @@ def split_shards(prompt_ids: list[int], num_shards: int) -> list[list[int]]:
     return [part.tolist() for part in np.array_split(np.asarray(prompt_ids, dtype=np.int64), num_shards)]
 
 
+def shard_slots(batch: dict, shard_index: int) -> list[int]:
+    """Global slots of the prompts of shard ``shard_index`` of one batch of the plan
+    (``plan["E"]`` or ``plan["U"]``): their positions in the batch's whole prompt list. Shards are
+    contiguous, so shard k holds slots offset .. offset + n_k − 1, offset = Σ_{j<k} n_j. The slot
+    (not the shard) keys a response's sampling noise (:mod:`entropy_probe.noise`)."""
+    shards = batch["shards"]
+    offset = sum(len(s) for s in shards[:shard_index])
+    ids = shards[shard_index]
+    if list(batch["prompt_ids"][offset:offset + len(ids)]) != list(ids):
+        raise ValueError(f"plan shard {shard_index} is not the contiguous slice of the batch's prompt ids at {offset}")
+    return list(range(offset, offset + len(ids)))
+
+
 def make_plan(
     *, dataset_size: int, seed: int, G: int, E_total_sequences: int, E_sampling_mode: str,
     B_U: int, E_num_shards: int, U_num_shards: int, U_dataset_size: int | None = None,
