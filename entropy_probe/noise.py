@@ -51,6 +51,7 @@ and two float64 logs per element, in three reusable buffers (see :func:`gumbel`)
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -134,15 +135,21 @@ def at_position(state: tuple[Tensor, Tensor], position) -> tuple[Tensor, Tensor]
     return _absorb(a, b, position)
 
 
+def uniform(key: NoiseKey, slots: Tensor, responses: Tensor, position, tokens: Tensor) -> Tensor:
+    """The uniforms u = (2m + 1)/2^53 of the keys (float64, exact: bit-identical on every device),
+    of the broadcast shape of the key fields (as in :func:`gumbel`)."""
+    return uniform_from_state(at_position(slot_state(key, slots, responses), position), tokens)
+
+
 def gumbel(key: NoiseKey, slots: Tensor, responses: Tensor, position, tokens: Tensor, *,
            out: Tensor | None = None, scratch: Tensor | None = None) -> Tensor:
-    """Gumbel(0, 1) noise g for each key, float64, of the broadcast shape of ``slots``,
-    ``responses``, ``position`` and ``tokens`` (int64 tensors; ``position`` may be an int).
+    """Gumbel(0, 1) noise g = −log(−log u) for each key, float64, of the broadcast shape of
+    ``slots``, ``responses``, ``position`` and ``tokens`` (int64 tensors; ``position`` may be an int).
 
     Dense over a vocabulary: ``slots[:, None], responses[:, None], k, arange(V)[None, :]``; sparse
     over chosen entries: four ``[N]`` tensors. Either way each entry is a pure function of its key.
-    ``out`` (float64, that shape) receives the result; ``scratch`` (int64, at least twice its
-    number of elements, contents destroyed) saves the allocations — reuse both across calls.
+    ``out`` (float64, contiguous, that shape) receives the result; ``scratch`` (int64, at least
+    twice its number of elements, contents destroyed) saves the allocations: reuse both.
     """
     return gumbel_from_state(at_position(slot_state(key, slots, responses), position), tokens,
                              out=out, scratch=scratch)
@@ -150,12 +157,18 @@ def gumbel(key: NoiseKey, slots: Tensor, responses: Tensor, position, tokens: Te
 
 def gumbel_from_state(state: tuple[Tensor, Tensor], tokens: Tensor, *, out: Tensor | None = None,
                       scratch: Tensor | None = None) -> Tensor:
-    """:func:`gumbel` from the state after the position (:func:`at_position`): absorbs the token,
-    forms the output words (a ⊕ b, b), the 52-bit m, u = (2m + 1)/2^53 and g = −log(−log u)."""
+    """:func:`gumbel` from the state after the position (:func:`at_position`)."""
+    return uniform_from_state(state, tokens, out=out, scratch=scratch).log_().neg_().log_().neg_()
+
+
+def uniform_from_state(state: tuple[Tensor, Tensor], tokens: Tensor, *, out: Tensor | None = None,
+                       scratch: Tensor | None = None) -> Tensor:
+    """:func:`uniform` from the state after the position: absorbs the token, forms the output words
+    (a ⊕ b, b), m = their top 32 + 20 bits and u = (2m + 1)/2^53 (buffers as in :func:`gumbel`)."""
     a, b = state
     tokens = torch.as_tensor(tokens, dtype=torch.int64, device=a.device)
     shape = torch.broadcast_shapes(a.shape, tokens.shape)
-    n = a.new_empty(shape).numel()
+    n = math.prod(shape)
     if out is None:
         out = torch.empty(shape, dtype=torch.float64, device=a.device)
     if scratch is None:
@@ -167,12 +180,11 @@ def gumbel_from_state(state: tuple[Tensor, Tensor], tokens: Tensor, *, out: Tens
     torch.bitwise_xor(b, word_a, out=word_b)
     mix32(word_b, shifts)  # b ← mix(b ⊕ a)
     word_a ^= word_b  # output words (a ⊕ b, b): a bijection of the state
-    # 2m + 1 with m = top 32 bits of word a, then top 20 bits of word b (m < 2^52, 2m + 1 < 2^53)
+    # 2m + 1 with m = the 32 bits of word a, then the top 20 bits of word b (2m + 1 < 2^53)
     word_a <<= 1 + _OUTPUT_BITS_B
     word_b >>= 32 - _OUTPUT_BITS_B - 1
     word_a |= word_b.bitwise_or_(1)
-    out.copy_(word_a)  # exact: every value < 2^53
-    return out.mul_(_TWO_POW_MINUS_53).log_().neg_().log_().neg_()
+    return out.copy_(word_a).mul_(_TWO_POW_MINUS_53)  # exact: every value < 2^53
 
 
 def gumbel_noise(key: NoiseKey, slots: Tensor, responses: Tensor, position: int, vocab_size: int,
