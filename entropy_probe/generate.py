@@ -69,13 +69,12 @@ class SamplingMeasureProcessor(LogitsProcessor):
         state = noise.at_position(tuple(x.to(lq.device) for x in self._slot_state), position)
         rows, V = lq.shape
         out = self._buffer("perturbed", (rows, V), torch.float64, lq.device)
-        if self.top_p < 1.0:
+        if self.top_p < 1.0 and int(mask.sum()) * _SPARSE_RATIO < rows * V:  # noise only inside the nucleus
             kept = mask.nonzero(as_tuple=True)
-            if kept[0].numel() * _SPARSE_RATIO < rows * V:  # noise only inside the nucleus
-                g = noise.gumbel_from_state((state[0][kept[0]], state[1][kept[0]]), kept[1])
-                out.fill_(float("-inf"))
-                out[kept] = g.add_(lq[kept])
-                return out
+            g = noise.gumbel_from_state((state[0][kept[0]], state[1][kept[0]]), kept[1])
+            out.fill_(float("-inf"))
+            out[kept] = g.add_(lq[kept])
+            return out
         block = max(1, _NOISE_BLOCK_ELEMENTS // V)
         scratch = self._buffer("scratch", (2 * min(rows, block) * V,), torch.int64, lq.device)
         tokens = torch.arange(V, dtype=torch.int64, device=lq.device)[None, :]

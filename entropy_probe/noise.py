@@ -31,10 +31,11 @@ response, position, token) with
 
 where ``mix`` is the 32-bit integer mixer "lowbias32" of Wellons' hash-prospector, variant
 [16 21f0aaad 15 735a2d97 15] (x ^= x>>16; x *= 0x21f0aaad; x ^= x>>15; x *= 0x735a2d97;
-x ^= x>>15, all mod 2^32). For a fixed field value this step is a bijection of the 64-bit state, so
-two keys that differ in one field always end in different states (keys that differ in several
-collide with probability ~2^-64). The output words are (a ⊕ b, b), again a bijection of the
-state (both depend on the whole key); their top 32 and 20 bits form a 52-bit integer m, and
+x ^= x>>15, all mod 2^32). For a fixed field value this step is a bijection of the 64-bit state, and
+two values of one field give two different a's, so keys that differ in one 32-bit word end in
+different states (keys that differ in several collide with probability ~2^-64). The output words
+are (a ⊕ b, b), again a bijection of the state (both depend on the whole key); word a and the top
+20 bits of word b form a 52-bit integer m (two different states share it with probability 2^-52), and
 
     u = (2m + 1) / 2^53  ∈ (0, 1)  (exact in float64),   g = −log(−log u)  ~ Gumbel(0, 1).
 
