@@ -43,7 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # workloads; the package, also when not pip-installed
 import workloads as W  # noqa: E402
 
-from entropy_probe import generate, models, parameters, passes, teacher_force, tf_layout  # noqa: E402
+from entropy_probe import generate, models, noise, parameters, passes, teacher_force, tf_layout  # noqa: E402
 
 ROWS: list[dict] = []
 PEAKS: dict[str, list[float]] = {}  # matmul peaks measured during the run, per dtype
@@ -210,7 +210,8 @@ def bench_generation(args, setup):
 
     def ours():
         return generate.sample(model, prompts, mask, G, temperature=1.0, top_p=0.95, max_new_tokens=T,
-                               eos_token_id=eos, pad_token_id=pad, seed=0)
+                               eos_token_id=eos, pad_token_id=pad,
+                               noise_key=noise.NoiseKey(0, noise.STREAM_E), slots=range(B))
 
     def plain():
         from transformers import GenerationConfig

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from entropy_probe import estimators, generate, measure
+from entropy_probe import estimators, generate, measure, noise
 
 # ---------------------------------------------------------------------------------------------
 # models
@@ -140,7 +140,8 @@ def synthetic_rollout(model, *, B: int, G: int, P: int, T: int, seed: int = 0, t
     else:
         device = next(model.parameters()).device
         out = generate.sample(model, prompt_tokens.to(device), prompt_mask.to(device), G, temperature=temperature,
-                              top_p=top_p, max_new_tokens=T, eos_token_id=-1, pad_token_id=pad, seed=seed)
+                              top_p=top_p, max_new_tokens=T, eos_token_id=-1, pad_token_id=pad,
+                              noise_key=noise.NoiseKey(seed, noise.STREAM_E), slots=range(B))
         responses = out.response_tokens
         responses = torch.nn.functional.pad(responses, (0, T - responses.shape[1]), value=pad)
     lens = response_lens.reshape(-1)
@@ -166,7 +167,7 @@ def tiny_rollout(model, tokenizer, *, B: int, G: int, seed: int = 0, top_p: floa
     examples = arithmetic_examples(19)
     ids = torch.randint(0, len(examples), (B,), generator=torch.Generator().manual_seed(seed)).tolist()
     return rollout.rollout_shard(
-        model, tokenizer, examples, ids, G=G, kind="E", shard_index=0, seed=seed, temperature=temperature,
+        model, tokenizer, examples, ids, G=G, kind="E", shard_index=0, slots=range(len(ids)), seed=seed, temperature=temperature,
         top_p=top_p, max_new_tokens=3, rollout_batch_size=1024, gen_batch_size=4096,
         reward_fn=rewards.exact_match,
     )

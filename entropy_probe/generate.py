@@ -1,8 +1,12 @@
 """Batched sampling from the measure q (DESIGN §2), recording log q and RB entropies on the fly.
 
-Transformers' own warpers are all switched off (``top_k=0, top_p=1, temperature=1``) and one
-logits processor applies the temperature and the nucleus of :mod:`entropy_probe.measure`, so the
-sampler and teacher forcing share the same function on the same fp32 logits.
+Transformers' own warpers are all switched off and generation is greedy: one logits processor
+applies the temperature and the nucleus of :mod:`entropy_probe.measure` (so the sampler and
+teacher forcing share the same function on the same fp32 logits) and adds the explicit Gumbel
+noise of :mod:`entropy_probe.noise`, so the argmax is the Gumbel-max sample
+y_k = argmax_v [log q_k(v) + g_kv], an exact draw from q_k. The noise is keyed by (seed, stream,
+prompt slot, response index, position, token): a response slot gets the same noise whatever the
+parameters, the batch layout or the device (DESIGN §2b, coupled fresh rollouts).
 
 A response ends at its first EOS (included, and scored) or, with ``stop_strings``, at the token
 that completes a stop string (included too): a stopping criterion, which never touches the
@@ -16,20 +20,36 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from . import measure
+from . import measure, noise
+
+# Dense noise is computed in blocks of rows of at most this many [rows, V] elements (three
+# buffers of 8 bytes each); a nucleus smaller than 1/_SPARSE_RATIO of the vocabulary only gets
+# noise where it is needed.
+_NOISE_BLOCK_ELEMENTS = 1 << 24
+_SPARSE_RATIO = 8
 
 
 class SamplingMeasureProcessor(LogitsProcessor):
-    """Turns the raw logits into log q (−inf outside the nucleus) and records, per step, the RB
-    entropy h_k and the log q of the token sampled at that step (read back one step later from
-    ``input_ids``; the last step's token is read by :meth:`finish`). Holds one ``[B, V]`` row of
-    log q at a time, never ``[B, T, V]``."""
+    """Turns the raw logits into the Gumbel-perturbed log q, ``log q + g`` (float64, −inf outside
+    the nucleus), whose argmax is a draw from q, and records, per step, the RB entropy h_k and the
+    log q (without noise) of the token drawn at that step (read back one step later from
+    ``input_ids``; the last step's token is read by :meth:`finish`).
 
-    def __init__(self, temperature: float, top_p: float):
-        self.temperature, self.top_p = temperature, top_p
+    Row r of the batch is response ``responses[r]`` of prompt slot ``slots[r]``; its noise at
+    response position k (= number of response tokens before it: ``input_ids`` width minus
+    ``prompt_width``) is :func:`entropy_probe.noise.gumbel` of (key, slot, response, k, v).
+    Holds one ``[B, V]`` row of log q at a time, never ``[B, T, V]``, and reuses its noise buffers
+    from step to step.
+    """
+
+    def __init__(self, temperature: float, top_p: float, noise_key: noise.NoiseKey, slots: Tensor,
+                 responses: Tensor, prompt_width: int):
+        self.temperature, self.top_p, self.prompt_width = temperature, top_p, prompt_width
         self.entropies: list[Tensor] = []
         self.token_log_q: list[Tensor] = []
         self._previous_log_q: Tensor | None = None
+        self._slot_state = noise.slot_state(noise_key, slots, responses)
+        self._buffers: dict[str, Tensor] = {}
 
     def _record_previous(self, sampled: Tensor) -> None:
         if self._previous_log_q is not None:
@@ -41,7 +61,35 @@ class SamplingMeasureProcessor(LogitsProcessor):
         lq = measure.log_q(scores, mask, self.temperature)
         self.entropies.append(measure.rb_entropy(lq, mask))
         self._previous_log_q = lq
-        return lq
+        return self.perturbed_log_q(lq, mask, input_ids.shape[1] - self.prompt_width)
+
+    def perturbed_log_q(self, lq: Tensor, mask: Tensor, position: int) -> Tensor:
+        """``log q + g`` ``[B, V]`` float64 (−inf outside the nucleus ``mask``) at response
+        position ``position``. The returned tensor is a reused buffer: valid until the next call."""
+        state = noise.at_position(tuple(x.to(lq.device) for x in self._slot_state), position)
+        rows, V = lq.shape
+        out = self._buffer("perturbed", (rows, V), torch.float64, lq.device)
+        if self.top_p < 1.0 and int(mask.sum()) * _SPARSE_RATIO < rows * V:  # noise only inside the nucleus
+            kept = mask.nonzero(as_tuple=True)
+            g = noise.gumbel_from_state((state[0][kept[0]], state[1][kept[0]]), kept[1])
+            out.fill_(float("-inf"))
+            out[kept] = g.add_(lq[kept])
+            return out
+        block = max(1, _NOISE_BLOCK_ELEMENTS // V)
+        scratch = self._buffer("scratch", (2 * min(rows, block) * V,), torch.int64, lq.device)
+        tokens = torch.arange(V, dtype=torch.int64, device=lq.device)[None, :]
+        for lo in range(0, rows, block):
+            part = out[lo:lo + block]
+            noise.gumbel_from_state((state[0][lo:lo + block, None], state[1][lo:lo + block, None]), tokens,
+                                    out=part, scratch=scratch)
+            part.add_(lq[lo:lo + block])  # −inf outside the nucleus stays −inf
+        return out
+
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype, device) -> Tensor:
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape != shape or buffer.device != torch.device(device):
+            buffer = self._buffers[name] = torch.empty(shape, dtype=dtype, device=device)
+        return buffer
 
     def finish(self, sequences: Tensor) -> tuple[Tensor, Tensor]:
         """Per-step (token log q, entropy), each ``[B, steps]``."""
@@ -129,27 +177,38 @@ def sample(
     max_new_tokens: int,
     eos_token_id: int,
     pad_token_id: int,
-    seed: int,
+    noise_key: noise.NoiseKey,
+    slots,
     stop_strings: list[str] | tuple[str, ...] = (),
     tokenizer=None,
 ) -> Rollouts:
-    """Sample ``num_responses`` responses for each left-padded prompt row from q.
+    """Sample ``num_responses`` responses for each left-padded prompt row from q by Gumbel-max.
 
     prompt_ids / prompt_mask: ``[B, P]``. Responses of prompt b are rows ``b*G .. b*G+G-1``.
-    Reproducible: the global torch RNG is seeded with ``seed`` right before sampling.
+    ``slots`` ``[B]`` (ints): the global slot index of each prompt row in its batch; response g of
+    row b uses the noise of key (``noise_key``, slots[b], g, k, v), so the same slot draws the same
+    response whatever else is in the call (up to float rounding of the logits).
     ``stop_strings`` (decoded with ``tokenizer``) end a response too (see :func:`response_ends`).
     """
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need the tokenizer")
+    slots = torch.as_tensor(slots, dtype=torch.int64).reshape(-1)
+    if slots.shape[0] != prompt_ids.shape[0]:
+        raise ValueError(f"{slots.shape[0]} slots for {prompt_ids.shape[0]} prompt rows")
     # A PEFT model generates through its base model (the adapter layers are inside it); its
     # generation_config is the one to hide.
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = next(model.parameters()).device
     ids = prompt_ids.repeat_interleave(num_responses, 0).to(device)
     mask = prompt_mask.repeat_interleave(num_responses, 0).to(device)
-    processor = SamplingMeasureProcessor(temperature, top_p)
+    processor = SamplingMeasureProcessor(
+        temperature, top_p, noise_key, slots.repeat_interleave(num_responses).to(device),
+        torch.arange(num_responses, dtype=torch.int64).repeat(slots.shape[0]).to(device), ids.shape[1],
+    )
+    # greedy: the argmax of log q + g is the sample. Greedy decoding applies none of transformers'
+    # warpers (top_k is left unset: set to 0, transformers warns that greedy ignores it).
     config = GenerationConfig(
-        do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=max_new_tokens,
+        do_sample=False, top_p=1.0, temperature=1.0, max_new_tokens=max_new_tokens,
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=None,
     )
     criteria = StoppingCriteriaList()
@@ -160,7 +219,6 @@ def sample(
     # transformers fills every option left unset from the checkpoint's generation_config.json
     # (repetition_penalty, min_p, min_new_tokens, ...), which would silently change q: hide it.
     checkpoint_config, model.generation_config = model.generation_config, GenerationConfig()
-    torch.manual_seed(seed)
     try:
         with torch.no_grad():
             sequences = model.generate(

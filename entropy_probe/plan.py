@@ -44,3 +44,13 @@ def plan_batch(kind: str, batch: dict, dataset_size: int) -> dict:
 def shard_offset(plan: dict, shard_index: int) -> int:
     """Position in the batch's prompt list of shard ``shard_index``'s first prompt."""
     return sum(len(s) for s in plan["shards"][:shard_index])
+
+
+def shard_slots(plan: dict, shard_index: int) -> list[int]:
+    """Global slots of the prompts of shard ``shard_index`` of a batch's plan: their positions in
+    the batch's whole prompt list (shards are contiguous slices). The slot, not the shard, keys a
+    response's sampling noise (:mod:`entropy_probe.noise`), so re-sharding changes no response."""
+    offset, ids = shard_offset(plan, shard_index), plan["shards"][shard_index]
+    if list(plan["prompt_ids"][offset:offset + len(ids)]) != list(ids):
+        raise ValueError(f"plan shard {shard_index} is not the contiguous slice of the batch's prompt ids at {offset}")
+    return list(range(offset, offset + len(ids)))

@@ -5,23 +5,13 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from . import generate, rewards
+from . import generate, noise, rewards
 
 log = logging.getLogger(__name__)
-
-_KIND_CODE = {"E": 0, "U": 1}
-
-
-def chunk_seed(seed: int, kind: str, shard_index: int, chunk_index: int) -> int:
-    """Independent, reproducible seed per (batch kind, shard, chunk): rerunning one shard
-    reproduces it bit for bit without touching the others."""
-    return int(np.random.SeedSequence([seed, _KIND_CODE[kind], shard_index, chunk_index]).generate_state(1)[0])
-
 
 def response_texts(tokenizer, tokens: Tensor, lens: Tensor, stopped_at_eos: Tensor) -> list[str]:
     """Decoded responses without their final EOS. Other special tokens stay in the text: a
@@ -53,7 +43,7 @@ def _pad_to(x: Tensor, width: int, value, left: bool) -> Tensor:
 
 def rollout_shard(
     model, tokenizer, examples: list[dict], prompt_ids: list[int], *, G: int, kind: str,
-    shard_index: int, seed: int, temperature: float, top_p: float, max_new_tokens: int,
+    shard_index: int, slots, seed: int, temperature: float, top_p: float, max_new_tokens: int,
     rollout_batch_size: int, gen_batch_size: int, reward_fn,
     stop_strings: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Tensor]:
@@ -61,21 +51,31 @@ def rollout_shard(
     P prompt width; ``sequences`` is the left-padded prompt followed by the right-padded response).
     Per response also ``stop_reason`` (:data:`generate.STOP_REASONS`) and ``reward_codes``
     (:data:`rewards.OUTCOMES`), int8 ``[B, G]``.
+
+    ``slots`` ``[B]``: the global slot of each prompt, its position in the whole batch's prompt
+    list (:func:`entropy_probe.plan.shard_slots`). Response g of slot b is drawn with the noise of
+    key (``seed``, stream of ``kind`` (:data:`noise.STREAMS`), b, g, k, v), so the shard's results
+    do not depend on ``rollout_batch_size`` or ``gen_batch_size`` (pure execution knobs: prompts
+    per chunk, sequences per generate call) beyond float rounding of the logits.
     """
+    slots = [int(s) for s in slots]
+    if len(slots) != len(prompt_ids):
+        raise ValueError(f"{len(slots)} slots for {len(prompt_ids)} prompts")
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    noise_key = noise.NoiseKey(seed, noise.STREAMS[kind])
+    rows_per_call = max(1, gen_batch_size // G)  # whole prompt groups per generate call
     chunks = []
     starts = range(0, len(prompt_ids), rollout_batch_size)
-    for chunk_index, start in enumerate(tqdm(starts, desc=f"rollout {kind}{shard_index}", unit="chunk")):
+    for start in tqdm(starts, desc=f"rollout {kind}{shard_index}", unit="chunk"):
         ids = prompt_ids[start:start + rollout_batch_size]
+        chunk_slots = slots[start:start + rollout_batch_size]
         encoded = encode_prompts(tokenizer, [examples[i] for i in ids])
-        base_seed = chunk_seed(seed, kind, shard_index, chunk_index)
-        rows_per_call = max(1, gen_batch_size // G)  # whole prompt groups per generate call
         parts = []
-        for call, lo in enumerate(range(0, len(ids), rows_per_call)):
+        for lo in range(0, len(ids), rows_per_call):
             parts.append(generate.sample(
                 model, encoded["input_ids"][lo:lo + rows_per_call], encoded["attention_mask"][lo:lo + rows_per_call],
                 G, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                eos_token_id=eos, pad_token_id=pad, seed=base_seed + call,
+                eos_token_id=eos, pad_token_id=pad, noise_key=noise_key, slots=chunk_slots[lo:lo + rows_per_call],
                 stop_strings=stop_strings, tokenizer=tokenizer,
             ))
         width = max(p.response_tokens.shape[1] for p in parts)

@@ -8,7 +8,8 @@ By hand:  python scripts/rollout.py CONFIG.yaml PLAN_KIND.json POLICY_DIR {E,U} 
 import argparse
 import logging
 
-from entropy_probe import data, generate, losses, models, rewards
+from entropy_probe import data, generate, losses, models, noise, rewards
+from entropy_probe.plan import shard_slots
 from entropy_probe.rollout import check_shapes, rollout_shard
 from entropy_probe.shards import read_json, write_shard
 from entropy_probe.stage import config_for, config_hash, rule_config, stage_run
@@ -23,6 +24,7 @@ def main(cfg: dict, plan_path: str, policy_dir: str, kind: str, shard_index: int
     if plan.get("kind") != kind:
         raise ValueError(f"{plan_path}: the plan of batch {plan.get('kind')!r}, expected {kind!r}")
     prompt_ids = plan["shards"][shard_index]
+    slots = shard_slots(plan, shard_index)  # keys of the sampling noise: independent of the shard layout
     source = plan["data"]
     examples = data.load_prepared(source["file"], source["sha256"])
     reward_fn = rewards.from_config(cfg["reward"])
@@ -31,14 +33,16 @@ def main(cfg: dict, plan_path: str, policy_dir: str, kind: str, shard_index: int
     log.info("%s shard %d: %d prompts x G=%d on %s", kind, shard_index, len(prompt_ids), batch["G"], model.device)
     tensors = rollout_shard(
         model, tokenizer, examples, prompt_ids, G=batch["G"], kind=kind, shard_index=shard_index,
-        seed=batch["seed"], temperature=gen["temperature"], top_p=gen["top_p"],
+        slots=slots, seed=batch["seed"], temperature=gen["temperature"], top_p=gen["top_p"],
         max_new_tokens=gen["max_new_tokens"], rollout_batch_size=batch["rollout_batch_size"],
         gen_batch_size=gen["gen_batch_size"], reward_fn=reward_fn, stop_strings=gen["stop_strings"],
     )
     B, G, L = check_shapes(tensors)
     metadata = {
         "batch_kind": kind, "shard_index": shard_index, "num_shards": len(plan["shards"]),
-        "seed": batch["seed"], "G": G, "prompt_width": L - tensors["token_log_q"].shape[-1],
+        "seed": batch["seed"], "G": G,
+        "noise": {"sampler": "gumbel-max", "generator": noise.GENERATOR, "stream": noise.STREAMS[kind],
+                  "first_slot": slots[0] if slots else 0}, "prompt_width": L - tensors["token_log_q"].shape[-1],
         "model_fingerprint": models.fingerprint(policy_dir),
         "generation": {k: gen[k] for k in ("temperature", "top_p", "max_new_tokens")},
         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,

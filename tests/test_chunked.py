@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from entropy_probe import estimators, generate, losses, measure, parameters, passes, snis, teacher_force, tf_layout
+from entropy_probe.noise import STREAM_E, NoiseKey
 
 SETTINGS = [(1.0, 1.0), (0.7, 0.8), (1.3, 0.95)]  # (temperature, top_p)
 CHUNKS = [1, 7, 10**6]  # one token at a time, a size that divides nothing here, one chunk
@@ -116,7 +117,8 @@ def sampled_rollout(model, *, B=3, G=3, P=5, T=6, temperature=1.0, top_p=1.0, se
     prompt_mask = (torch.arange(P)[None, :] >= (P - prompt_lens)[:, None]).long()
     prompt_tokens = torch.where(prompt_mask.bool(), torch.randint(0, V - 2, (B, P), generator=g), pad)
     out = generate.sample(model, prompt_tokens, prompt_mask, G, temperature=temperature, top_p=top_p,
-                          max_new_tokens=T, eos_token_id=eos, pad_token_id=pad, seed=seed)
+                          max_new_tokens=T, eos_token_id=eos, pad_token_id=pad,
+                          noise_key=NoiseKey(seed, STREAM_E), slots=range(B))
     width = out.response_tokens.shape[1]
     valid = torch.arange(width)[None, :] < out.response_lens[:, None]
     rewards = (torch.rand(B, G, generator=g) < 0.5).float()

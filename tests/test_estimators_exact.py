@@ -24,7 +24,7 @@ ESTIMATORS = [("token", "loo"), ("token", "none"), ("sequence", "loo"), ("sequen
 def sample_batch(model, tokenizer, temperature, top_p, num_prompts=NUM_PROMPTS, seed=0):
     ids = torch.randint(0, len(PROMPTS), (num_prompts,), generator=torch.Generator().manual_seed(seed)).tolist()
     return rollout.rollout_shard(
-        model, tokenizer, PROMPTS, ids, G=G, kind="E", shard_index=0, seed=seed, temperature=temperature,
+        model, tokenizer, PROMPTS, ids, G=G, kind="E", shard_index=0, slots=range(len(ids)), seed=seed, temperature=temperature,
         top_p=top_p, max_new_tokens=MAX_NEW_TOKENS, rollout_batch_size=256, gen_batch_size=1024,
         reward_fn=rewards.exact_match,
     )

@@ -17,6 +17,7 @@ import yaml
 from workflow_util import REPO, run_snakemake
 
 from entropy_probe import data, generate, gradients, models, rewards
+from entropy_probe.noise import STREAM_E, NoiseKey
 from entropy_probe.config import SCHEMA_PATH, ConfigError, _fill_defaults, check_config, load_config
 from entropy_probe.optimizer_state import OptimizerStateError, load_adamw_state
 from entropy_probe.shards import read_json, read_shard
@@ -226,7 +227,7 @@ def test_stop_strings_end_responses_without_changing_q(toy_model):
     model, tokenizer = toy_model
     encoded = tokenizer(["12+13=", "9+9=", "1+1=", "19+19="], padding=True, return_tensors="pt")
     kw = dict(temperature=1.0, top_p=0.95, max_new_tokens=3, eos_token_id=tokenizer.eos_token_id,
-              pad_token_id=tokenizer.pad_token_id, seed=5)
+              pad_token_id=tokenizer.pad_token_id, noise_key=NoiseKey(5, STREAM_E), slots=range(4))
     plain = generate.sample(model, encoded["input_ids"], encoded["attention_mask"], 6, **kw)
     cut = generate.sample(model, encoded["input_ids"], encoded["attention_mask"], 6, stop_strings=["2"],
                           tokenizer=tokenizer, **kw)

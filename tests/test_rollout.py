@@ -1,4 +1,4 @@
-"""Rollout shards (DESIGN §2 "Sampling measure q", §3): shapes, rewards, seeding, and
+"""Rollout shards (DESIGN §2 "Sampling measure q", §3): shapes, rewards, noise keys, and
 the log q / RB entropies recorded at sampling time against an independent teacher-forced pass."""
 from __future__ import annotations
 
@@ -20,14 +20,15 @@ def examples(toy_policy_dir):
     return data.load_examples(toy_policy_dir / "prompts.jsonl", "prompt", "answer")
 
 
-def _rollout(toy_model, examples, *, kind="E", ids=None, G=2, seed=0, temperature=1.0, top_p=0.95,
+def _rollout(toy_model, examples, *, kind="E", ids=None, slots=None, G=2, seed=0, temperature=1.0, top_p=0.95,
              rollout_batch_size=4, gen_batch_size=4, max_new_tokens=3):
     """One shard, generated in several chunks and several generate calls per chunk (2 prompts
-    per call), so padding and re-assembly are exercised too."""
+    per call), so padding and re-assembly are exercised too. Slots default to 0 .. B-1."""
     model, tokenizer = toy_model
+    ids = PLAN[kind]["prompt_ids"] if ids is None else ids
     return rollout_shard(
-        model, tokenizer, examples, PLAN[kind]["prompt_ids"] if ids is None else ids, G=G, kind=kind,
-        shard_index=0, seed=seed, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+        model, tokenizer, examples, ids, G=G, kind=kind, shard_index=0,
+        slots=range(len(ids)) if slots is None else slots, seed=seed, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
         rollout_batch_size=rollout_batch_size, gen_batch_size=gen_batch_size,
         reward_fn=rewards.get_reward("exact_match"),
     )
@@ -120,9 +121,12 @@ def test_same_seed_same_tensors_different_seed_different(toy_model, examples, sh
     other = _rollout(toy_model, examples, kind="E", seed=1)
     assert not torch.equal(other["token_log_q"], shards["E"]["token_log_q"])
     assert other["prompt_ids"].tolist() == shards["E"]["prompt_ids"].tolist()
-    # E and U streams (and shard indices) are seeded apart: same prompts, different samples
+    # E and U streams draw apart: same prompts and slots, different samples
     as_u = _rollout(toy_model, examples, kind="U", ids=PLAN["E"]["prompt_ids"])
     assert not torch.equal(as_u["token_log_q"], shards["E"]["token_log_q"])
+    # so do other slots of the same prompts
+    shifted = _rollout(toy_model, examples, kind="E", slots=range(100, 100 + len(PLAN["E"]["prompt_ids"])))
+    assert not torch.equal(shifted["token_log_q"], shards["E"]["token_log_q"])
 
 
 def test_response_lens_from_first_eos(shards, toy_model):

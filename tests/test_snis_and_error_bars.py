@@ -12,7 +12,7 @@ G = 4
 def sample(model, tokenizer, num_prompts, seed, temperature=1.0, top_p=0.9):
     ids = torch.randint(0, len(PROMPTS), (num_prompts,), generator=torch.Generator().manual_seed(seed)).tolist()
     return rollout.rollout_shard(
-        model, tokenizer, PROMPTS, ids, G=G, kind="E", shard_index=0, seed=seed, temperature=temperature,
+        model, tokenizer, PROMPTS, ids, G=G, kind="E", shard_index=0, slots=range(len(ids)), seed=seed, temperature=temperature,
         top_p=top_p, max_new_tokens=3, rollout_batch_size=256, gen_batch_size=1024,
         reward_fn=rewards.exact_match,
     )
