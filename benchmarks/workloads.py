@@ -159,6 +159,32 @@ def synthetic_rollout(model, *, B: int, G: int, P: int, T: int, seed: int = 0, t
     }
 
 
+def sampled_shard(model, prompt_ids: Tensor, prompt_mask: Tensor, G: int, T: int, *, seed: int, stream: str = "E",
+                  temperature: float = 1.0, top_p: float = 1.0, autocast_dtype=None) -> dict[str, Tensor]:
+    """A rollout shard (``entropy_probe.rollout`` layout, no rewards) of left-padded prompts
+    ``[B, P]`` sampled from q by :func:`entropy_probe.generate.sample`: G responses each of at most
+    T tokens (EOS = V − 1), slot b keyed by (seed, stream, b), with the sampling-time log q and
+    RB entropies — what the rollout stage stores."""
+    V = model.config.vocab_size
+    pad, eos = V - 2, V - 1
+    B, P = prompt_ids.shape
+    device = next(model.parameters()).device
+    out = generate.sample(model, prompt_ids.to(device), prompt_mask.to(device), G, temperature=temperature, top_p=top_p,
+                          max_new_tokens=T, eos_token_id=eos, pad_token_id=pad,
+                          noise_key=noise.NoiseKey(seed, noise.STREAMS[stream]), slots=range(B),
+                          autocast_dtype=autocast_dtype)
+    width = out.response_tokens.shape[1]
+    fill = lambda x, v: torch.nn.functional.pad(x, (0, T - width), value=v)  # noqa: E731
+    valid = (torch.arange(T)[None, :] < out.response_lens[:, None]).long()
+    sequences = torch.cat([prompt_ids.cpu().repeat_interleave(G, 0), fill(out.response_tokens, pad)], 1)
+    masks = torch.cat([prompt_mask.cpu().repeat_interleave(G, 0), valid], 1)
+    return {
+        "sequences": sequences.view(B, G, P + T), "attention_masks": masks.view(B, G, P + T),
+        "prompt_lens": prompt_mask.sum(-1).cpu(), "response_lens": out.response_lens.view(B, G),
+        "token_log_q": fill(out.token_log_q, 0.0).view(B, G, T), "rb_entropies": fill(out.entropies, 0.0).view(B, G, T),
+    }
+
+
 def tiny_rollout(model, tokenizer, *, B: int, G: int, seed: int = 0, top_p: float = 1.0, temperature: float = 1.0):
     """An E shard of the embedded policy sampled as the workflow does."""
     from entropy_probe import rewards, rollout

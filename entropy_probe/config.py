@@ -208,6 +208,8 @@ RENAMED = {
     ("update", "loss_normalization"): "update.loss_type (TRL and verl names; token_mean and seq_mean_token_mean "
                                       "keep working, seq_mean_token_sum_max_len is now "
                                       "seq_mean_token_sum_prompt_max_len)",
+    ("generation", "autocast_dtype"): "model.precision (float32 | bfloat16; it now sets the precision of every "
+                                      "model pass: generation, X, Y, the directional pass and SNIS)",
 }
 
 

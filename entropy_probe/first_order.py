@@ -6,7 +6,7 @@ import logging
 import torch
 from torch import Tensor
 
-from . import estimators, gradients
+from . import estimators, gradients, precision as precisions
 from .normalization import get as normalization_named
 
 log = logging.getLogger(__name__)
@@ -15,20 +15,23 @@ SE_SCOPE = "E-batch sampling noise only (v held fixed; U-batch noise in v not in
 
 
 def first_order_report(X: dict[str, Tensor], v: dict[str, Tensor], directional: list[dict[str, Tensor]],
-                       G: int, normalization: str, eta_list: list[float]) -> dict:
+                       G: int, normalization: str, eta_list: list[float], precision: str = "float32") -> dict:
     """X·v from the reduced gradients, checked against the per-group forward-mode sums (which
-    also give the SE), the per-module split, and δH₁ with its SE for each η."""
+    also give the SE), the per-module split, and δH₁ with its SE for each η. The cross-check's
+    bounds depend on the passes' ``precision`` (:data:`entropy_probe.precision.CROSSCHECK_BOUNDS`)."""
     xv = gradients.dot(X, v)
     P, Q, S, T = (torch.cat([d[k] for d in directional]) for k in ("P", "Q", "S", "T"))
     xv_forward, se = estimators.directional_estimate(P, Q, S, T, G, normalization)
     rel_diff = abs(xv_forward - xv) / max(abs(xv), 1e-300) if xv_forward != xv else 0.0
-    if rel_diff > 1e-2:
+    warn, fail = precisions.crosscheck_bounds(precision)
+    if rel_diff > fail:
         raise RuntimeError(
             f"X·v from the X gradient ({xv:.6g}) and from the directional pass ({xv_forward:.6g}) differ by "
-            f"{rel_diff:.2%}: the two passes disagree, the result cannot be trusted"
+            f"{rel_diff:.2%} (bound at {precision}: {fail:.0e}): the two passes disagree, the result cannot be trusted"
         )
-    if rel_diff > 1e-4:
-        log.warning("X·v: gradient %.8g vs directional %.8g (relative difference %.2g)", xv, xv_forward, rel_diff)
+    if rel_diff > warn:
+        log.warning("X·v: gradient %.8g vs directional %.8g (relative difference %.2g, %s)", xv, xv_forward,
+                    rel_diff, precision)
     x_norm, v_norm = gradients.global_norm(X), gradients.global_norm(v)
     return {
         "X_dot_v": xv,
@@ -36,6 +39,7 @@ def first_order_report(X: dict[str, Tensor], v: dict[str, Tensor], directional: 
         "se_scope": SE_SCOPE,
         "X_dot_v_directional": xv_forward,
         "X_dot_v_relative_difference": rel_diff,
+        "precision": precision,
         "X_norm": x_norm,
         "v_norm": v_norm,
         "cosine_X_v": xv / (x_norm * v_norm) if x_norm > 0 and v_norm > 0 else None,

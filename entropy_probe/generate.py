@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from . import measure, noise
+from . import measure, noise, precision
 
 # Dense noise is computed in blocks of rows of at most this many [rows, V] elements (three
 # buffers of 8 bytes each); a nucleus smaller than 1/_SPARSE_RATIO of the vocabulary only gets
@@ -181,6 +181,7 @@ def sample(
     slots,
     stop_strings: list[str] | tuple[str, ...] = (),
     tokenizer=None,
+    autocast_dtype=None,
 ) -> Rollouts:
     """Sample ``num_responses`` responses for each left-padded prompt row from q by Gumbel-max.
 
@@ -189,6 +190,8 @@ def sample(
     row b uses the noise of key (``noise_key``, slots[b], g, k, v), so the same slot draws the same
     response whatever else is in the call (up to float rounding of the logits).
     ``stop_strings`` (decoded with ``tokenizer``) end a response too (see :func:`response_ends`).
+    ``autocast_dtype`` (``model.precision``: "bfloat16" or a torch dtype; None/"float32" = fp32)
+    runs the model under autocast; the processor scores the fp32 logits, the noise is float64.
     """
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need the tokenizer")
@@ -220,7 +223,7 @@ def sample(
     # (repetition_penalty, min_p, min_new_tokens, ...), which would silently change q: hide it.
     checkpoint_config, model.generation_config = model.generation_config, GenerationConfig()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), precision.autocast(device, precision.autocast_dtype(autocast_dtype)):
             sequences = model.generate(
                 input_ids=ids, attention_mask=mask, generation_config=config,
                 logits_processor=LogitsProcessorList([processor]), stopping_criteria=criteria,

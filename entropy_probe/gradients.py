@@ -8,10 +8,27 @@ import torch
 from torch import Tensor
 
 STAT_PREFIX = "stat/"  # per-sequence scalars stored beside the gradients (not parameter names)
+# The X side's gradient-sized files (per-shard partial sums, the reduced X) are stored in float32:
+# half the bytes of float64 at full-parameter scale; sums and dot products are float64 after
+# reading, and no reported number moves beyond 1e-6 relative (tests/test_storage.py). The U side
+# (Y partials, Y, v) stays float64: v's last bits decide where θ + ηv rounds to the policy's
+# float32 weights, and float32 rounding of Y moved ΔH (SNIS and exact) by up to 1e-5 relative
+# (measured on the default run; benchmarks/README.md "Disk").
+STORAGE_DTYPE = torch.float32
 
 
-def pack(grads: dict[str, Tensor], stats: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-    out = {name: g for name, g in grads.items()}
+def storage_dtype(kind: str) -> torch.dtype:
+    """The on-disk dtype of gradient-sized tensors of ``kind`` ("X", "Y" or "v")."""
+    if kind not in ("X", "Y", "v"):
+        raise ValueError(f"unknown gradient kind {kind!r}")
+    return STORAGE_DTYPE if kind == "X" else torch.float64
+
+
+def pack(grads: dict[str, Tensor], stats: dict[str, Tensor] | None = None, kind: str | None = None) -> dict[str, Tensor]:
+    """A gradient file's tensors: the gradients in :func:`storage_dtype` of ``kind`` (None:
+    float64), the per-sequence stats (``stat/`` prefix) as they are (float64)."""
+    dtype = torch.float64 if kind is None else storage_dtype(kind)
+    out = {name: g.to(dtype) for name, g in grads.items()}
     out.update({STAT_PREFIX + k: v for k, v in (stats or {}).items()})
     return out
 

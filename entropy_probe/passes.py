@@ -8,14 +8,14 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from . import estimators, precision, teacher_force, tf_layout
+from . import attention, checkpointing, estimators, precision, teacher_force, tf_layout
 
 log = logging.getLogger(__name__)
 
 
 def x_gradient(model, params, rollout, *, pad_token_id, temperature, top_p, H_bar, normalization,
                baseline, rb_requires_grad, tf_batch_size, chunk_tokens=None,
-               autocast_dtype=None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+               autocast_dtype=None, gradient_checkpointing=False) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """∇ Σ_{i∈shard} Σ_k [c^h_ik h_ik + c^q_ik log q_ik] with the coefficients of
     :func:`estimators.x_coefficients` (unnormalized, float64, keyed by parameter name) and the
     per-sequence teacher-forced S_i and T_i.
@@ -23,7 +23,9 @@ def x_gradient(model, params, rollout, *, pad_token_id, temperature, top_p, H_ba
     Evaluated by :func:`teacher_force.surrogate`: ``tf_batch_size`` sequences per forward pass,
     the output embedding ``chunk_tokens`` response tokens at a time (memory: one ``[chunk, V]``
     fp32 block). ``autocast_dtype`` ("bfloat16" or a torch dtype; None/"float32" = fp32) runs the
-    forward under autocast (DESIGN §2 "Precision": only where the user asks)."""
+    forward under autocast (DESIGN §2 "Precision": only where the user asks). With
+    ``gradient_checkpointing`` the decoder layers recompute their activations in the backward
+    (:mod:`entropy_probe.checkpointing`; the same gradients, less memory for long responses)."""
     batch = tf_layout.from_rollout(rollout, pad_token_id)
     coefs = estimators.x_coefficients(rollout["rb_entropies"], rollout["response_lens"], H_bar, normalization,
                                       baseline, rb_requires_grad)
@@ -46,15 +48,17 @@ def x_gradient(model, params, rollout, *, pad_token_id, temperature, top_p, H_ba
         return value
 
     batches = tf_layout.length_sorted_batches(batch, tf_batch_size)
-    grads = teacher_force.accumulate_gradient(params, surrogate, tqdm(batches, desc="X teacher forcing", unit="batch"))
+    with checkpointing.checkpointed_layers(model, gradient_checkpointing):
+        grads = teacher_force.accumulate_gradient(params, surrogate, tqdm(batches, desc="X teacher forcing", unit="batch"))
     return grads, {"S": S, "T": batch.response_lens.double()}
 
 
 def y_gradient(model, params, rollout, coefficients: Tensor, *, pad_token_id, temperature,
-               tf_batch_size, chunk_tokens=None, autocast_dtype=None) -> dict[str, Tensor]:
+               tf_batch_size, chunk_tokens=None, autocast_dtype=None, gradient_checkpointing=False) -> dict[str, Tensor]:
     """∇ Σ_{i∈shard} a_i Σ_k log softmax(z_ik/τ)(y_ik) (unnormalized, float64) for per-response
     numerators ``coefficients`` ``[B, G]`` (:func:`losses.response_weights`; the reduction
-    divides by the loss's normalizer). Batching, chunking and autocast as in :func:`x_gradient`."""
+    divides by the loss's normalizer). Batching, chunking, autocast and checkpointing as in
+    :func:`x_gradient`."""
     batch = tf_layout.from_rollout(rollout, pad_token_id)
     coef = coefficients.reshape(-1)
     scorer = teacher_force.ResponseLogits(model)
@@ -68,16 +72,18 @@ def y_gradient(model, params, rollout, coefficients: Tensor, *, pad_token_id, te
         return value
 
     batches = tf_layout.length_sorted_batches(batch, tf_batch_size)
-    return teacher_force.accumulate_gradient(params, surrogate, tqdm(batches, desc="Y teacher forcing", unit="batch"))
+    with checkpointing.checkpointed_layers(model, gradient_checkpointing):
+        return teacher_force.accumulate_gradient(params, surrogate, tqdm(batches, desc="Y teacher forcing", unit="batch"))
 
 
 def directional_sums(model, direction: dict[str, Tensor], rollout, *, pad_token_id, temperature, top_p,
                      normalization, baseline, rb_requires_grad, tf_batch_size,
-                     chunk_tokens=None) -> dict[str, Tensor]:
+                     chunk_tokens=None, autocast_dtype=None) -> dict[str, Tensor]:
     """Per-prompt-group sums for :func:`estimators.directional_estimate` along ``direction``
-    (forward-mode AD: one JVP pass, eager attention since SDPA kernels lack forward AD; the
+    (forward-mode AD: one JVP pass, :mod:`entropy_probe.attention` since SDPA kernels lack forward AD; the
     output embedding ``chunk_tokens`` response tokens at a time): P_g, Q_g, S_g, T_g, each
-    ``[B]`` float64."""
+    ``[B]`` float64. ``autocast_dtype`` as in :func:`x_gradient` (primal and tangent matrix
+    products both in that precision; the measure on fp32 logits)."""
     batch = tf_layout.from_rollout(rollout, pad_token_id)
     B, G, T = rollout["rb_entropies"].shape
     entropy = rollout["rb_entropies"].double()
@@ -91,14 +97,16 @@ def directional_sums(model, direction: dict[str, Tensor], rollout, *, pad_token_
     primals = {f"policy.{k}": named[k].detach() for k in direction}
     tangents = {f"policy.{k}": direction[k].to(named[k].device, named[k].dtype) for k in direction}
     per_seq = {name: torch.zeros(B * G, dtype=torch.float64) for name in ("P", "Q", "S")}
+    dtype = precision.autocast_dtype(autocast_dtype)
     previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
+    model.set_attn_implementation(attention.register())
     try:
         for rows in tqdm(tf_layout.length_sorted_batches(batch, tf_batch_size), desc="directional", unit="batch"):
             sub = batch.select(rows)
 
             def fn(p):
-                s = teacher_force.score(scorer, sub, temperature, top_p, params=p, chunk_tokens=chunk_tokens)
+                s = teacher_force.score(scorer, sub, temperature, top_p, params=p, chunk_tokens=chunk_tokens,
+                                        autocast_dtype=dtype)
                 return s.entropy, s.token_log_q
 
             with torch.no_grad():

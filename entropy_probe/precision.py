@@ -1,26 +1,60 @@
-"""Precision of the forward passes (DESIGN §2 "Precision"): fp32 with TF32 off unless the user
-asks for autocast (``generation.autocast_dtype``); the measure itself is always computed on fp32
-logits and reductions are float64."""
+"""Precision of the model's forward passes (DESIGN §2 "Precision"), ``model.precision``.
+
+``float32`` (the default): fp32 with TF32 off. ``bfloat16``: every model forward of the run —
+generation, the X and Y passes, the forward-mode directional pass, SNIS — under bf16 autocast
+(weights stay in ``model.dtype``; the matrix products run in bf16). In both, the measure itself
+(softmax, nucleus, log q, RB entropies, their logit gradients) is computed on fp32 logits and the
+reductions are float64.
+
+The X·v cross-check (reverse-mode X against the forward-mode directional sums,
+:func:`entropy_probe.first_order.first_order_report`) compares two different roundings of the
+same derivative, so its bound depends on the precision: :data:`CROSSCHECK_BOUNDS`.
+"""
 from __future__ import annotations
 
 import contextlib
 
 import torch
 
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
+
+# (warn above, fail above) for the relative difference of X·v from the reverse-mode X pass and
+# from the forward-mode directional pass. fp32: both passes agree to ~1e-6 (tests/test_chunked).
+# bf16: measured on the embedded policy and on the mid-size CPU model (benchmarks/precision.py,
+# benchmarks/README.md "bf16"): at most 1.1e-2 over 8 runs; the bound leaves a factor of ~5 above that.
+CROSSCHECK_BOUNDS = {"float32": (1e-4, 1e-2), "bfloat16": (2e-2, 5e-1)}
+
 
 def autocast_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """The autocast dtype of ``generation.autocast_dtype``: None for "float32" (no autocast)."""
+    """The autocast dtype of a ``model.precision`` value: None for "float32" (no autocast)."""
     if name is None or isinstance(name, torch.dtype):
         return None if name in (None, torch.float32) else name
-    dtypes = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise ValueError(f"generation.autocast_dtype: unknown dtype {name!r} (float32 | bfloat16 | float16)")
-    return dtypes[name]
+    if name not in PRECISIONS:
+        raise ValueError(f"model.precision: unknown precision {name!r} ({' | '.join(PRECISIONS)})")
+    return PRECISIONS[name]
+
+
+def name_of(dtype: str | torch.dtype | None) -> str:
+    """The ``model.precision`` name of an autocast dtype (None = "float32")."""
+    dtype = autocast_dtype(dtype)
+    return next(name for name, d in PRECISIONS.items() if d == dtype)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """Autocast to ``dtype`` on ``device``'s type, or nothing for fp32."""
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
+
+def crosscheck_bounds(name: str) -> tuple[float, float]:
+    """(warn, fail) relative bounds of the X·v reverse/forward cross-check at precision ``name``."""
+    if name not in CROSSCHECK_BOUNDS:
+        raise ValueError(f"model.precision: unknown precision {name!r} ({' | '.join(CROSSCHECK_BOUNDS)})")
+    return CROSSCHECK_BOUNDS[name]
+
+
+def describe(name: str) -> dict:
+    """What summary.json records about the precision of a run."""
+    return {"compute": name, "measure": "float32 (softmax, nucleus, log q, RB entropies)",
+            "reductions": "float64", "x_dot_v_crosscheck_bounds": dict(zip(("warn", "fail"), crosscheck_bounds(name)))}

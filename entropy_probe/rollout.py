@@ -45,7 +45,7 @@ def rollout_shard(
     model, tokenizer, examples: list[dict], prompt_ids: list[int], *, G: int, kind: str,
     shard_index: int, slots, seed: int, temperature: float, top_p: float, max_new_tokens: int,
     rollout_batch_size: int, gen_batch_size: int, reward_fn,
-    stop_strings: list[str] | tuple[str, ...] = (),
+    stop_strings: list[str] | tuple[str, ...] = (), autocast_dtype=None,
 ) -> dict[str, Tensor]:
     """Generate one shard; returns its tensors (shapes: B prompts, G responses, T response width,
     P prompt width; ``sequences`` is the left-padded prompt followed by the right-padded response).
@@ -57,6 +57,10 @@ def rollout_shard(
     key (``seed``, stream of ``kind`` (:data:`noise.STREAMS`), b, g, k, v), so the shard's results
     do not depend on ``rollout_batch_size`` or ``gen_batch_size`` (pure execution knobs: prompts
     per chunk, sequences per generate call) beyond float rounding of the logits.
+
+    Prompts are generated longest first (sorted by token count, stable), so each call pads its
+    prompts to similar lengths; the shard is put back in plan order. ``autocast_dtype``
+    (``model.precision``) as in :func:`generate.sample`.
     """
     slots = [int(s) for s in slots]
     if len(slots) != len(prompt_ids):
@@ -64,11 +68,14 @@ def rollout_shard(
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     noise_key = noise.NoiseKey(seed, noise.STREAMS[kind])
     rows_per_call = max(1, gen_batch_size // G)  # whole prompt groups per generate call
+    lengths = encode_prompts(tokenizer, [examples[i] for i in prompt_ids])["attention_mask"].sum(-1) if prompt_ids else []
+    order = sorted(range(len(prompt_ids)), key=lambda j: -int(lengths[j]))  # longest first, stable
+    sorted_ids, sorted_slots = [prompt_ids[j] for j in order], [slots[j] for j in order]
     chunks = []
     starts = range(0, len(prompt_ids), rollout_batch_size)
     for start in tqdm(starts, desc=f"rollout {kind}{shard_index}", unit="chunk"):
-        ids = prompt_ids[start:start + rollout_batch_size]
-        chunk_slots = slots[start:start + rollout_batch_size]
+        ids = sorted_ids[start:start + rollout_batch_size]
+        chunk_slots = sorted_slots[start:start + rollout_batch_size]
         encoded = encode_prompts(tokenizer, [examples[i] for i in ids])
         parts = []
         for lo in range(0, len(ids), rows_per_call):
@@ -76,7 +83,7 @@ def rollout_shard(
                 model, encoded["input_ids"][lo:lo + rows_per_call], encoded["attention_mask"][lo:lo + rows_per_call],
                 G, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                 eos_token_id=eos, pad_token_id=pad, noise_key=noise_key, slots=chunk_slots[lo:lo + rows_per_call],
-                stop_strings=stop_strings, tokenizer=tokenizer,
+                stop_strings=stop_strings, tokenizer=tokenizer, autocast_dtype=autocast_dtype,
             ))
         width = max(p.response_tokens.shape[1] for p in parts)
         responses = {
@@ -96,7 +103,9 @@ def rollout_shard(
         responses["reward_codes"] = torch.tensor(codes, dtype=torch.int8)
         responses["prompt_tokens"], responses["prompt_mask"] = encoded["input_ids"], encoded["attention_mask"]
         chunks.append(responses)
-    return _assemble(chunks, prompt_ids, G, pad)
+    shard = _assemble(chunks, sorted_ids, G, pad)
+    back = torch.argsort(torch.tensor(order, dtype=torch.int64))  # plan order again
+    return {name: t.index_select(0, back) for name, t in shard.items()}
 
 
 def _assemble(chunks: list[dict], prompt_ids: list[int], G: int, pad: int) -> dict[str, Tensor]:

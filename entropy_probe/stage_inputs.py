@@ -20,6 +20,7 @@ def rollout_expectations(cfg: dict, kind: str, fingerprint: str) -> dict:
         "generation": {k: gen[k] for k in ("temperature", "top_p", "max_new_tokens")},
         "seed": cfg["batch_config"]["seed"],
         "G": cfg["batch_config"]["G"],
+        "precision": cfg["model"]["precision"],
     }
 
 

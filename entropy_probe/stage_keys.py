@@ -21,9 +21,9 @@ from pathlib import Path
 
 SAMPLING = ("generation.temperature", "generation.top_p", "generation.max_new_tokens", "generation.stop_strings")
 # what a rollout shard's header records and every reader of it checks (entropy_probe.stage_inputs)
-ROLLOUT_PROVENANCE = SAMPLING + ("batch_config.seed", "batch_config.G")
+ROLLOUT_PROVENANCE = SAMPLING + ("batch_config.seed", "batch_config.G", "model.precision")
 REWARD = ("reward.name", "reward.function", "reward.format_weight")
-PASS_NUMERICS = ("model.dtype", "model.trainable", "generation.autocast_dtype", "estimator.param_filter")
+PASS_NUMERICS = ("model.dtype", "model.trainable", "estimator.param_filter")  # + model.precision (provenance)
 X_ESTIMATOR = ("estimator.normalization", "estimator.baseline", "generation.rb_requires_grad")
 UPDATE_RULE = ("update.optimizer", "update.optimizer_state", "update.optimizer_param_names", "update.max_grad_norm",
                "model.name_or_path", "model.dtype")
@@ -49,7 +49,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "u_jackknife": UPDATE_RULE,
     "directional": ROLLOUT_PROVENANCE + PASS_NUMERICS + X_ESTIMATOR,
     "delta_h1": ("estimator.eta_list", "batch_config.G"),
-    "snis_shard": ROLLOUT_PROVENANCE + ETA_SWEEP + ("model.dtype", "generation.autocast_dtype"),
+    "snis_shard": ROLLOUT_PROVENANCE + ETA_SWEEP + ("model.dtype",),
     "delta_h_snis": ("estimator.normalization", "batch_config.G"),
     "exact_reference": SAMPLING + ETA_SWEEP + ("estimator.normalization", "model.dtype"),
 }
@@ -58,7 +58,7 @@ STAGE_KEYS["summary"] = tuple(sorted({key for keys in STAGE_KEYS.values() for ke
 
 # Change no stored number beyond float rounding (tests hold the summary to that): read, not tracked.
 EXECUTION_KEYS = ("model.device", "batch_config.rollout_batch_size", "generation.gen_batch_size",
-                  "generation.tf_batch_size", "generation.tf_chunk_tokens")
+                  "generation.tf_batch_size", "generation.tf_chunk_tokens", "generation.gradient_checkpointing")
 # Decide which files exist (the DAG), not what a file holds: no stage reads them as values.
 STRUCTURE_KEYS = ("data.split", "data.E_split", "data.U_split")
 

@@ -54,7 +54,7 @@ class ResponseLogits(nn.Module):
         token from seeing the pads: no padding mask is passed (the decoder takes its fused
         causal path); positions start at 0, as without padding.
         """
-        hidden = self.policy.get_decoder()(input_ids=input_ids).last_hidden_state
+        hidden = self.policy.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state  # no KV cache kept
         flat = rows * hidden.shape[1] + prompt_lens[rows] - 1 + cols
         return hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat)
 

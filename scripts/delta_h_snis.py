@@ -14,8 +14,8 @@ from entropy_probe.stage import config_for, rule_config, stage_run
 
 def main(cfg: dict, shard_paths: list[str], out_path: str) -> None:
     loaded = [shards.read_shard(p, {"kind": "snis"}) for p in shard_paths]
-    if len({repr(m["etas"]) for _, m in loaded}) != 1 or len({m["model_fingerprint"] for _, m in loaded}) != 1:
-        raise shards.ShardError(f"SNIS shards disagree on the η sweep or the model: {shard_paths}")
+    if len({repr((m["etas"], m["model_fingerprint"], m.get("precision"))) for _, m in loaded}) != 1:
+        raise shards.ShardError(f"SNIS shards disagree on the η sweep, the model or the precision: {shard_paths}")
     etas = loaded[0][1]["etas"]
     cat = {k: torch.cat([t[k] for t, _ in loaded], dim=-1) for k in ("log_w", "S_shifted", "own_nucleus_differs", "S", "T")}
     G, norm = cfg["batch_config"]["G"], cfg["estimator"]["normalization"]
@@ -26,7 +26,7 @@ def main(cfg: dict, shard_paths: list[str], out_path: str) -> None:
         logging.getLogger("delta_h_snis").info("eta %.4g: ΔH = %.6g ± %.3g, ESS %.1f / %d", eta, row["delta_h"], row["se"],
                                           row["ess"], row["num_sequences"])
     shards.write_json(out_path, {"normalization": norm, "model_fingerprint": loaded[0][1]["model_fingerprint"],
-                                 "rows": rows})
+                                 "precision": loaded[0][1]["precision"], "rows": rows})
 
 
 if "snakemake" in globals():

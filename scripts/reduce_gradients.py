@@ -9,7 +9,7 @@ from entropy_probe import gradients, shards
 from entropy_probe.stage import stage_run
 
 log = logging.getLogger("reduce_gradients")
-SHARED_KEYS = ("model_fingerprint", "param_filter", "normalization", "baseline", "H_bar", "loss_type")
+SHARED_KEYS = ("model_fingerprint", "param_filter", "normalization", "baseline", "H_bar", "loss_type", "precision")
 
 
 def main(kind: str, shard_paths: list[str], out_path: str) -> None:
@@ -21,7 +21,7 @@ def main(kind: str, shard_paths: list[str], out_path: str) -> None:
             raise shards.ShardError(f"{kind} gradient shards disagree on {key}: {sorted(values)}")
     reduced, stats, normalizer = gradients.reduce_shards(kind, [(gradients.unpack(t), m) for t, m in loaded])
     meta = {k: v for k, v in metas[0].items() if k not in ("schema_version", "normalizer_share")}
-    shards.write_shard(out_path, gradients.pack(reduced, stats), meta | {"normalizer": normalizer, "num_shards": len(metas)})
+    shards.write_shard(out_path, gradients.pack(reduced, stats, kind), meta | {"normalizer": normalizer, "num_shards": len(metas)})
     log.info("%s = Σ of %d shards / %.6g; |%s| = %.6g", kind, len(metas), normalizer, kind, gradients.global_norm(reduced))
 
 

@@ -36,6 +36,7 @@ def main(cfg: dict, plan_path: str, policy_dir: str, kind: str, shard_index: int
         slots=slots, seed=batch["seed"], temperature=gen["temperature"], top_p=gen["top_p"],
         max_new_tokens=gen["max_new_tokens"], rollout_batch_size=batch["rollout_batch_size"],
         gen_batch_size=gen["gen_batch_size"], reward_fn=reward_fn, stop_strings=gen["stop_strings"],
+        autocast_dtype=cfg["model"]["precision"],
     )
     B, G, L = check_shapes(tensors)
     metadata = {
@@ -45,6 +46,7 @@ def main(cfg: dict, plan_path: str, policy_dir: str, kind: str, shard_index: int
                   "first_slot": slots[0] if slots else 0}, "prompt_width": L - tensors["token_log_q"].shape[-1],
         "model_fingerprint": models.fingerprint(policy_dir),
         "generation": {k: gen[k] for k in ("temperature", "top_p", "max_new_tokens")},
+        "precision": cfg["model"]["precision"],
         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
         "stop_strings": list(gen["stop_strings"]),
         "stop_reasons": {str(k): v for k, v in generate.STOP_REASONS.items()},

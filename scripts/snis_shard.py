@@ -21,11 +21,12 @@ def main(cfg: dict, rollout_path: str, policy_dir: str, v_path: str, out_path: s
     etas = sweep_etas(cfg["estimator"])
     out = snis.snis_pass(model, v, rollout, etas, pad_token_id=tokenizer.pad_token_id,
                          temperature=gen["temperature"], top_p=gen["top_p"], tf_batch_size=gen["tf_batch_size"],
-                         chunk_tokens=gen["tf_chunk_tokens"], autocast_dtype=gen["autocast_dtype"])
+                         chunk_tokens=gen["tf_chunk_tokens"], autocast_dtype=cfg["model"]["precision"])
     for name in ("log_w", "S_shifted"):
         guards.check_sequences(out[name].T, f"SNIS {name}", rollout_path)
     out["etas"] = torch.tensor(etas, dtype=torch.float64)
-    shards.write_shard(out_path, out, {"kind": "snis", "model_fingerprint": fingerprint, "etas": etas})
+    shards.write_shard(out_path, out, {"kind": "snis", "model_fingerprint": fingerprint, "etas": etas,
+                                       "precision": cfg["model"]["precision"]})
     logging.getLogger("snis_shard").info("wrote %s: %d sequences x %d etas", out_path, out["S"].numel(), len(etas))
 
 

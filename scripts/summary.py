@@ -6,7 +6,7 @@ By hand:  python scripts/summary.py CONFIG.yaml DELTA_H1.json DELTA_H_SNIS.json 
 import argparse
 from pathlib import Path
 
-from entropy_probe import normalization, report, shards
+from entropy_probe import normalization, precision, report, shards
 from entropy_probe.stage import config_for, rule_config, stage_run
 from entropy_probe.stage_keys import STAGE_KEYS, nest
 
@@ -19,17 +19,22 @@ def main(config: dict, delta_h1_path: str, snis_path: str, jackknife_path: str, 
     exact = shards.read_json(exact_path) if exact_path else None
     if first_order["model_fingerprint"] != measured["model_fingerprint"]:
         raise shards.ShardError(f"{delta_h1_path} and {snis_path} come from different models")
+    if first_order["precision"] != measured["precision"]:
+        raise shards.ShardError(f"{delta_h1_path} ({first_order['precision']}) and {snis_path} "
+                                f"({measured['precision']}) come from passes in different precisions")
     exact_by_eta = {r["eta"]: r["exact_delta_h"] for r in exact["delta_h"]} if exact else None
     rows = report.combine(first_order, measured, jackknife, exact_by_eta)
     u_batch = {"informative_groups": objective["informative_groups"], "num_groups": objective["num_groups"],
                "loss_type": objective["loss_type"], "loss_formula": objective["loss_formula"]}
     unit = normalization.get(first_order["normalization"]).unit
-    table = report.format_table(rows, unit, u_batch)
+    table = report.format_table(rows, unit, u_batch) + f"precision: {first_order['precision']} model passes, " \
+        "fp32 measure (softmax, entropies), float64 reductions\n"
     with shards.atomic_path(plot_path, suffix=".png") as tmp:
         report.plot(rows, tmp, unit)
     shards.write_json(json_path, {
         "rows": rows, "first_order": first_order, "delta_h_snis": measured, "u_jackknife": jackknife, "exact": exact,
         "u_batch": u_batch, "unit": unit, "model_fingerprint": first_order["model_fingerprint"],
+        "precision": precision.describe(first_order["precision"]),
         "config": config,
         **report.provenance(),
     })

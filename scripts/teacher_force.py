@@ -21,27 +21,30 @@ def main(cfg: dict, kind: str, rollout_path: str, policy_dir: str, out_path: str
     rollout_kind = "E" if kind == "X" else "U"
     [rollout] = stage_inputs.read_rollouts([rollout_path], cfg, rollout_kind, fingerprint)
     common = dict(pad_token_id=tokenizer.pad_token_id, temperature=gen["temperature"], tf_batch_size=gen["tf_batch_size"],
-                  chunk_tokens=gen["tf_chunk_tokens"], autocast_dtype=gen["autocast_dtype"])
-    meta = {"kind": kind, "model_fingerprint": fingerprint, "param_filter": est["param_filter"]}
+                  chunk_tokens=gen["tf_chunk_tokens"], autocast_dtype=cfg["model"]["precision"])
+    meta = {"kind": kind, "model_fingerprint": fingerprint, "param_filter": est["param_filter"],
+            "precision": cfg["model"]["precision"]}
     if kind == "X":
         H_bar = read_json(batch_input)["H_bar_token"]
         grads, stats = passes.x_gradient(
             model, params, rollout, top_p=gen["top_p"], H_bar=H_bar, normalization=est["normalization"],
-            baseline=est["baseline"], rb_requires_grad=gen["rb_requires_grad"], **common,
+            baseline=est["baseline"], rb_requires_grad=gen["rb_requires_grad"],
+            gradient_checkpointing=gen["gradient_checkpointing"], **common,
         )
         meta |= {"H_bar": H_bar, "normalization": est["normalization"], "baseline": est["baseline"],
                  "rb_requires_grad": gen["rb_requires_grad"]}
     else:
         objective, objective_meta = read_shard(batch_input, {"kind": "u_objective", "model_fingerprint": fingerprint})
         rows = stage_inputs.rows_of_shard(objective, rollout, batch_input)
-        grads = passes.y_gradient(model, params, rollout, objective["coefficients"][rows], **common)
+        grads = passes.y_gradient(model, params, rollout, objective["coefficients"][rows],
+                                  gradient_checkpointing=gen["gradient_checkpointing"], **common)
         stats = {}
         meta |= {"loss_type": objective_meta["loss_type"],
                  "normalizer_share": float(objective["normalizer_terms"][rows].sum())}
     guards.check_parameters(grads, f"{kind} gradient", rollout_path)
     for name, values in stats.items():
         guards.check_sequences(values, f"teacher-forced {name}", rollout_path)
-    write_shard(out_path, gradients.pack(grads, stats), meta)
+    write_shard(out_path, gradients.pack(grads, stats, kind), meta)
     log.info("wrote %s: %d tensors, |grad sum| = %.4g", out_path, len(grads), gradients.global_norm(grads))
 
 

@@ -48,7 +48,8 @@ rule teacher_force_x:
         # change of the U side never reruns X (ancient: its time stamp is not compared)
         after_u_objective=ancient(U_OBJECTIVE),
     output:
-        f"{RESULTS}/teacher_force/{{kind}}/shard_{{shard}}.safetensors",
+        # gradient-sized (float32): only the reduction reads it, so it goes once X is reduced
+        temp(f"{RESULTS}/teacher_force/{{kind}}/shard_{{shard}}.safetensors"),
     log:
         f"{RESULTS}/logs/teacher_force_{{kind}}_{{shard}}.log",
     benchmark:

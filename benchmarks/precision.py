@@ -1,0 +1,210 @@
+"""bf16 against fp32 (a measurement, not a test): how far ``model.precision: bfloat16`` moves δH₁
+and ΔH, in units of the fp32 standard errors, and how far the X·v reverse/forward cross-check
+moves (the bound of entropy_probe/precision.py comes from these numbers).
+
+    python benchmarks/precision.py embedded [--seeds 0 1 2] [--config config/config.yaml] [--json OUT]
+    python benchmarks/precision.py mid [--seeds 0] [--json OUT]
+
+``embedded``: the whole workflow on the embedded policy (Snakemake, in a scratch directory), once in
+fp32 and once in bf16 per seed (``batch_config.seed``; the bf16 run reuses the fp32 run's policy,
+data and plans). The rollouts of the two runs are coupled (the same Gumbel noise per slot), so most
+responses are the same and the difference is bf16's, not a fresh draw's.
+
+``mid``: the mid-size random Qwen2 of benchmarks/workloads.py (86 M parameters, vocabulary 32,000),
+the same stages by library calls: coupled rollouts (random token prompts, random rewards keyed by
+slot), X and Y passes, v = Y (SGD), the directional pass, SNIS, at each precision.
+
+Every row: per η, |bf16 − fp32| / SE_fp32 for δH₁ and for ΔH, and the cross-check's relative
+difference |X·v_reverse − X·v_forward| / |X·v| and in units of the SE of X·v.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path[:0] = [HERE, REPO]
+
+
+def compare(fp32: dict, bf16: dict) -> dict:
+    """Rows per η of |bf16 − fp32| in units of the fp32 SE, from two summary-like dicts
+    ({"rows": [{"eta", "delta_h1", "delta_h1_se", "delta_h", "delta_h_se"}], "first_order": {...}})."""
+    rows = []
+    by_eta = {r["eta"]: r for r in bf16["rows"]}
+    for a in fp32["rows"]:
+        b = by_eta[a["eta"]]
+        rows.append({"eta": a["eta"],
+                     "delta_h1_fp32": a["delta_h1"], "delta_h1_bf16": b["delta_h1"], "delta_h1_se_fp32": a["delta_h1_se"],
+                     "delta_h1_shift_in_se": abs(b["delta_h1"] - a["delta_h1"]) / a["delta_h1_se"],
+                     "delta_h_fp32": a.get("delta_h"), "delta_h_bf16": b.get("delta_h"), "delta_h_se_fp32": a.get("delta_h_se"),
+                     "delta_h_shift_in_se": (abs(b["delta_h"] - a["delta_h"]) / a["delta_h_se"]) if "delta_h" in a else None,
+                     "exact_delta_h": a.get("exact_delta_h")})
+    checks = {}
+    for name, run in (("fp32", fp32), ("bf16", bf16)):
+        fo = run["first_order"]
+        diff = abs(fo["X_dot_v"] - fo["X_dot_v_directional"])
+        checks[name] = {"relative": diff / abs(fo["X_dot_v"]), "in_se": diff / fo["X_dot_v_se"],
+                        "X_dot_v": fo["X_dot_v"], "X_dot_v_directional": fo["X_dot_v_directional"],
+                        "X_dot_v_se": fo["X_dot_v_se"]}
+    return {"rows": rows, "crosscheck": checks}
+
+
+def print_comparison(label: str, result: dict) -> None:
+    print(f"\n{label}")
+    print(f"  {'eta':>8} {'δH₁ fp32':>11} {'δH₁ bf16':>11} {'SE':>9} {'shift/SE':>8}   "
+          f"{'ΔH fp32':>11} {'ΔH bf16':>11} {'SE':>9} {'shift/SE':>8}")
+    for r in result["rows"]:
+        dh = (f"{r['delta_h_fp32']:>11.4g} {r['delta_h_bf16']:>11.4g} {r['delta_h_se_fp32']:>9.2g} "
+              f"{r['delta_h_shift_in_se']:>8.3f}") if r["delta_h_fp32"] is not None else ""
+        print(f"  {r['eta']:>8.2g} {r['delta_h1_fp32']:>11.4g} {r['delta_h1_bf16']:>11.4g} {r['delta_h1_se_fp32']:>9.2g} "
+              f"{r['delta_h1_shift_in_se']:>8.3f}   {dh}")
+    for name, c in result["crosscheck"].items():
+        print(f"  X·v cross-check {name}: reverse {c['X_dot_v']:.6g}, forward {c['X_dot_v_directional']:.6g}: "
+              f"relative {c['relative']:.2e}, {c['in_se']:.3f} SE")
+
+
+# --------------------------------------------------------------------------------- embedded
+
+
+def run_workflow(work: str, config: dict) -> dict:
+    import yaml
+
+    with open(os.path.join(work, "probe.yaml"), "w") as f:
+        yaml.safe_dump(config, f)
+    cmd = [sys.executable, "-m", "snakemake", "-s", os.path.join(REPO, "Snakefile"), "--directory", work,
+           "--configfile", os.path.join(work, "probe.yaml"), "--cores", "2", "-q"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    with open(os.path.join(work, "results", "summary.json")) as f:
+        return json.load(f)
+
+
+def embedded(args) -> list[dict]:
+    import yaml
+
+    base = yaml.safe_load(open(args.config))
+    out = []
+    for seed in args.seeds:
+        with tempfile.TemporaryDirectory(prefix="precision_") as tmp:
+            config = json.loads(json.dumps(base))
+            config["batch_config"]["seed"] = seed
+            fp32_dir, bf16_dir = os.path.join(tmp, "fp32"), os.path.join(tmp, "bf16")
+            os.makedirs(fp32_dir)
+            start = time.perf_counter()
+            fp32 = run_workflow(fp32_dir, config | {"model": config["model"] | {"precision": "float32"}})
+            shutil.copytree(fp32_dir, bf16_dir, symlinks=True)
+            bf16 = run_workflow(bf16_dir, config | {"model": config["model"] | {"precision": "bfloat16"}})
+            result = compare(fp32, bf16) | {"seed": seed, "seconds": time.perf_counter() - start}
+        print_comparison(f"embedded policy, {args.config}, seed {seed}", result)
+        out.append(result)
+    return out
+
+
+# -------------------------------------------------------------------------------------- mid
+
+
+def mid_probe(model, prompts, precision: str, etas: list[float], *, G: int, T: int, top_p: float, seed: int,
+              n_u: int) -> dict:
+    """The probe's stages on ``model`` by library calls at ``precision``: a summary-like dict."""
+    import torch
+
+    import workloads as W
+    from entropy_probe import (estimators, gradients, losses, normalization, parameters, passes, snis)
+
+    ids, mask = prompts
+    V = model.config.vocab_size
+    pad = V - 2
+    kw = dict(temperature=1.0, top_p=top_p, autocast_dtype=precision)
+    e_rows = slice(n_u, None)
+    u = W.sampled_shard(model, ids[:n_u], mask[:n_u], G, T, seed=seed, stream="U", **kw)
+    e = W.sampled_shard(model, ids[e_rows], mask[e_rows], G, T, seed=seed, stream="E", **kw)
+    u["rewards"] = (torch.rand(n_u, G, generator=torch.Generator().manual_seed(seed + 1)) < 0.5).float()
+    params = parameters.select(model)
+    plug = normalization.batch_plugins(e["rb_entropies"].double().sum(-1).reshape(-1), e["response_lens"].reshape(-1))
+    common = dict(pad_token_id=pad, temperature=1.0, tf_batch_size=16, autocast_dtype=precision)
+    x_kw = dict(top_p=top_p, normalization="token", baseline="loo", rb_requires_grad=True)
+    X, stats = passes.x_gradient(model, params, e, H_bar=plug["H_bar_token"], **x_kw, **common)
+    X = {k: g / normalization.get("token").x_denominator(stats["T"]) for k, g in X.items()}
+    a, z = losses.response_weights("grpo", losses.group_advantages(u["rewards"], "none"), u["response_lens"])
+    Y = passes.y_gradient(model, params, u, a, **common)
+    v = {k: g / float(z.sum()) for k, g in Y.items()}  # SGD: v = Y
+    sums = passes.directional_sums(model, v, e, **x_kw, **common)
+    xv = gradients.dot(X, v)
+    xv_forward, se = estimators.directional_estimate(sums["P"], sums["Q"], sums["S"], sums["T"], G, "token")
+    sweep = sorted({*etas, *(-x for x in etas)})
+    out = snis.snis_pass(model, v, e, sweep, pad_token_id=pad, temperature=1.0, top_p=top_p, tf_batch_size=16,
+                         autocast_dtype=precision)
+    measured = {eta: snis.delta_h(out["log_w"][j], out["S_shifted"][j], out["S"], out["T"],
+                                  out["own_nucleus_differs"][j], G, "token") for j, eta in enumerate(sweep)}
+    rows = [{"eta": eta, "delta_h1": eta * xv, "delta_h1_se": eta * se, "delta_h": measured[eta]["delta_h"],
+             "delta_h_se": measured[eta]["se"]} for eta in etas]
+    return {"rows": rows, "first_order": {"X_dot_v": xv, "X_dot_v_directional": xv_forward, "X_dot_v_se": se},
+            "same_responses": None, "responses": e["sequences"]}
+
+
+def mid(args) -> list[dict]:
+    import torch
+
+    import workloads as W
+    from entropy_probe import models
+
+    models.set_precision()
+    torch.set_num_threads(args.threads)
+    spec = W.SIZES[args.model]
+    model = W.build_qwen2(spec)
+    out = []
+    for seed in args.seeds:
+        g = torch.Generator().manual_seed(seed)
+        n = args.prompts + args.u_prompts
+        lens = torch.randint(args.prompt_len // 2, args.prompt_len + 1, (n,), generator=g)
+        ids = torch.randint(0, spec.vocab - 2, (n, args.prompt_len), generator=g)
+        mask = (torch.arange(args.prompt_len)[None, :] >= (args.prompt_len - lens)[:, None]).long()
+        ids = torch.where(mask.bool(), ids, spec.vocab - 2)
+        start = time.perf_counter()
+        runs = {p: mid_probe(model, (ids, mask), p, args.etas, G=args.G, T=args.new_tokens, top_p=args.top_p, seed=seed,
+                             n_u=args.u_prompts) for p in ("float32", "bfloat16")}
+        same = float((runs["float32"].pop("responses") == runs["bfloat16"].pop("responses")).all(-1).float().mean())
+        result = compare(runs["float32"], runs["bfloat16"]) | {
+            "seed": seed, "seconds": time.perf_counter() - start, "identical_responses_share": same,
+            "setting": f"{spec.name}, {args.prompts} E prompts × G={args.G}, {args.u_prompts} U prompts, "
+                       f"{args.new_tokens} new tokens, top_p {args.top_p}"}
+        print_comparison(f"{result['setting']}, seed {seed} (identical E responses fp32/bf16: {same:.1%})", result)
+        out.append(result)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", choices=["embedded", "mid"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--config", default=os.path.join(REPO, "config", "config.yaml"), help="embedded: the config")
+    parser.add_argument("--model", default="mid", help="mid: the workloads.SIZES entry")
+    parser.add_argument("--prompts", type=int, default=16, help="mid: E prompts")
+    parser.add_argument("--u-prompts", type=int, default=8, help="mid: U prompts")
+    parser.add_argument("--G", type=int, default=4)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--etas", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    results = embedded(args) if args.which == "embedded" else mid(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Disk and memory at full-parameter scale (issue 16).
+
+- Float32 storage of the X side's gradient-sized files (per-shard partial sums, the reduced X;
+  ``entropy_probe.gradients.STORAGE_DTYPE``): every stage from the gradient passes to the summary,
+  run by hand on the session's default run once with float32 and once with float64 storage,
+  reports the same numbers to 1e-6 relative. (The U side, Y and v, stays float64: see
+  ``entropy_probe.gradients``.)
+- The X partial sums are ``temp()``: gone after the reduction, and the run stays complete.
+- Gradient checkpointing of the decoder layers (``generation.gradient_checkpointing``) gives the
+  gradients of the plain passes.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+
+import pytest
+import torch
+from conftest import REPO, RUN_CONFIG
+
+from entropy_probe import gradients, passes, parameters, shards
+from entropy_probe.stage import config_for
+
+SCRIPTS = REPO / "scripts"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _numbers(obj, path=""):
+    if isinstance(obj, dict):
+        return {k: v for key, value in obj.items() for k, v in _numbers(value, f"{path}/{key}").items()}
+    if isinstance(obj, list):
+        return {k: v for i, value in enumerate(obj) for k, v in _numbers(value, f"{path}[{i}]").items()}
+    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        return {path: float(obj)}
+    return {}
+
+
+def run_stages(run, out):
+    """Every stage from the gradient passes on, by hand, on ``run``'s rollouts and batch tables;
+    outputs under ``out``. Returns summary.json's contents."""
+    res, config = run / "results", run / RUN_CONFIG
+    policy = str(res / "policy")
+    cfg = lambda stage: config_for(config, stage)  # noqa: E731
+    e_shards = sorted(str(p) for p in (res / "rollouts" / "E").glob("shard_*.safetensors"))
+    u_shards = sorted(str(p) for p in (res / "rollouts" / "U").glob("shard_*.safetensors"))
+    tf, reduce = _script("teacher_force"), _script("reduce_gradients")
+    paths = {"X": [], "Y": []}
+    for kind, rollouts, batch in (("X", e_shards, res / "estimates" / "e_stats.json"),
+                                  ("Y", u_shards, res / "estimates" / "u_objective.safetensors")):
+        for i, rollout in enumerate(rollouts):
+            paths[kind].append(str(out / f"tf_{kind}_{i}.safetensors"))
+            tf.main(cfg(f"teacher_force_{kind.lower()}"), kind, rollout, policy, paths[kind][-1], str(batch))
+        reduce.main(kind, paths[kind], str(out / f"{kind}.safetensors"))
+    v = str(out / "v.safetensors")
+    _script("update_vector").main(cfg("update_vector"), str(out / "Y.safetensors"), policy, v)
+    directional, snis = [], []
+    for i, rollout in enumerate(e_shards):
+        directional.append(str(out / f"directional_{i}.safetensors"))
+        _script("directional").main(cfg("directional"), rollout, policy, v, directional[-1])
+        snis.append(str(out / f"snis_{i}.safetensors"))
+        _script("snis_shard").main(cfg("snis_shard"), rollout, policy, v, snis[-1])
+    _script("delta_h1").main(cfg("delta_h1"), str(out / "X.safetensors"), v, directional, str(out / "delta_h1.json"),
+                             str(out / "delta_h1.txt"))
+    _script("delta_h_snis").main(cfg("delta_h_snis"), snis, str(out / "delta_h_snis.json"))
+    _script("u_jackknife").main(cfg("u_jackknife"), str(out / "X.safetensors"), policy, paths["Y"],
+                                str(out / "u_jackknife.json"))
+    [prepared] = (res / "data").glob("*.json")
+    with contextlib.chdir(run):  # the prepared set names its prompt file relative to the run directory
+        _script("exact_reference").main(cfg("exact_reference"), policy, v, str(prepared), str(out / "exact.json"))
+    summary = _script("summary")
+    summary.main(summary._defining_only(cfg("summary")), str(out / "delta_h1.json"), str(out / "delta_h_snis.json"),
+                 str(out / "u_jackknife.json"), str(res / "estimates" / "u_objective.safetensors"),
+                 str(out / "summary.json"), str(out / "summary.txt"), str(out / "plot.png"), str(out / "exact.json"))
+    return json.loads((out / "summary.json").read_text()), out
+
+
+@pytest.mark.workflow
+def test_float32_storage_changes_no_reported_number_beyond_1e_6(default_run, tmp_path, monkeypatch):
+    assert gradients.STORAGE_DTYPE == torch.float32
+    (tmp_path / "f32").mkdir()
+    (tmp_path / "f64").mkdir()
+    f32, out32 = run_stages(default_run, tmp_path / "f32")
+    monkeypatch.setattr(gradients, "STORAGE_DTYPE", torch.float64)
+    f64, out64 = run_stages(default_run, tmp_path / "f64")
+    # the files are what the names say: X side float32 (half the bytes), U side float64 in both
+    for name, kind in (("tf_X_0", "X"), ("X", "X"), ("tf_Y_0", "Y"), ("Y", "Y"), ("v", "v")):
+        t32, _ = shards.read_shard(out32 / f"{name}.safetensors")
+        t64, _ = shards.read_shard(out64 / f"{name}.safetensors")
+        grads32, stats32 = gradients.unpack(t32)
+        assert {t.dtype for t in grads32.values()} == {torch.float32 if kind == "X" else torch.float64}, name
+        assert {t.dtype for t in gradients.unpack(t64)[0].values()} == {torch.float64}, name
+        assert all(t.dtype == torch.float64 for t in stats32.values())  # per-sequence stats stay float64
+    size = lambda out, name: (out / f"{name}.safetensors").stat().st_size  # noqa: E731
+    assert size(out32, "X") < 0.6 * size(out64, "X")
+    # every reported number, the summary's and its inputs'
+    old = _numbers({k: v for k, v in f64.items() if k != "config"})
+    new = _numbers({k: v for k, v in f32.items() if k != "config"})
+    assert old.keys() == new.keys()
+    # a relative difference is itself a relative quantity (of order 1e-7 in fp32): held absolutely
+    relative = {k for k in old if k.endswith("_relative_difference")}
+    assert relative
+    for key in relative:
+        assert abs(new[key] - old[key]) <= 1e-6, key
+    worst = 0.0
+    for key, value in old.items():
+        if key not in relative:
+            assert new[key] == pytest.approx(value, rel=1e-6, abs=0), key
+            worst = max(worst, abs(new[key] - value) / abs(value) if value else 0.0)
+    assert worst > 0  # the storage dtype did change something (the comparison is not vacuous)
+    print(f"largest relative change of a reported number, float32 vs float64 X storage: {worst:.2e}")
+
+
+@pytest.mark.workflow
+def test_x_partial_sums_are_temporary(default_run):
+    results = default_run / "results"
+    assert not list((results / "teacher_force" / "X").glob("shard_*.safetensors"))  # deleted after the reduction
+    assert len(list((results / "teacher_force" / "Y").glob("shard_*.safetensors"))) == 2  # the jackknife reads them
+    assert (results / "gradients" / "X.safetensors").is_file() and (results / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("kind", ["X", "Y"])
+def test_gradient_checkpointing_gives_the_same_gradients(kind, monkeypatch):
+    from test_chunked import sampled_rollout, small_qwen2
+
+    model = small_qwen2(tied=False)
+    rollout, pad = sampled_rollout(model, temperature=0.9, top_p=0.9, seed=11)
+    params = parameters.select(model)
+    common = dict(pad_token_id=pad, temperature=0.9, tf_batch_size=3, chunk_tokens=5)
+    if kind == "X":
+        run = lambda ckpt: passes.x_gradient(  # noqa: E731
+            model, params, rollout, top_p=0.9, H_bar=1.0, normalization="token", baseline="loo",
+            rb_requires_grad=True, gradient_checkpointing=ckpt, **common)[0]
+    else:
+        coefficients = torch.linspace(-1, 1, rollout["response_lens"].numel()).reshape(rollout["response_lens"].shape)
+        run = lambda ckpt: passes.y_gradient(model, params, rollout, coefficients,  # noqa: E731
+                                             gradient_checkpointing=ckpt, **common)
+    calls = []
+    mlp_forward = type(model.get_decoder().layers[0].mlp).forward  # (a forward hook does not see recomputations)
+    monkeypatch.setattr(type(model.get_decoder().layers[0].mlp), "forward",
+                        lambda self, x: calls.append(1) or mlp_forward(self, x))
+    plain = run(False)
+    plain_calls = len(calls)
+    checkpointed = run(True)
+    assert len(calls) - plain_calls == 2 * plain_calls  # each layer ran again in the backward
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-6, atol=1e-9)
+    # the decoder layers are their own again afterwards
+    assert all("forward" not in vars(layer) for layer in model.get_decoder().layers)
