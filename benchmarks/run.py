@@ -230,6 +230,38 @@ def bench_generation(args, setup):
         f"{B * G / plain_s:,.1f} seq/s", plain_s / ours_s, ours_s=ours_s, plain_s=plain_s)
 
 
+def bench_decoding(args, setup):
+    """Tokens/s of batched decoding (generate.sample, no EOS: every row runs to the last token)
+    against the roofline of the step: weights + KV cache read at the measured copy bandwidth,
+    2·params FLOPs per row at the measured matmul peak of the dtype (workloads.decoding_bounds)."""
+    spec, model, _, _, _ = setup
+    V = spec.vocab
+    bandwidth = W.memory_bandwidth(args.device)
+    print(f"      memory bandwidth (copy): {bandwidth / 1e9:,.1f} GB/s")
+    for name, dtype, autocast in (("fp32", torch.float32, None), ("bf16", torch.bfloat16, "bfloat16")):
+        peak = W.matmul_peak(args.device, dtype)
+        for B, G, P, T in args.preset.decoding:
+            g = torch.Generator().manual_seed(1)
+            prompts = torch.randint(0, V - 2, (B, P), generator=g)
+            mask = torch.ones_like(prompts)
+
+            def call():
+                return generate.sample(model, prompts, mask, G, temperature=1.0, top_p=0.95, max_new_tokens=T,
+                                       eos_token_id=-1, pad_token_id=V - 2, noise_key=noise.NoiseKey(0, noise.STREAM_E),
+                                       slots=range(B), autocast_dtype=autocast)
+
+            seconds, _ = W.timed(call, args.device, repeats=1, warmup=1)
+            rows = B * G
+            bounds = W.decoding_bounds(model, rows, P, T, 2 if autocast else 4, bandwidth, peak)
+            ours = rows * T / seconds
+            limit = "bandwidth" if bounds["tokens_per_s_bandwidth"] <= bounds["tokens_per_s_compute"] else "compute"
+            row("decoding", f"{spec.name} {name}, {rows} rows, P={P}, {T} new tokens (bound: {limit})",
+                f"{ours:,.0f} tok/s", f"{bounds['tokens_per_s_roofline']:,.0f} tok/s",
+                ours / bounds["tokens_per_s_roofline"], seconds=seconds, bandwidth=bandwidth, peak_flops=peak, **bounds)
+            print(f"      bounds: bandwidth {bounds['tokens_per_s_bandwidth']:,.0f} tok/s "
+                  f"({bounds['step_bytes'] / 2**20:,.0f} MiB per step), compute {bounds['tokens_per_s_compute']:,.0f} tok/s")
+
+
 def machine() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -264,7 +296,12 @@ def main():
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall time, or process CPU time (per thread-second: for a shared, loaded machine)")
     parser.add_argument("--only", nargs="*", default=None,
-                        choices=["x_vs_loop", "flops", "memory", "generation"], help="run only these")
+                        choices=["x_vs_loop", "flops", "memory", "generation", "decoding"], help="run only these")
+    parser.add_argument("--e2e", action="store_true",
+                        help="the whole workflow instead (benchmarks/e2e.py): CPU at a small size, with --gpu the "
+                             "Qwen2.5-1.5B shape with LoRA; a per-stage table from the rules' benchmark files")
+    parser.add_argument("--cores", type=int, default=None, help="--e2e: snakemake --cores (default: all)")
+    parser.add_argument("--keep", default=None, help="--e2e: run in this directory and keep it")
     parser.add_argument("--json", default=None, help="write the rows and the machine description here")
     args = parser.parse_args()
     args.device = args.device or ("cuda" if args.gpu else "cpu")
@@ -279,12 +316,21 @@ def main():
     models.set_precision()  # fp32 at full precision: TF32 off (DESIGN §2 "Precision")
     info = machine() | {"clock": args.clock}
     print("machine:", json.dumps(info))
+    if args.e2e:
+        import e2e
+
+        report = e2e.run("gpu" if args.device == "cuda" else "cpu", args.cores or os.cpu_count(), args.keep)
+        e2e.print_table(report)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"machine": info, "args": vars(args), "e2e": report}, f, indent=1, default=str)
+        return
     print(f"  {'benchmark':<12} {'setting':<44} {'ours':>22} {'reference':>22} {'ratio':>8} {'target':>10} met")
-    wanted = set(args.only or ["x_vs_loop", "flops", "memory", "generation"])
+    wanted = set(args.only or ["x_vs_loop", "flops", "memory", "generation", "decoding"])
     start = time.perf_counter()
     if "x_vs_loop" in wanted:
         bench_x_vs_loop_tiny(args)
-    setup = mid_setup(args) if wanted & {"x_vs_loop", "flops", "generation"} else None
+    setup = mid_setup(args) if wanted & {"x_vs_loop", "flops", "generation", "decoding"} else None
     if "x_vs_loop" in wanted:
         bench_x_vs_loop_mid(args, setup)
     if "flops" in wanted:
@@ -293,6 +339,8 @@ def main():
         bench_memory(args)
     if "generation" in wanted:
         bench_generation(args, setup)
+    if "decoding" in wanted:
+        bench_decoding(args, setup)
     if PEAKS:
         info["matmul_peaks_flops"] = PEAKS
         print("matmul peaks measured (GFLOP/s): " + "; ".join(

@@ -60,13 +60,17 @@ class Preset:
     memory_batch: tuple[int, int, int]  # sequences, P, T
     generation: tuple[int, int, int, int]  # B, G, P, new tokens
     tiny_prompts: int
+    decoding: tuple[tuple[int, int, int, int], ...] = ()  # (B, G, P, new tokens) per decoding row
 
 
 PRESETS = {
-    "default": Preset("mid", (4, 4, 64, 128), "vocab152k", (8, 64, 192), (4, 4, 32, 32), 64),
-    "quick": Preset("mid-quick", (2, 4, 64, 128), "vocab152k-quick", (8, 64, 192), (2, 4, 32, 16), 32),
-    "large": Preset("large", (8, 4, 128, 256), "large", (16, 128, 384), (8, 4, 64, 64), 64),
-    "smoke": Preset("smoke", (2, 2, 8, 8), "smoke-v152k", (4, 8, 8), (2, 2, 4, 4), 4),
+    "default": Preset("mid", (4, 4, 64, 128), "vocab152k", (8, 64, 192), (4, 4, 32, 32), 64,
+                      ((4, 4, 32, 32), (16, 4, 32, 32))),
+    "quick": Preset("mid-quick", (2, 4, 64, 128), "vocab152k-quick", (8, 64, 192), (2, 4, 32, 16), 32,
+                    ((4, 4, 32, 16),)),
+    "large": Preset("large", (8, 4, 128, 256), "large", (16, 128, 384), (8, 4, 64, 64), 64,
+                    ((16, 4, 128, 128), (64, 4, 128, 128), (256, 4, 128, 128))),
+    "smoke": Preset("smoke", (2, 2, 8, 8), "smoke-v152k", (4, 8, 8), (2, 2, 4, 4), 4, ((2, 2, 4, 4),)),
 }
 
 
@@ -314,3 +318,35 @@ def matmul_peak(device="cpu", dtype=torch.float32, n: int | None = None, repeats
     b = torch.randn(n, n, device=device, dtype=dtype)
     seconds, _ = timed(lambda: a @ b, device, repeats=repeats, warmup=2)
     return 2.0 * n ** 3 / seconds
+
+
+def memory_bandwidth(device="cpu", megabytes: int = 512, repeats: int = 5) -> float:
+    """Measured bytes/s of a large tensor copy (read + write), best of ``repeats``: the
+    bandwidth a memory-bound decoding step can use."""
+    n = megabytes * 2**20 // 4
+    a = torch.ones(n, device=device)
+    b = torch.empty_like(a)
+    seconds, _ = timed(lambda: b.copy_(a), device, repeats=repeats, warmup=1)
+    return 2 * a.numel() * 4 / seconds
+
+
+def decoding_bounds(model, rows: int, prompt_width: int, new_tokens: int, bytes_per_value: int, bandwidth: float,
+                    peak_flops: float) -> dict:
+    """Roofline of one batched decoding call: per step, every weight is read once (at
+    ``bytes_per_value``) plus the KV cache of every row at its average context length, and every
+    row costs 2·matmul params + causal attention FLOPs. Tokens/s bounds from the bandwidth, from
+    the compute peak, and their minimum (the roofline). The sampler's own work (nucleus, noise)
+    is not in it: the gap to the bound includes it."""
+    cfg = model.config
+    decoder, head = matmul_params(model)
+    params = sum(p.numel() for p in model.parameters())
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    context = prompt_width + new_tokens / 2  # average over the steps
+    kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * context * rows * bytes_per_value
+    step_bytes = params * bytes_per_value + kv_bytes
+    step_flops = rows * (2 * (decoder + head) + 4 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * context)
+    by_bandwidth = rows * bandwidth / step_bytes
+    by_compute = rows * peak_flops / step_flops
+    return {"step_bytes": step_bytes, "step_flops": step_flops, "tokens_per_s_bandwidth": by_bandwidth,
+            "tokens_per_s_compute": by_compute, "tokens_per_s_roofline": min(by_bandwidth, by_compute)}
+

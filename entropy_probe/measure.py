@@ -88,19 +88,23 @@ def rb_entropy(log_probs: Tensor, mask: Tensor) -> Tensor:
     return -(finite_log_q.exp() * finite_log_q).sum(dim=-1)
 
 
-def score_tokens(logits: Tensor, tokens: Tensor, temperature: float, top_p: float):
+def score_tokens(logits: Tensor, tokens: Tensor, temperature: float, top_p: float, keep_tokens: bool = False):
     """Per-token log q_k(y_k), RB entropy h_k and nucleus membership of y_k.
 
     logits ``[..., V]``, tokens ``[...]`` (long) -> three tensors of shape ``[...]``:
     ``token_log_q`` (fp32, differentiable), ``entropy`` (fp32, differentiable with S_k fixed),
     ``in_nucleus`` (bool). A token outside its nucleus has log q = −inf: callers must check
-    ``in_nucleus`` (a sampled token always lies in S_k).
+    ``in_nucleus`` (a sampled token always lies in S_k). With ``keep_tokens`` (the bf16 passes:
+    :func:`entropy_probe.precision.keeps_sampled_tokens`) the nucleus is S_k ∪ {y_k};
+    ``in_nucleus`` still says whether y_k lay in S_k itself.
     """
     mask = nucleus_mask(logits, temperature, top_p)
-    lq = log_q(logits, mask, temperature)
     index = tokens.unsqueeze(-1)
-    token_log_q = lq.gather(-1, index).squeeze(-1)
     in_nucleus = mask.gather(-1, index).squeeze(-1)
+    if keep_tokens:
+        mask = mask.scatter(-1, index, True)
+    lq = log_q(logits, mask, temperature)
+    token_log_q = lq.gather(-1, index).squeeze(-1)
     return token_log_q, rb_entropy(lq, mask), in_nucleus
 
 
@@ -115,6 +119,7 @@ def scores_with_logit_gradient(
     logits: Tensor, tokens: Tensor, temperature: float, top_p: float, *, want_q: bool = True,
     want_tempered: bool = False, coef_entropy: Tensor | None = None, coef_log_q: Tensor | None = None,
     coef_tempered: Tensor | None = None, overwrite: bool = False, workspace: Tensor | None = None,
+    keep_tokens: bool = False,
 ) -> tuple[dict[str, Tensor], Tensor | None]:
     """Per-row scores of :func:`score_tokens` / :func:`tempered_token_log_prob` and, when any
     coefficient is given, the gradient of  F = Σ_r [c_h h_r + c_q log q_r(y_r) + c_p log p_r(y_r)]
@@ -131,7 +136,8 @@ def scores_with_logit_gradient(
     Memory and passes: two ``[R, V]`` fp32 buffers, no other allocation of that size — ``logits``
     itself when ``overwrite`` (and it is fp32) and ``workspace`` (a preallocated fp32 tensor of
     at least R·V elements), reused chunk after chunk. One exp per element. The returned gradient
-    lives in one of the two buffers (consume it before reusing them).
+    lives in one of the two buffers (consume it before reusing them). ``keep_tokens`` as in
+    :func:`score_tokens` (S ∪ {y}; ``in_nucleus`` reports membership of S itself).
     """
     with torch.no_grad():
         rows, V = logits.shape
@@ -166,13 +172,15 @@ def scores_with_logit_gradient(
         separate_p = None
         if top_p < 1.0:
             mask = _nucleus_from_probs(p, top_p)
+            in_nucleus = mask.gather(-1, index).squeeze(-1)
+            if keep_tokens:
+                mask.scatter_(-1, index, True)
             if c_p is not None:  # the tempered term needs p itself, q differs from it
                 separate_p = p.clone()
             p.masked_fill_(~mask, 0.0)
             mass = p.sum(-1)
             p.div_(mass[:, None])  # q: p renormalized on S, 0 outside
             lse = lse_all + mass.log()
-            in_nucleus = mask.gather(-1, index).squeeze(-1)
         else:
             mask = None
             lse = lse_all
@@ -181,7 +189,7 @@ def scores_with_logit_gradient(
         log_q = z.sub_(lse[:, None])  # log q on S
         if mask is not None:
             log_q.masked_fill_(~mask, 0.0)  # finite outside S (q = 0 there): no 0·(−inf)
-        out["token_log_q"] = torch.where(in_nucleus, token_z - lse, float("-inf"))
+        out["token_log_q"] = torch.where(in_nucleus | keep_tokens, token_z - lse, float("-inf"))
         out["in_nucleus"] = in_nucleus
         entropy = -torch.bmm(q.unsqueeze(1), log_q.unsqueeze(2)).view(rows)
         out["entropy"] = entropy

@@ -22,7 +22,8 @@ def x_gradient(model, params, rollout, *, pad_token_id, temperature, top_p, H_ba
 
     Evaluated by :func:`teacher_force.surrogate`: ``tf_batch_size`` sequences per forward pass,
     the output embedding ``chunk_tokens`` response tokens at a time (memory: one ``[chunk, V]``
-    fp32 block). ``autocast_dtype`` ("bfloat16" or a torch dtype; None/"float32" = fp32) runs the
+    fp32 block). Per-sequence stats: S_i, T_i and ``outside_nucleus`` (tokens kept outside their
+    recomputed nucleus, bf16 only: :func:`precision.keeps_sampled_tokens`). ``autocast_dtype`` ("bfloat16" or a torch dtype; None/"float32" = fp32) runs the
     forward under autocast (DESIGN §2 "Precision": only where the user asks). With
     ``gradient_checkpointing`` the decoder layers recompute their activations in the backward
     (:mod:`entropy_probe.checkpointing`; the same gradients, less memory for long responses)."""
@@ -32,7 +33,9 @@ def x_gradient(model, params, rollout, *, pad_token_id, temperature, top_p, H_ba
     scorer = teacher_force.ResponseLogits(model)
     n = batch.input_ids.shape[0]
     S = torch.zeros(n, dtype=torch.float64)
+    outside = torch.zeros(n, dtype=torch.float64)
     dtype = precision.autocast_dtype(autocast_dtype)
+    keep = precision.keeps_sampled_tokens(dtype)
 
     def surrogate(rows):
         sub = batch.select(rows)
@@ -42,15 +45,25 @@ def x_gradient(model, params, rollout, *, pad_token_id, temperature, top_p, H_ba
         c_q = coefs.log_q[rows, :width].float() * valid
         value, scores = teacher_force.surrogate(
             scorer, sub, temperature, top_p, coef_entropy=c_h, coef_log_q=c_q,
-            chunk_tokens=chunk_tokens, autocast_dtype=dtype,
+            chunk_tokens=chunk_tokens, autocast_dtype=dtype, keep_tokens=keep,
         )
         S[rows] = scores.entropy.double().sum(-1).cpu()
+        outside[rows] = scores.outside_nucleus.double()
         return value
 
     batches = tf_layout.length_sorted_batches(batch, tf_batch_size)
     with checkpointing.checkpointed_layers(model, gradient_checkpointing):
         grads = teacher_force.accumulate_gradient(params, surrogate, tqdm(batches, desc="X teacher forcing", unit="batch"))
-    return grads, {"S": S, "T": batch.response_lens.double()}
+    _log_outside(outside, "X pass")
+    return grads, {"S": S, "T": batch.response_lens.double(), "outside_nucleus": outside}
+
+
+def _log_outside(outside: Tensor, what: str) -> None:
+    total = int(outside.sum())
+    if total:
+        log.warning("%s: %d sampled tokens (in %d sequences) lie outside the nucleus recomputed in this precision: "
+                    "kept, at the q of S ∪ {y} (entropy_probe.precision.keeps_sampled_tokens)", what, total,
+                    int((outside > 0).sum()))
 
 
 def y_gradient(model, params, rollout, coefficients: Tensor, *, pad_token_id, temperature,
@@ -82,8 +95,9 @@ def directional_sums(model, direction: dict[str, Tensor], rollout, *, pad_token_
     """Per-prompt-group sums for :func:`estimators.directional_estimate` along ``direction``
     (forward-mode AD: one JVP pass, :mod:`entropy_probe.attention` since SDPA kernels lack forward AD; the
     output embedding ``chunk_tokens`` response tokens at a time): P_g, Q_g, S_g, T_g, each
-    ``[B]`` float64. ``autocast_dtype`` as in :func:`x_gradient` (primal and tangent matrix
-    products both in that precision; the measure on fp32 logits)."""
+    ``[B]`` float64, and ``outside_nucleus`` ``[B]`` (as in :func:`x_gradient`). ``autocast_dtype``
+    as in :func:`x_gradient` (primal and tangent matrix products both in that precision; the
+    measure on fp32 logits)."""
     batch = tf_layout.from_rollout(rollout, pad_token_id)
     B, G, T = rollout["rb_entropies"].shape
     entropy = rollout["rb_entropies"].double()
@@ -96,8 +110,9 @@ def directional_sums(model, direction: dict[str, Tensor], rollout, *, pad_token_
         raise KeyError(f"direction has parameters the policy lacks: {unknown[:3]}")
     primals = {f"policy.{k}": named[k].detach() for k in direction}
     tangents = {f"policy.{k}": direction[k].to(named[k].device, named[k].dtype) for k in direction}
-    per_seq = {name: torch.zeros(B * G, dtype=torch.float64) for name in ("P", "Q", "S")}
+    per_seq = {name: torch.zeros(B * G, dtype=torch.float64) for name in ("P", "Q", "S", "outside_nucleus")}
     dtype = precision.autocast_dtype(autocast_dtype)
+    keep = precision.keeps_sampled_tokens(dtype)
     previous = model.config._attn_implementation
     model.set_attn_implementation(attention.register())
     try:
@@ -106,11 +121,12 @@ def directional_sums(model, direction: dict[str, Tensor], rollout, *, pad_token_
 
             def fn(p):
                 s = teacher_force.score(scorer, sub, temperature, top_p, params=p, chunk_tokens=chunk_tokens,
-                                        autocast_dtype=dtype)
-                return s.entropy, s.token_log_q
+                                        autocast_dtype=dtype, keep_tokens=keep)
+                return s.entropy, s.token_log_q, s.outside_nucleus.double()
 
             with torch.no_grad():
-                (h, _), (dh, dlq) = torch.func.jvp(fn, (primals,), (tangents,))
+                (h, _, outside), (dh, dlq, _) = torch.func.jvp(fn, (primals,), (tangents,))
+            per_seq["outside_nucleus"][rows] = outside
             width = sub.response_tokens.shape[1]
             dh, dlq = dh.double().cpu(), dlq.double().cpu()
             pathwise = dh.sum(-1) if rb_requires_grad else torch.zeros(len(rows), dtype=torch.float64)
@@ -119,6 +135,7 @@ def directional_sums(model, direction: dict[str, Tensor], rollout, *, pad_token_
             per_seq["S"][rows] = h.double().sum(-1).cpu()
     finally:
         model.set_attn_implementation(previous)
+    _log_outside(per_seq["outside_nucleus"], "directional pass")
     sums = {name: x.reshape(B, G).sum(-1) for name, x in per_seq.items()}
     sums["T"] = batch.response_lens.double().reshape(B, G).sum(-1)
     return sums

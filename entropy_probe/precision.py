@@ -47,6 +47,20 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
+def keeps_sampled_tokens(dtype: torch.dtype | None) -> bool:
+    """Whether teacher forcing at autocast ``dtype`` keeps each sampled token in its recomputed
+    nucleus (S_k ∪ {y_k}) instead of stopping the pass when y_k falls outside S_k.
+
+    In fp32 the sampler and teacher forcing compute S_k from logits that agree to ~1e-6, and a
+    token outside its recomputed nucleus means the shard was not sampled from this q: an error.
+    In bf16 the logits of generation (KV cache), of the X pass (SDPA) and of the directional
+    pass (fp32-accumulating attention) differ by bf16 rounding, so a token sampled at the
+    boundary of S_k can fall just outside the nucleus another pass recomputes (measured: the
+    embedded policy at top_p 0.95, a few tokens in 3,000). Such a token is kept, at the q of
+    S_k ∪ {y_k}; the passes count these tokens and the summary reports them."""
+    return dtype is not None and dtype != torch.float32
+
+
 def crosscheck_bounds(name: str) -> tuple[float, float]:
     """(warn, fail) relative bounds of the X·v reverse/forward cross-check at precision ``name``."""
     if name not in CROSSCHECK_BOUNDS:

@@ -25,7 +25,8 @@ def snis_pass(model, direction: dict[str, Tensor], rollout: dict[str, Tensor], e
     """Per-sequence quantities of one E shard: ``log_w`` and ``S_shifted`` ``[len(etas), N]``
     (log q_θ'(y) − log q_θ(y) and S'(y), both with θ's nucleus), ``own_nucleus_differs``
     ``[len(etas), N]`` (θ''s own nucleus differs from θ's at some position), ``S`` and ``T``
-    ``[N]`` at θ. Rows are prompt-major (b*G + g).
+    ``[N]`` at θ, ``outside_nucleus`` ``[N]`` (bf16: sampled tokens kept outside θ's recomputed
+    nucleus, :func:`precision.keeps_sampled_tokens`). Rows are prompt-major (b*G + g).
 
     Per batch of ``tf_batch_size`` sequences the decoder runs once at θ and once per η (final
     hidden states of the valid response tokens only); then the output embedding is applied
@@ -38,11 +39,13 @@ def snis_pass(model, direction: dict[str, Tensor], rollout: dict[str, Tensor], e
         "log_w": torch.zeros(len(etas), n, dtype=torch.float64),
         "S_shifted": torch.zeros(len(etas), n, dtype=torch.float64),
         "own_nucleus_differs": torch.zeros(len(etas), n, dtype=torch.bool),
+        "outside_nucleus": torch.zeros(n, dtype=torch.float64),
         "S": torch.zeros(n, dtype=torch.float64),
         "T": batch.response_lens.double(),
     }
     device = next(model.parameters()).device
     dtype = precision.autocast_dtype(autocast_dtype)
+    keep = precision.keeps_sampled_tokens(dtype)
     points = [{f"policy.{k}": t for k, t in parameters.shifted(model, direction, eta).items()} for eta in [0.0, *etas]]
     with torch.no_grad():
         for batch_rows in tqdm(tf_layout.length_sorted_batches(batch, tf_batch_size), desc="SNIS", unit="batch"):
@@ -53,6 +56,7 @@ def snis_pass(model, direction: dict[str, Tensor], rollout: dict[str, Tensor], e
             log_q_sum = torch.zeros(len(points), m, dtype=torch.float64, device=device)
             S_sum = torch.zeros(len(points), m, dtype=torch.float64, device=device)
             differs = torch.zeros(len(points), m, dtype=torch.float64, device=device)
+            outside = torch.zeros(m, dtype=torch.float64, device=device)
             start = 0
             for size in tf_layout.chunk_sizes(len(rows), chunk_tokens):
                 sl = slice(start, start + size)
@@ -63,6 +67,10 @@ def snis_pass(model, direction: dict[str, Tensor], rollout: dict[str, Tensor], e
                     logits = head(hidden[sl])
                     if nucleus is None:
                         nucleus = measure.nucleus_mask(logits, temperature, top_p)
+                        if keep:  # bf16: a sampled token just outside θ's recomputed nucleus is kept in it
+                            missing = ~nucleus.gather(-1, y[:, None]).squeeze(-1)
+                            outside.index_add_(0, r, missing.double())
+                            nucleus.scatter_(-1, y[:, None], True)
                     elif top_p < 1.0:
                         own = measure.nucleus_mask(logits, temperature, top_p)
                         differs[j].index_add_(0, r, (own != nucleus).any(-1).double())
@@ -75,6 +83,7 @@ def snis_pass(model, direction: dict[str, Tensor], rollout: dict[str, Tensor], e
             out["log_w"][:, batch_rows] = log_q_sum[1:] - log_q_sum[0]
             out["S_shifted"][:, batch_rows] = S_sum[1:]
             out["own_nucleus_differs"][:, batch_rows] = differs[1:] > 0
+            out["outside_nucleus"][batch_rows] = outside.cpu()
     return out
 
 

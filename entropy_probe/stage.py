@@ -54,6 +54,14 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(int(threads))
 
 
+def log_peak_cuda_memory() -> None:
+    """One log line with the stage's peak CUDA memory (``torch.cuda.max_memory_allocated``), when
+    the stage used CUDA: benchmarks/e2e.py reads it beside the rule's benchmark file."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        logging.getLogger("entropy_probe").info("peak CUDA memory %.2f GiB", torch.cuda.max_memory_allocated() / 2**30)
+
+
 @contextmanager
 def stage_run(log_file: str | Path | None = None, threads: int | None = None) -> Iterator[None]:
     """Run a stage's body with logging set up (:func:`setup_logging`). A :class:`ProbeError` (a
@@ -65,6 +73,7 @@ def stage_run(log_file: str | Path | None = None, threads: int | None = None) ->
     set_threads(threads)
     try:
         yield
+        log_peak_cuda_memory()
     except ProbeError as err:
         bars = getattr(sys.modules.get("tqdm"), "tqdm", None)  # end an open progress bar's line first
         for bar in list(getattr(bars, "_instances", ())):

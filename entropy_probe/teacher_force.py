@@ -108,7 +108,16 @@ class Scores:
     token_log_q: Tensor | None = None  # log q_k(y_k)
     entropy: Tensor | None = None  # h_k (RB)
     tempered_log_p: Tensor | None = None  # log softmax(z_k/τ)(y_k)
+    outside_nucleus: Tensor | None = None  # [n] per sequence: tokens kept outside their recomputed S_k (bf16)
 
+
+
+def _outside(in_nucleus, tokens, rows, cols, temperature, top_p, keep_tokens: bool, n: int) -> Tensor:
+    """Per-sequence count ``[n]`` of tokens kept outside their recomputed nucleus (``keep_tokens``),
+    or the error of :func:`check_nucleus` for any such token."""
+    if not keep_tokens:
+        check_nucleus(in_nucleus, tokens, rows, cols, temperature, top_p)
+    return torch.zeros(n, dtype=torch.long, device=rows.device).index_add_(0, rows, (~in_nucleus).long()).cpu()
 
 
 def check_nucleus(in_nucleus: Tensor, tokens: Tensor, rows: Tensor, cols: Tensor, temperature: float, top_p: float):
@@ -124,7 +133,7 @@ def check_nucleus(in_nucleus: Tensor, tokens: Tensor, rows: Tensor, cols: Tensor
 def score(
     scorer: ResponseLogits, batch: TokenBatch, temperature: float, top_p: float, *,
     want_q: bool = True, want_tempered: bool = False, params: dict | None = None,
-    chunk_tokens: int | None = None, autocast_dtype: torch.dtype | None = None,
+    chunk_tokens: int | None = None, autocast_dtype: torch.dtype | None = None, keep_tokens: bool = False,
 ) -> Scores:
     """Score a batch (graph kept when grad mode is on). With ``params``, evaluate at those
     parameters via ``functional_call`` (the model is not modified). A stored response token
@@ -134,7 +143,9 @@ def score(
     :data:`DEFAULT_CHUNK_TOKENS`): at most one chunk of ``[chunk, V]`` fp32 logits exists at once.
     In grad mode each chunk is checkpointed, so the backward recomputes its logits instead of
     storing them. ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the decoder and the output
-    embedding under autocast; the measure is always computed on fp32 logits.
+    embedding under autocast; the measure is always computed on fp32 logits. With ``keep_tokens``
+    (:func:`entropy_probe.precision.keeps_sampled_tokens`) a token outside its recomputed nucleus
+    is kept in it and counted (``Scores.outside_nucleus``) instead of being an error.
     """
     device = next(scorer.parameters()).device
     rows, cols, tokens = valid_pairs(batch, device)
@@ -150,7 +161,7 @@ def score(
                 logits = F.linear(h, *head_params) if head_params else head(h)
             out = []
             if want_q:
-                token_log_q, entropy, in_nucleus = measure.score_tokens(logits, y, temperature, top_p)
+                token_log_q, entropy, in_nucleus = measure.score_tokens(logits, y, temperature, top_p, keep_tokens)
                 out += [token_log_q, entropy, in_nucleus]
             if want_tempered:
                 out.append(measure.tempered_token_log_prob(logits, y, temperature))
@@ -175,7 +186,7 @@ def score(
     out = Scores()
     if want_q:
         token_log_q, entropy, in_nucleus = columns[:3]
-        check_nucleus(in_nucleus, tokens, rows, cols, temperature, top_p)
+        out.outside_nucleus = _outside(in_nucleus, tokens, rows, cols, temperature, top_p, keep_tokens, shape[0])
         out.token_log_q = scatter_tokens(token_log_q, rows, cols, shape)
         out.entropy = scatter_tokens(entropy, rows, cols, shape)
     if want_tempered:
@@ -187,7 +198,7 @@ def score(
 def surrogate(
     scorer: ResponseLogits, batch: TokenBatch, temperature: float, top_p: float, *,
     coef_entropy: Tensor | None = None, coef_log_q: Tensor | None = None, coef_tempered: Tensor | None = None,
-    chunk_tokens: int | None = None, autocast_dtype: torch.dtype | None = None,
+    chunk_tokens: int | None = None, autocast_dtype: torch.dtype | None = None, keep_tokens: bool = False,
 ) -> tuple[Tensor, Scores]:
     """F = Σ_ik [c^h_ik h_ik + c^q_ik log q_ik(y_ik) + c^p_ik log p_ik(y_ik)] (p: tempered, no
     nucleus) over the valid response tokens, differentiable in the parameters (the nucleus held
@@ -207,10 +218,11 @@ def surrogate(
     with autocast(device, autocast_dtype):
         hidden = scorer.response_hidden(batch.input_ids.to(device), batch.prompt_lens.to(device), rows, cols)
     value, stats = head_surrogate(hidden, scorer.output_embedding, tokens, (coef_entropy, coef_log_q, coef_tempered),
-                                  temperature, top_p, chunk_tokens, device, autocast_dtype)
+                                  temperature, top_p, chunk_tokens, device, autocast_dtype, keep_tokens)
     out = Scores()
     if want_q:
-        check_nucleus(stats["in_nucleus"], tokens, rows, cols, temperature, top_p)
+        out.outside_nucleus = _outside(stats["in_nucleus"], tokens, rows, cols, temperature, top_p, keep_tokens,
+                                       shape[0])
         out.token_log_q = scatter_tokens(stats["token_log_q"], rows, cols, shape)
         out.entropy = scatter_tokens(stats["entropy"], rows, cols, shape)
     if coef_tempered is not None:

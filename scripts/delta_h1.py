@@ -21,6 +21,9 @@ def main(cfg: dict, x_path: str, v_path: str, directional_paths: list[str], json
         precision=x_meta["precision"],
     )
     report["model_fingerprint"] = x_meta["model_fingerprint"]
+    report["tokens_outside_recomputed_nucleus"] = {  # bf16 only (entropy_probe.precision.keeps_sampled_tokens)
+        "X": x_meta.get("tokens_outside_recomputed_nucleus", 0),
+        "directional": int(sum(float(d["outside_nucleus"].sum()) for d in directional if "outside_nucleus" in d))}
     table = first_order.format_table(report)
     shards.write_json(json_path, report)
     with shards.atomic_path(table_path) as tmp:

@@ -26,7 +26,9 @@ def main(cfg: dict, shard_paths: list[str], out_path: str) -> None:
         logging.getLogger("delta_h_snis").info("eta %.4g: ΔH = %.6g ± %.3g, ESS %.1f / %d", eta, row["delta_h"], row["se"],
                                           row["ess"], row["num_sequences"])
     shards.write_json(out_path, {"normalization": norm, "model_fingerprint": loaded[0][1]["model_fingerprint"],
-                                 "precision": loaded[0][1]["precision"], "rows": rows})
+                                 "precision": loaded[0][1]["precision"], "rows": rows,
+                                 "tokens_outside_recomputed_nucleus": int(sum(
+                                     float(t["outside_nucleus"].sum()) for t, _ in loaded if "outside_nucleus" in t))})
 
 
 if "snakemake" in globals():

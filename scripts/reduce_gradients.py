@@ -20,7 +20,10 @@ def main(kind: str, shard_paths: list[str], out_path: str) -> None:
         if len(values) > 1:
             raise shards.ShardError(f"{kind} gradient shards disagree on {key}: {sorted(values)}")
     reduced, stats, normalizer = gradients.reduce_shards(kind, [(gradients.unpack(t), m) for t, m in loaded])
-    meta = {k: v for k, v in metas[0].items() if k not in ("schema_version", "normalizer_share")}
+    meta = {k: v for k, v in metas[0].items()
+            if k not in ("schema_version", "normalizer_share", "tokens_outside_recomputed_nucleus")}
+    if any("tokens_outside_recomputed_nucleus" in m for m in metas):
+        meta["tokens_outside_recomputed_nucleus"] = sum(m.get("tokens_outside_recomputed_nucleus", 0) for m in metas)
     shards.write_shard(out_path, gradients.pack(reduced, stats, kind), meta | {"normalizer": normalizer, "num_shards": len(metas)})
     log.info("%s = Σ of %d shards / %.6g; |%s| = %.6g", kind, len(metas), normalizer, kind, gradients.global_norm(reduced))
 

@@ -34,7 +34,8 @@ def main(config: dict, delta_h1_path: str, snis_path: str, jackknife_path: str, 
     shards.write_json(json_path, {
         "rows": rows, "first_order": first_order, "delta_h_snis": measured, "u_jackknife": jackknife, "exact": exact,
         "u_batch": u_batch, "unit": unit, "model_fingerprint": first_order["model_fingerprint"],
-        "precision": precision.describe(first_order["precision"]),
+        "precision": precision.describe(first_order["precision"]) | {"tokens_outside_recomputed_nucleus": {
+            **first_order["tokens_outside_recomputed_nucleus"], "snis": measured["tokens_outside_recomputed_nucleus"]}},
         "config": config,
         **report.provenance(),
     })

@@ -41,6 +41,8 @@ def main(cfg: dict, kind: str, rollout_path: str, policy_dir: str, out_path: str
         stats = {}
         meta |= {"loss_type": objective_meta["loss_type"],
                  "normalizer_share": float(objective["normalizer_terms"][rows].sum())}
+    if "outside_nucleus" in stats:
+        meta["tokens_outside_recomputed_nucleus"] = int(stats["outside_nucleus"].sum())
     guards.check_parameters(grads, f"{kind} gradient", rollout_path)
     for name, values in stats.items():
         guards.check_sequences(values, f"teacher-forced {name}", rollout_path)

@@ -16,6 +16,8 @@ rule prepare_data:
         report=f"{RESULTS}/data/{{split}}.json",
     log:
         f"{RESULTS}/logs/prepare_data_{{split}}.log",
+    benchmark:
+        benchmark_path("prepare_data_{split}")
     conda:
         "../envs/probe.yaml"
     threads: 1
@@ -33,6 +35,8 @@ rule plan:
         f"{RESULTS}/plan/{{kind}}.json",
     log:
         f"{RESULTS}/logs/plan_{{kind}}.log",
+    benchmark:
+        benchmark_path("plan_{kind}")
     wildcard_constraints:
         kind="E|U",
     conda:

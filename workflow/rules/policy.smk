@@ -7,6 +7,8 @@ if EMBEDDED_MODEL:
             directory(f"{RESULTS}/policy"),
         log:
             f"{RESULTS}/logs/build_policy.log",
+        benchmark:
+            benchmark_path("build_policy")
         conda:
             "../envs/probe.yaml"
         threads: 1
@@ -28,6 +30,8 @@ else:
             f"{RESULTS}/policy.json",
         log:
             f"{RESULTS}/logs/policy_spec.log",
+        benchmark:
+            benchmark_path("policy_spec")
         conda:
             "../envs/probe.yaml"
         threads: 1

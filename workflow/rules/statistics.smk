@@ -34,6 +34,8 @@ rule delta_h1:
         table=f"{RESULTS}/delta_h1.txt",
     log:
         f"{RESULTS}/logs/delta_h1.log",
+    benchmark:
+        benchmark_path("delta_h1")
     conda:
         "../envs/probe.yaml"
     threads: 1
@@ -72,6 +74,8 @@ rule delta_h_snis:
         f"{RESULTS}/delta_h_snis.json",
     log:
         f"{RESULTS}/logs/delta_h_snis.log",
+    benchmark:
+        benchmark_path("delta_h_snis")
     conda:
         "../envs/probe.yaml"
     threads: 1
@@ -93,6 +97,8 @@ if EXACT_REFERENCE:
             f"{RESULTS}/estimates/exact.json",
         log:
             f"{RESULTS}/logs/exact_reference.log",
+        benchmark:
+            benchmark_path("exact_reference")
         conda:
             "../envs/probe.yaml"
         threads: 1
@@ -127,6 +133,8 @@ rule summary:
         ),
     log:
         f"{RESULTS}/logs/summary.log",
+    benchmark:
+        benchmark_path("summary")
     conda:
         "../envs/probe.yaml"
     threads: 1

@@ -11,6 +11,8 @@ rule e_stats:
         f"{RESULTS}/estimates/e_stats.json",
     log:
         f"{RESULTS}/logs/e_stats.log",
+    benchmark:
+        benchmark_path("e_stats")
     conda:
         "../envs/probe.yaml"
     threads: 1
@@ -30,6 +32,8 @@ rule u_objective:
         U_OBJECTIVE,
     log:
         f"{RESULTS}/logs/u_objective.log",
+    benchmark:
+        benchmark_path("u_objective")
     conda:
         "../envs/probe.yaml"
     threads: 1
@@ -101,6 +105,8 @@ rule reduce_gradients:
         f"{RESULTS}/gradients/{{kind}}.safetensors",
     log:
         f"{RESULTS}/logs/reduce_gradients_{{kind}}.log",
+    benchmark:
+        benchmark_path("reduce_gradients_{kind}")
     wildcard_constraints:
         kind="X|Y",
     conda:

@@ -8,6 +8,8 @@ rule update_vector:
         f"{RESULTS}/update/v.safetensors",
     log:
         f"{RESULTS}/logs/update_vector.log",
+    benchmark:
+        benchmark_path("update_vector")
     conda:
         "../envs/probe.yaml"
     threads: 1
@@ -27,6 +29,8 @@ rule u_jackknife:
         f"{RESULTS}/estimates/u_jackknife.json",
     log:
         f"{RESULTS}/logs/u_jackknife.log",
+    benchmark:
+        benchmark_path("u_jackknife")
     conda:
         "../envs/probe.yaml"
     threads: 1
