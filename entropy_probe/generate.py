@@ -126,6 +126,7 @@ class StopStringCriterion(StoppingCriteria):
         return (self.stop_index >= 0).to(input_ids.device)
 
 
+KV_CACHES = ("dynamic", "static")
 STOP_EOS, STOP_STRING, STOP_MAX_TOKENS = 0, 1, 2
 STOP_REASONS = {STOP_EOS: "eos", STOP_STRING: "stop_string", STOP_MAX_TOKENS: "max_new_tokens"}
 
@@ -182,6 +183,7 @@ def sample(
     stop_strings: list[str] | tuple[str, ...] = (),
     tokenizer=None,
     autocast_dtype=None,
+    kv_cache: str = "dynamic",
 ) -> Rollouts:
     """Sample ``num_responses`` responses for each left-padded prompt row from q by Gumbel-max.
 
@@ -192,7 +194,12 @@ def sample(
     ``stop_strings`` (decoded with ``tokenizer``) end a response too (see :func:`response_ends`).
     ``autocast_dtype`` (``model.precision``: "bfloat16" or a torch dtype; None/"float32" = fp32)
     runs the model under autocast; the processor scores the fp32 logits, the noise is float64.
+    ``kv_cache`` (``generation.kv_cache``): transformers' ``dynamic`` cache (grows with the
+    response) or ``static`` (preallocated to prompt width + max_new_tokens, the layout
+    transformers compiles on CUDA); the same responses either way (to float rounding).
     """
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"generation.kv_cache: {kv_cache!r} is not one of {KV_CACHES}")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need the tokenizer")
     slots = torch.as_tensor(slots, dtype=torch.int64).reshape(-1)
@@ -213,6 +220,7 @@ def sample(
     config = GenerationConfig(
         do_sample=False, top_p=1.0, temperature=1.0, max_new_tokens=max_new_tokens,
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=None,
+        **({"cache_implementation": "static"} if kv_cache == "static" else {}),
     )
     criteria = StoppingCriteriaList()
     stop = None

@@ -45,7 +45,7 @@ def rollout_shard(
     model, tokenizer, examples: list[dict], prompt_ids: list[int], *, G: int, kind: str,
     shard_index: int, slots, seed: int, temperature: float, top_p: float, max_new_tokens: int,
     rollout_batch_size: int, gen_batch_size: int, reward_fn,
-    stop_strings: list[str] | tuple[str, ...] = (), autocast_dtype=None,
+    stop_strings: list[str] | tuple[str, ...] = (), autocast_dtype=None, kv_cache: str = "dynamic",
 ) -> dict[str, Tensor]:
     """Generate one shard; returns its tensors (shapes: B prompts, G responses, T response width,
     P prompt width; ``sequences`` is the left-padded prompt followed by the right-padded response).
@@ -60,7 +60,7 @@ def rollout_shard(
 
     Prompts are generated longest first (sorted by token count, stable), so each call pads its
     prompts to similar lengths; the shard is put back in plan order. ``autocast_dtype``
-    (``model.precision``) as in :func:`generate.sample`.
+    (``model.precision``) and ``kv_cache`` as in :func:`generate.sample`.
     """
     slots = [int(s) for s in slots]
     if len(slots) != len(prompt_ids):
@@ -83,7 +83,7 @@ def rollout_shard(
                 model, encoded["input_ids"][lo:lo + rows_per_call], encoded["attention_mask"][lo:lo + rows_per_call],
                 G, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                 eos_token_id=eos, pad_token_id=pad, noise_key=noise_key, slots=chunk_slots[lo:lo + rows_per_call],
-                stop_strings=stop_strings, tokenizer=tokenizer, autocast_dtype=autocast_dtype,
+                stop_strings=stop_strings, tokenizer=tokenizer, autocast_dtype=autocast_dtype, kv_cache=kv_cache,
             ))
         width = max(p.response_tokens.shape[1] for p in parts)
         responses = {

@@ -58,7 +58,8 @@ STAGE_KEYS["summary"] = tuple(sorted({key for keys in STAGE_KEYS.values() for ke
 
 # Change no stored number beyond float rounding (tests hold the summary to that): read, not tracked.
 EXECUTION_KEYS = ("model.device", "batch_config.rollout_batch_size", "generation.gen_batch_size",
-                  "generation.tf_batch_size", "generation.tf_chunk_tokens", "generation.gradient_checkpointing")
+                  "generation.tf_batch_size", "generation.tf_chunk_tokens", "generation.gradient_checkpointing",
+                  "generation.kv_cache")
 # Decide which files exist (the DAG), not what a file holds: no stage reads them as values.
 STRUCTURE_KEYS = ("data.split", "data.E_split", "data.U_split")
 

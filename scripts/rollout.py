@@ -36,7 +36,7 @@ def main(cfg: dict, plan_path: str, policy_dir: str, kind: str, shard_index: int
         slots=slots, seed=batch["seed"], temperature=gen["temperature"], top_p=gen["top_p"],
         max_new_tokens=gen["max_new_tokens"], rollout_batch_size=batch["rollout_batch_size"],
         gen_batch_size=gen["gen_batch_size"], reward_fn=reward_fn, stop_strings=gen["stop_strings"],
-        autocast_dtype=cfg["model"]["precision"],
+        autocast_dtype=cfg["model"]["precision"], kv_cache=gen["kv_cache"],
     )
     B, G, L = check_shapes(tensors)
     metadata = {

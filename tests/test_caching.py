@@ -67,7 +67,8 @@ def test_a_generation_key_reruns_everything_from_the_rollouts(cache_dir):
 
 
 EXECUTION = {"generation.tf_chunk_tokens": 5, "generation.tf_batch_size": 7, "generation.gen_batch_size": 8,
-             "batch_config.rollout_batch_size": 3, "model.device": "cpu", "generation.gradient_checkpointing": True}
+             "batch_config.rollout_batch_size": 3, "model.device": "cpu", "generation.gradient_checkpointing": True,
+             "generation.kv_cache": "static"}
 
 
 @pytest.mark.parametrize("key", sorted(EXECUTION))

@@ -154,3 +154,50 @@ def test_gradient_checkpointing_gives_the_same_gradients(kind, monkeypatch):
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-6, atol=1e-9)
     # the decoder layers are their own again afterwards
     assert all("forward" not in vars(layer) for layer in model.get_decoder().layers)
+
+
+def _toy_shard(toy_model, ids, **kw):
+    from entropy_probe import rewards, rollout
+    from entropy_probe.toy import arithmetic_examples
+
+    model, tokenizer = toy_model
+    settings = dict(G=4, kind="E", shard_index=0, slots=range(len(ids)), seed=2, temperature=1.0, top_p=0.9,
+                    max_new_tokens=3, rollout_batch_size=8, gen_batch_size=16, reward_fn=rewards.exact_match) | kw
+    return rollout.rollout_shard(model, tokenizer, arithmetic_examples(19), ids, **settings)
+
+
+def test_rollouts_generate_longest_prompts_first_and_keep_plan_order(toy_model, monkeypatch):
+    """Each generate call gets prompts of similar length (sorted longest first: less left
+    padding), and the shard comes back in plan order, the same as without sorting."""
+    from entropy_probe import generate
+
+    ids = [3, 250, 7, 399, 12, 40, 1, 388, 205, 9, 77, 120]  # "a+b=" of 4, 5 and 6 characters, mixed
+    widths = []
+    sample = generate.sample
+
+    def recording(model, prompt_ids, prompt_mask, *args, **kwargs):
+        widths.append(prompt_mask.sum(-1).tolist())
+        return sample(model, prompt_ids, prompt_mask, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "sample", recording)
+    shard = _toy_shard(toy_model, ids)
+    lengths = [w for call in widths for w in call]
+    assert lengths == sorted(lengths, reverse=True) and len(set(lengths)) > 1
+    assert shard["prompt_ids"].tolist() == ids  # plan order
+    monkeypatch.setattr(generate, "sample", sample)
+    one_by_one = [_toy_shard(toy_model, [i], slots=[slot]) for slot, i in enumerate(ids)]
+    for b, alone in enumerate(one_by_one):
+        assert int(shard["prompt_lens"][b]) == int(alone["prompt_lens"][0])
+        T = alone["token_log_q"].shape[-1]
+        assert torch.equal(shard["sequences"][b, :, -shard["token_log_q"].shape[-1]:][:, :T],
+                           alone["sequences"][0, :, -T:])
+
+
+def test_a_static_kv_cache_draws_the_same_responses(toy_model):
+    ids = list(range(0, 400, 9))
+    dynamic = _toy_shard(toy_model, ids, rollout_batch_size=64, gen_batch_size=256)
+    static = _toy_shard(toy_model, ids, rollout_batch_size=64, gen_batch_size=256, kv_cache="static")
+    assert torch.equal(static["sequences"], dynamic["sequences"])
+    torch.testing.assert_close(static["token_log_q"], dynamic["token_log_q"], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="generation.kv_cache"):
+        _toy_shard(toy_model, ids[:2], kv_cache="paged")
