@@ -23,13 +23,16 @@ def first_order_report(X: dict[str, Tensor], v: dict[str, Tensor], directional: 
     P, Q, S, T = (torch.cat([d[k] for d in directional]) for k in ("P", "Q", "S", "T"))
     xv_forward, se = estimators.directional_estimate(P, Q, S, T, G, normalization)
     rel_diff = abs(xv_forward - xv) / max(abs(xv), 1e-300) if xv_forward != xv else 0.0
-    warn, fail = precisions.crosscheck_bounds(precision)
-    if rel_diff > fail:
+    bounds = precisions.crosscheck_bounds(precision)
+    in_se = abs(xv_forward - xv) / se if se > 0 else float("inf")
+    if rel_diff > bounds["fail"] and in_se > bounds["fail_se"]:
         raise RuntimeError(
             f"X·v from the X gradient ({xv:.6g}) and from the directional pass ({xv_forward:.6g}) differ by "
-            f"{rel_diff:.2%} (bound at {precision}: {fail:.0e}): the two passes disagree, the result cannot be trusted"
+            f"{rel_diff:.2%}, {in_se:.2g} SE (bound at {precision}: {bounds['fail']:.0e} relative"
+            + (f" and {bounds['fail_se']:g} SE" if bounds["fail_se"] else "")
+            + "): the two passes disagree, the result cannot be trusted"
         )
-    if rel_diff > warn:
+    if rel_diff > bounds["warn"]:
         log.warning("X·v: gradient %.8g vs directional %.8g (relative difference %.2g, %s)", xv, xv_forward,
                     rel_diff, precision)
     x_norm, v_norm = gradients.global_norm(X), gradients.global_norm(v)
@@ -39,6 +42,7 @@ def first_order_report(X: dict[str, Tensor], v: dict[str, Tensor], directional: 
         "se_scope": SE_SCOPE,
         "X_dot_v_directional": xv_forward,
         "X_dot_v_relative_difference": rel_diff,
+        "X_dot_v_difference_in_se": in_se,
         "precision": precision,
         "X_norm": x_norm,
         "v_norm": v_norm,

@@ -37,33 +37,37 @@ def test_precision_names_and_bounds():
     assert precision.name_of(None) == "float32" and precision.name_of(torch.bfloat16) == "bfloat16"
     with pytest.raises(ValueError, match="model.precision"):
         precision.autocast_dtype("float16")
-    warn32, fail32 = precision.crosscheck_bounds("float32")
-    warn16, fail16 = precision.crosscheck_bounds("bfloat16")
-    assert warn32 < fail32 and warn16 < fail16 and fail32 < fail16
+    b32, b16 = precision.crosscheck_bounds("float32"), precision.crosscheck_bounds("bfloat16")
+    assert b32["warn"] < b32["fail"] and b16["warn"] < b16["fail"] and b32["fail"] < b16["fail"]
+    assert b32["fail_se"] == 0 < b16["fail_se"]
 
 
-def _report(discrepancy: float, prec: str):
+def _report(discrepancy: float, prec: str, spread: float = 0.5):
     """first_order_report on hand-made inputs whose forward-mode X·v is (1 + discrepancy) × the
-    reverse-mode one (Q = 0: X·v = mean P / mean T)."""
+    reverse-mode one (Q = 0: X·v = mean P / mean T); ``spread`` sets the groups' spread (the SE)."""
     n = 8
     T = torch.full((n,), 10.0, dtype=torch.float64)
-    P = torch.linspace(0.5, 1.5, n, dtype=torch.float64) * 10 * 2.0 * (1 + discrepancy)
+    P = torch.linspace(1 - spread, 1 + spread, n, dtype=torch.float64) * 10 * 2.0 * (1 + discrepancy)
     directional = [{"P": P, "Q": torch.zeros(n, dtype=torch.float64), "S": T.clone(), "T": T}]
     X, v = {"w": torch.tensor([2.0], dtype=torch.float64)}, {"w": torch.tensor([1.0], dtype=torch.float64)}
     return first_order.first_order_report(X, v, directional, 4, "token", [1e-3], precision=prec)
 
 
 def test_the_cross_check_bound_depends_on_the_precision():
-    _, fail32 = precision.crosscheck_bounds("float32")
-    _, fail16 = precision.crosscheck_bounds("bfloat16")
-    between = (fail32 + fail16) / 2
+    fail32 = precision.crosscheck_bounds("float32")["fail"]
+    b16 = precision.crosscheck_bounds("bfloat16")
+    between = (fail32 + b16["fail"]) / 2
     report = _report(between, "bfloat16")
     assert report["precision"] == "bfloat16"
     assert report["X_dot_v_relative_difference"] == pytest.approx(between, rel=1e-9)
     with pytest.raises(RuntimeError, match="bound at float32"):
         _report(between, "float32")
+    # beyond the relative bound: stops when the difference is also beyond fail_se standard errors
+    beyond = 2 * b16["fail"]
     with pytest.raises(RuntimeError, match="bound at bfloat16"):
-        _report(2 * fail16, "bfloat16")
+        _report(beyond, "bfloat16", spread=0.01)
+    noisy = _report(beyond, "bfloat16", spread=50.0)  # X·v buried in its noise: a relative bound says nothing
+    assert noisy["X_dot_v_difference_in_se"] < b16["fail_se"]
 
 
 def test_bf16_rollouts_are_coupled_to_fp32_and_teacher_forcing_recomputes_them(toy_model):
@@ -154,9 +158,8 @@ def test_bf16_workflow_is_within_the_stated_bound_of_fp32(test_runs):
     assert bf16["config"]["model"]["precision"] == "bfloat16"
     assert bf16["precision"]["measure"].startswith("float32") and bf16["precision"]["reductions"] == "float64"
     # the cross-check ran at the bf16 bound and passed it
-    _, fail = precision.crosscheck_bounds("bfloat16")
-    assert bf16["first_order"]["X_dot_v_relative_difference"] < fail
-    assert fp32["first_order"]["X_dot_v_relative_difference"] < precision.crosscheck_bounds("float32")[0]
+    assert bf16["first_order"]["X_dot_v_relative_difference"] < precision.crosscheck_bounds("bfloat16")["fail"]
+    assert fp32["first_order"]["X_dot_v_relative_difference"] < precision.crosscheck_bounds("float32")["warn"]
     bounds = precision.BF16_SHIFT_BOUNDS
     moved = False
     for a, b in zip(fp32["rows"], bf16["rows"]):

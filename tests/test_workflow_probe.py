@@ -35,7 +35,9 @@ def test_report_files_and_provenance(probe_dir, summary):
     results = probe_dir / "results"
     assert (results / "plot.png").stat().st_size > 10_000
     table = (results / "summary.txt").read_text()
-    assert "δH₁" in table and len(table.splitlines()) == 2 + len(ETAS)
+    eta_rows = [line for line in table.splitlines()[2:] if line.split() and line.split()[0][0].isdigit()]
+    assert "δH₁" in table and len(eta_rows) == len(ETAS)
+    assert "precision: float32" in table and summary["precision"]["compute"] == "float32"
     assert summary["config"]["estimator"]["eta_list"] == ETAS
     assert len(summary["git_commit"]) == 40 and summary["model_fingerprint"]
     assert [row["eta"] for row in summary["rows"]] == ETAS
