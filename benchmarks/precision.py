@@ -12,7 +12,10 @@ responses are the same and the difference is bf16's, not a fresh draw's.
 
 ``mid``: the mid-size random Qwen2 of benchmarks/workloads.py (86 M parameters, vocabulary 32,000),
 the same stages by library calls: coupled rollouts (random token prompts, random rewards keyed by
-slot), X and Y passes, v = Y (SGD), the directional pass, SNIS, at each precision.
+slot), X and Y passes, v = Y (SGD), the directional pass, SNIS, at each precision. Two
+comparisons: end to end (bf16 rollouts too: with long responses the coupled draws part ways after
+the first differing token, so this includes a fresh draw's noise) and passes only (the fp32
+rollouts, teacher-forced in bf16: the precision's own effect on the estimators).
 
 Every row: per η, |bf16 − fp32| / SE_fp32 for δH₁ and for ΔH, and the cross-check's relative
 difference |X·v_reverse − X·v_forward| / |X·v| and in units of the SE of X·v.
@@ -114,22 +117,27 @@ def embedded(args) -> list[dict]:
 # -------------------------------------------------------------------------------------- mid
 
 
-def mid_probe(model, prompts, precision: str, etas: list[float], *, G: int, T: int, top_p: float, seed: int,
-              n_u: int) -> dict:
-    """The probe's stages on ``model`` by library calls at ``precision``: a summary-like dict."""
+def mid_rollouts(model, prompts, precision: str, *, G: int, T: int, top_p: float, seed: int, n_u: int):
+    """(E, U) rollout shards sampled at ``precision`` (random rewards keyed by slot on U)."""
     import torch
 
     import workloads as W
-    from entropy_probe import (estimators, gradients, losses, normalization, parameters, passes, snis)
 
     ids, mask = prompts
-    V = model.config.vocab_size
-    pad = V - 2
     kw = dict(temperature=1.0, top_p=top_p, autocast_dtype=precision)
-    e_rows = slice(n_u, None)
     u = W.sampled_shard(model, ids[:n_u], mask[:n_u], G, T, seed=seed, stream="U", **kw)
-    e = W.sampled_shard(model, ids[e_rows], mask[e_rows], G, T, seed=seed, stream="E", **kw)
+    e = W.sampled_shard(model, ids[n_u:], mask[n_u:], G, T, seed=seed, stream="E", **kw)
     u["rewards"] = (torch.rand(n_u, G, generator=torch.Generator().manual_seed(seed + 1)) < 0.5).float()
+    return e, u
+
+
+def mid_probe(model, rollouts, precision: str, etas: list[float], *, G: int, top_p: float) -> dict:
+    """The probe's stages on ``model`` by library calls at ``precision`` on (E, U) ``rollouts``:
+    a summary-like dict."""
+    from entropy_probe import (estimators, gradients, losses, normalization, parameters, passes, snis)
+
+    e, u = rollouts
+    pad = model.config.vocab_size - 2
     params = parameters.select(model)
     plug = normalization.batch_plugins(e["rb_entropies"].double().sum(-1).reshape(-1), e["response_lens"].reshape(-1))
     common = dict(pad_token_id=pad, temperature=1.0, tf_batch_size=16, autocast_dtype=precision)
@@ -149,8 +157,7 @@ def mid_probe(model, prompts, precision: str, etas: list[float], *, G: int, T: i
                                   out["own_nucleus_differs"][j], G, "token") for j, eta in enumerate(sweep)}
     rows = [{"eta": eta, "delta_h1": eta * xv, "delta_h1_se": eta * se, "delta_h": measured[eta]["delta_h"],
              "delta_h_se": measured[eta]["se"]} for eta in etas]
-    return {"rows": rows, "first_order": {"X_dot_v": xv, "X_dot_v_directional": xv_forward, "X_dot_v_se": se},
-            "same_responses": None, "responses": e["sequences"]}
+    return {"rows": rows, "first_order": {"X_dot_v": xv, "X_dot_v_directional": xv_forward, "X_dot_v_se": se}}
 
 
 def mid(args) -> list[dict]:
@@ -172,14 +179,23 @@ def mid(args) -> list[dict]:
         mask = (torch.arange(args.prompt_len)[None, :] >= (args.prompt_len - lens)[:, None]).long()
         ids = torch.where(mask.bool(), ids, spec.vocab - 2)
         start = time.perf_counter()
-        runs = {p: mid_probe(model, (ids, mask), p, args.etas, G=args.G, T=args.new_tokens, top_p=args.top_p, seed=seed,
-                             n_u=args.u_prompts) for p in ("float32", "bfloat16")}
-        same = float((runs["float32"].pop("responses") == runs["bfloat16"].pop("responses")).all(-1).float().mean())
-        result = compare(runs["float32"], runs["bfloat16"]) | {
-            "seed": seed, "seconds": time.perf_counter() - start, "identical_responses_share": same,
-            "setting": f"{spec.name}, {args.prompts} E prompts × G={args.G}, {args.u_prompts} U prompts, "
-                       f"{args.new_tokens} new tokens, top_p {args.top_p}"}
-        print_comparison(f"{result['setting']}, seed {seed} (identical E responses fp32/bf16: {same:.1%})", result)
+        sample = dict(G=args.G, T=args.new_tokens, top_p=args.top_p, seed=seed, n_u=args.u_prompts)
+        rollouts = {p: mid_rollouts(model, (ids, mask), p, **sample) for p in ("float32", "bfloat16")}
+        probe = dict(G=args.G, top_p=args.top_p)
+        fp32 = mid_probe(model, rollouts["float32"], "float32", args.etas, **probe)
+        passes_only = mid_probe(model, rollouts["float32"], "bfloat16", args.etas, **probe)
+        end_to_end = mid_probe(model, rollouts["bfloat16"], "bfloat16", args.etas, **probe)
+        same = float((rollouts["float32"][0]["sequences"] == rollouts["bfloat16"][0]["sequences"]).all(-1)
+                     .float().mean())
+        setting = (f"{spec.name}, {args.prompts} E prompts × G={args.G}, {args.u_prompts} U prompts, "
+                   f"{args.new_tokens} new tokens, top_p {args.top_p}")
+        result = {"seed": seed, "seconds": time.perf_counter() - start, "identical_responses_share": same,
+                  "setting": setting, "passes_only": compare(fp32, passes_only),
+                  "end_to_end": compare(fp32, end_to_end)}
+        print_comparison(f"{setting}, seed {seed}: passes only (fp32 rollouts teacher-forced in bf16)",
+                         result["passes_only"])
+        print_comparison(f"{setting}, seed {seed}: end to end (bf16 rollouts; identical E responses {same:.1%})",
+                         result["end_to_end"])
         out.append(result)
     return out
 
@@ -194,9 +210,9 @@ def main():
     parser.add_argument("--u-prompts", type=int, default=8, help="mid: U prompts")
     parser.add_argument("--G", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--etas", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2])
+    parser.add_argument("--etas", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2, 3e-2])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
