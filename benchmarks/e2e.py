@@ -1,9 +1,10 @@
 """The whole workflow at a stated size, timed stage by stage (``python benchmarks/run.py --e2e``).
 
-A synthetic policy is written to a scratch directory: a random Qwen2 checkpoint with a WordLevel
-tokenizer of its vocabulary, a random LoRA adapter on every linear layer of the decoder, and a
-jsonl prompt set of random words (the cost of every stage depends on the shapes, not on the
-weights). The EOS row of the tied embedding is zero, so EOS has logit 0 while the nucleus
+A synthetic policy is written to a scratch directory: a random checkpoint of the stated shape (a
+Llama with q/k/v/o biases, :func:`build_model`) with a WordLevel tokenizer of its vocabulary, a
+random LoRA adapter on every linear layer of the decoder, a jsonl prompt set of random words and a
+custom reward (the parity of the response's characters, so every U group has signal): the cost of
+every stage depends on the shapes, not on the weights. The EOS row of the tied embedding is zero, so EOS has logit 0 while the nucleus
 (top_p 0.95 of logits with std 4) holds only the largest logits: responses run to
 ``max_new_tokens`` (the run checks every stop reason). Then Snakemake runs the default target and
 the per-stage table is read from the rules' ``benchmark:`` files (``results/benchmarks/*.tsv``:
@@ -66,6 +67,11 @@ E2E_PRESETS = {
         }),
 }
 ETAS = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]  # five η, central differences: 11 SNIS parameter points
+# A reward that varies within prompt groups (random words never match a gold answer, and a U batch
+# without signal stops an SGD run): the parity of the response's characters.
+REWARD = """def reward(response: str, gold: str) -> float:
+    return float(sum(map(ord, response)) % 2)
+"""
 
 
 def build_tokenizer(vocab: int):
@@ -80,12 +86,35 @@ def build_tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<pad>", padding_side="left")
 
 
+def build_model(spec: W.ModelSpec, device: str, seed: int):
+    """A random decoder of ``spec``'s shape, as a Llama with q/k/v/o biases (Qwen2's layout but
+    for the o bias: transformers loads a Qwen2 checkpoint's tokenizer as Qwen2's byte-level BPE,
+    which would ignore the WordLevel vocabulary of :func:`build_tokenizer`). The output embedding
+    is scaled so the logits have std ``spec.logit_std`` (a peaked policy), as in workloads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=spec.vocab, hidden_size=spec.hidden, num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads, intermediate_size=spec.intermediate,
+        max_position_embeddings=4096, tie_word_embeddings=spec.tied, attention_bias=True, bos_token_id=None,
+        pad_token_id=None, eos_token_id=spec.vocab - 1, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head.mul_(spec.logit_std / (head.std() * spec.hidden ** 0.5))
+    return model.eval()
+
+
 def build_policy(out: Path, preset: E2EPreset, device: str, seed: int = 0) -> tuple[Path, Path, Path]:
     """(checkpoint dir, adapter dir, prompt file) of the synthetic policy under ``out``."""
     from peft import LoraConfig, get_peft_model
 
     spec = preset.model
-    model = W.build_qwen2(spec, device, seed)
+    model = build_model(spec, device, seed)
     eos = spec.vocab - 1
     with torch.no_grad():
         model.get_input_embeddings().weight[eos].zero_()  # tied: the EOS logit is 0 (outside the nucleus)
@@ -104,6 +133,7 @@ def build_policy(out: Path, preset: E2EPreset, device: str, seed: int = 0) -> tu
             if "lora_B" in name:
                 p.copy_(1e-3 * torch.randn(p.shape, generator=g))
     peft_model.save_pretrained(adapter)
+    (out / "reward.py").write_text(REWARD)
     g = torch.Generator().manual_seed(seed + 2)
     prompts = out / "prompts.jsonl"
     with open(prompts, "w") as f:
@@ -121,7 +151,7 @@ def write_config(work: Path, preset: E2EPreset, checkpoint: Path, adapter: Path,
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["model"] |= {"name_or_path": str(checkpoint), "adapter_path": str(adapter), "trainable": "adapters"}
     config["data"] |= {"source": str(prompts), "split": "train"}
-    config["reward"] |= {"name": "exact_match"}
+    config["reward"] |= {"name": "custom", "function": f"{prompts.parent / 'reward.py'}:reward"}
     config["estimator"] |= {"eta_list": ETAS, "central_difference": True}
     for section, values in preset.overrides.items():
         config[section] |= values

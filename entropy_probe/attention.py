@@ -5,9 +5,9 @@ attention rounds the attention probabilities to the query's dtype before the wei
 bf16 (``model.precision: bfloat16``) that is a different function from the fused SDPA kernels,
 which accumulate in fp32 (on the embedded policy's `.test` run in bf16, the sum of the RB
 entropies moved by −0.064 nats with eager attention against +0.005 with SDPA, from fp32; the
-X·v cross-check moved from 5.6% to 4.1%). This one computes scores, softmax and the weighted sum in fp32 from the (autocast)
-query, key and value, and casts the output back to the query's dtype: the numerics of a fused
-kernel with fp32 accumulation. In fp32 it is eager attention.
+X·v cross-check moved from 5.6% to 4.1%). This one computes scores, softmax and the weighted
+sum in fp32 from the (autocast) query, key and value, and casts the output back to the query's
+dtype: the numerics of a fused kernel with fp32 accumulation. In fp32 it is eager attention.
 """
 from __future__ import annotations
 

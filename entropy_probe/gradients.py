@@ -24,7 +24,8 @@ def storage_dtype(kind: str) -> torch.dtype:
     return STORAGE_DTYPE if kind == "X" else torch.float64
 
 
-def pack(grads: dict[str, Tensor], stats: dict[str, Tensor] | None = None, kind: str | None = None) -> dict[str, Tensor]:
+def pack(grads: dict[str, Tensor], stats: dict[str, Tensor] | None = None,
+         kind: str | None = None) -> dict[str, Tensor]:
     """A gradient file's tensors: the gradients in :func:`storage_dtype` of ``kind`` (None:
     float64), the per-sequence stats (``stat/`` prefix) as they are (float64)."""
     dtype = torch.float64 if kind is None else storage_dtype(kind)

@@ -23,8 +23,9 @@ def x_gradient(model, params, rollout, *, pad_token_id, temperature, top_p, H_ba
     Evaluated by :func:`teacher_force.surrogate`: ``tf_batch_size`` sequences per forward pass,
     the output embedding ``chunk_tokens`` response tokens at a time (memory: one ``[chunk, V]``
     fp32 block). Per-sequence stats: S_i, T_i and ``outside_nucleus`` (tokens kept outside their
-    recomputed nucleus, bf16 only: :func:`precision.keeps_sampled_tokens`). ``autocast_dtype`` ("bfloat16" or a torch dtype; None/"float32" = fp32) runs the
-    forward under autocast (DESIGN §2 "Precision": only where the user asks). With
+    recomputed nucleus, bf16 only: :func:`precision.keeps_sampled_tokens`). ``autocast_dtype``
+    (``model.precision``: "bfloat16" or a torch dtype; None/"float32" = fp32) runs the forward
+    under autocast (DESIGN §2 "Precision": only where the user asks). With
     ``gradient_checkpointing`` the decoder layers recompute their activations in the backward
     (:mod:`entropy_probe.checkpointing`; the same gradients, less memory for long responses)."""
     batch = tf_layout.from_rollout(rollout, pad_token_id)
@@ -53,7 +54,8 @@ def x_gradient(model, params, rollout, *, pad_token_id, temperature, top_p, H_ba
 
     batches = tf_layout.length_sorted_batches(batch, tf_batch_size)
     with checkpointing.checkpointed_layers(model, gradient_checkpointing):
-        grads = teacher_force.accumulate_gradient(params, surrogate, tqdm(batches, desc="X teacher forcing", unit="batch"))
+        grads = teacher_force.accumulate_gradient(params, surrogate,
+                                                  tqdm(batches, desc="X teacher forcing", unit="batch"))
     _log_outside(outside, "X pass")
     return grads, {"S": S, "T": batch.response_lens.double(), "outside_nucleus": outside}
 
@@ -67,7 +69,8 @@ def _log_outside(outside: Tensor, what: str) -> None:
 
 
 def y_gradient(model, params, rollout, coefficients: Tensor, *, pad_token_id, temperature,
-               tf_batch_size, chunk_tokens=None, autocast_dtype=None, gradient_checkpointing=False) -> dict[str, Tensor]:
+               tf_batch_size, chunk_tokens=None, autocast_dtype=None,
+               gradient_checkpointing=False) -> dict[str, Tensor]:
     """∇ Σ_{i∈shard} a_i Σ_k log softmax(z_ik/τ)(y_ik) (unnormalized, float64) for per-response
     numerators ``coefficients`` ``[B, G]`` (:func:`losses.response_weights`; the reduction
     divides by the loss's normalizer). Batching, chunking, autocast and checkpointing as in
@@ -86,15 +89,16 @@ def y_gradient(model, params, rollout, coefficients: Tensor, *, pad_token_id, te
 
     batches = tf_layout.length_sorted_batches(batch, tf_batch_size)
     with checkpointing.checkpointed_layers(model, gradient_checkpointing):
-        return teacher_force.accumulate_gradient(params, surrogate, tqdm(batches, desc="Y teacher forcing", unit="batch"))
+        return teacher_force.accumulate_gradient(params, surrogate,
+                                                 tqdm(batches, desc="Y teacher forcing", unit="batch"))
 
 
 def directional_sums(model, direction: dict[str, Tensor], rollout, *, pad_token_id, temperature, top_p,
                      normalization, baseline, rb_requires_grad, tf_batch_size,
                      chunk_tokens=None, autocast_dtype=None) -> dict[str, Tensor]:
     """Per-prompt-group sums for :func:`estimators.directional_estimate` along ``direction``
-    (forward-mode AD: one JVP pass, :mod:`entropy_probe.attention` since SDPA kernels lack forward AD; the
-    output embedding ``chunk_tokens`` response tokens at a time): P_g, Q_g, S_g, T_g, each
+    (forward-mode AD: one JVP pass, the attention of :mod:`entropy_probe.attention` since SDPA
+    kernels lack forward AD; the output embedding ``chunk_tokens`` response tokens at a time): P_g, Q_g, S_g, T_g, each
     ``[B]`` float64, and ``outside_nucleus`` ``[B]`` (as in :func:`x_gradient`). ``autocast_dtype``
     as in :func:`x_gradient` (primal and tangent matrix products both in that precision; the
     measure on fp32 logits)."""
