@@ -33,8 +33,8 @@ CROSSCHECK_BOUNDS = {"float32": {"warn": 1e-4, "fail": 1e-2, "fail_se": 0.0},
 # standard errors: the bound benchmarks/README.md "bf16" states (from the measurements there) and
 # tests/test_precision.py holds the small test workflow to. δH₁ at every η; ΔH (SNIS) only at
 # η >= delta_h_min_eta: below it, bf16's rounding of the forward passes at θ + ηv, not the step,
-# dominates ΔH (measured: up to 15 SE at η <= 2e-5 on the embedded policy).
-BF16_SHIFT_BOUNDS = {"delta_h1": 0.25, "delta_h": 2.0, "delta_h_min_eta": 1e-4}
+# dominates ΔH (measured on the embedded policy: up to 15 SE at η <= 3e-5, 3.6 SE at 1e-4).
+BF16_SHIFT_BOUNDS = {"delta_h1": 0.5, "delta_h": 2.0, "delta_h_min_eta": 3e-4}
 
 
 def autocast_dtype(name: str | torch.dtype | None) -> torch.dtype | None:

@@ -132,14 +132,14 @@ def test_runs(tmp_path_factory):
     fp32 = tmp_path_factory.mktemp("precision") / "fp32"
     fp32.mkdir()
     shutil.copy(RUN, fp32 / "config.yaml")
-    run_snakemake(fp32, "config.yaml", "--cores", "2")
+    run_snakemake(fp32, "config.yaml", "--cores", "2", timeout=1800)
     bf16 = fp32.parent / "bf16"
     shutil.copytree(fp32, bf16, symlinks=True)
     config = yaml.safe_load((bf16 / "config.yaml").read_text())
     config.setdefault("model", {})["precision"] = "bfloat16"
     (bf16 / "config.yaml").write_text(yaml.safe_dump(config))
     jobs = dry_run_jobs(bf16, "config.yaml")
-    run_snakemake(bf16, "config.yaml", "--cores", "2")
+    run_snakemake(bf16, "config.yaml", "--cores", "2", timeout=1800)
     load = lambda d: json.loads((d / "results" / "summary.json").read_text())  # noqa: E731
     return load(fp32), load(bf16), jobs
 
