@@ -4,9 +4,11 @@ A synthetic policy is written to a scratch directory: a random checkpoint of the
 Llama with q/k/v/o biases, :func:`build_model`) with a WordLevel tokenizer of its vocabulary, a
 random LoRA adapter on every linear layer of the decoder, a jsonl prompt set of random words and a
 custom reward (the parity of the response's characters, so every U group has signal): the cost of
-every stage depends on the shapes, not on the weights. The EOS row of the tied embedding is zero, so EOS has logit 0 while the nucleus
+every stage depends on the shapes, not on the weights. The output embedding is untied (Qwen2.5-1.5B ties it: the same FLOPs; tied random
+weights would make the policy copy its last token, since a random decoder's hidden state is
+mostly the input embedding), and its EOS row is zero, so EOS has logit 0 while the nucleus
 (top_p 0.95 of logits with std 4) holds only the largest logits: responses run to
-``max_new_tokens`` (the run checks every stop reason). Then Snakemake runs the default target and
+``max_new_tokens`` (the run reports every stop reason). Then Snakemake runs the default target and
 the per-stage table is read from the rules' ``benchmark:`` files (``results/benchmarks/*.tsv``:
 wall seconds, CPU seconds, peak resident memory) and, on CUDA, the peak device memory each stage
 logs.
@@ -48,7 +50,7 @@ class E2EPreset:
 
 E2E_PRESETS = {
     "cpu": E2EPreset(
-        W.ModelSpec("qwen2-e2e-cpu", 8_000, 256, 4, 4, 2, 704, tied=True), lora_rank=8, prompts=200,
+        W.ModelSpec("qwen2-e2e-cpu", 8_000, 256, 4, 4, 2, 704), lora_rank=8, prompts=200,
         prompt_words=32,
         overrides={
             "batch_config": {"E_total_sequences": 128, "G": 4, "B_U": 8, "E_num_shards": 2, "U_num_shards": 2},
@@ -56,7 +58,7 @@ E2E_PRESETS = {
             "model": {"precision": "float32", "device": "cpu"},
         }),
     "gpu": E2EPreset(
-        W.ModelSpec("qwen2.5-1.5b-shape", 151_936, 1_536, 28, 12, 2, 8_960, tied=True), lora_rank=16,
+        W.ModelSpec("qwen2.5-1.5b-shape", 151_936, 1_536, 28, 12, 2, 8_960), lora_rank=16,
         prompts=2_000, prompt_words=128,
         overrides={
             "batch_config": {"E_total_sequences": 4096, "G": 8, "B_U": 64, "E_num_shards": 2, "U_num_shards": 2,
@@ -117,8 +119,7 @@ def build_policy(out: Path, preset: E2EPreset, device: str, seed: int = 0) -> tu
     model = build_model(spec, device, seed)
     eos = spec.vocab - 1
     with torch.no_grad():
-        model.get_input_embeddings().weight[eos].zero_()  # tied: the EOS logit is 0 (outside the nucleus)
-        model.get_output_embeddings().weight[eos].zero_()
+        model.get_output_embeddings().weight[eos].zero_()  # the EOS logit is 0: outside the nucleus
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = eos, spec.vocab - 2
     checkpoint, adapter = out / "checkpoint", out / "adapter"
     model.save_pretrained(checkpoint)
