@@ -25,7 +25,8 @@ def _rollout_like(tmp_path, **overrides):
     tensors = {"token_log_q": torch.zeros(2, 2, 3), "rb_entropies": torch.zeros(2, 2, 3),
                "rewards": torch.zeros(2, 2)}
     tensors.update(overrides)
-    cfg = {"generation": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 3}, "batch_config": {"seed": 0, "G": 2}}
+    cfg = {"generation": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 3}, "batch_config": {"seed": 0, "G": 2},
+           "model": {"precision": "float32"}}
     meta = stage_inputs.rollout_expectations(cfg, "E", "abc")
     path = tmp_path / "shard.safetensors"
     shards.write_shard(path, tensors, meta)
@@ -50,6 +51,9 @@ def test_rollout_from_another_model_or_generation_config_is_refused(tmp_path):
         stage_inputs.read_rollouts([path], other, "E", "abc")
     with pytest.raises(shards.ShardError, match="batch_kind"):
         stage_inputs.read_rollouts([path], cfg, "U", "abc")
+    bf16 = {**cfg, "model": {"precision": "bfloat16"}}  # sampled in another precision: another q
+    with pytest.raises(shards.ShardError, match="precision.*'float32'.*'bfloat16'"):
+        stage_inputs.read_rollouts([path], bf16, "E", "abc")
 
 
 def test_truncated_shard_is_reported_by_name(tmp_path):
