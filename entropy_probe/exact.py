@@ -255,6 +255,49 @@ def exact_entropy_at(
         return exact_entropy(enum, normalization).item()
 
 
+def exact_prompt_contributions(
+    model, tokenizer, prompts: list[str], direction: dict[str, Tensor], *, temperature: float, top_p: float,
+    max_new_tokens: int, normalization: str = "token",
+) -> dict[str, Tensor | float]:
+    """Each prompt's exact term of ∇H·u (u = ``direction``), prompts uniform, float64.
+
+    With s_x = E_q[S|x], d_x = E_q[D|x] (D = T for ``token``, 1 for ``sequence``), their
+    derivatives ∂s_x, ∂d_x along u, C = mean_x d_x, H = mean_x s_x / C, B = mean_x ∂d_x:
+
+    - ``term`` c_x = (∂s_x − H ∂d_x)/C: ∇H·u = mean_x c_x (the quotient rule, H and C fixed);
+    - ``influence_form`` φ_x = c_x − (B/C²)(s_x − H d_x) + (∇H·u)(1 − d_x/C): also how prompt x
+      moves H and C (its influence function plus ∇H·u), mean_x φ_x = ∇H·u. An E prompt group of
+      prompt x has expected influence contribution φ_x (:mod:`entropy_probe.attribution`).
+
+    Also ``grad_H_dot_u``. By autograd through the enumeration, one backward pass per prompt and
+    quantity (tiny policies only)."""
+    params = parameters.select(model)
+    names = list(params)
+    per_token = norm.get(normalization).per_token
+    with torch.enable_grad():
+        enum = enumerate_responses(model, tokenizer, prompts, temperature=temperature, top_p=top_p,
+                                   max_new_tokens=max_new_tokens)
+        s = enum.per_prompt(enum.entropy_sum)
+        d = enum.per_prompt(enum.lengths) if per_token else torch.ones_like(s)
+
+        def along(value: Tensor) -> float:
+            grads = torch.autograd.grad(value, [params[k] for k in names], retain_graph=True, allow_unused=True)
+            return sum(float((g.double().cpu() * direction[k].double().cpu()).sum())
+                       for k, g in zip(names, grads) if g is not None and k in direction)
+
+        ds = torch.tensor([along(s[i]) for i in range(len(prompts))], dtype=torch.float64)
+        dd = (torch.tensor([along(d[i]) for i in range(len(prompts))], dtype=torch.float64) if per_token
+              else torch.zeros(len(prompts), dtype=torch.float64))
+    s, d = s.detach().cpu(), d.detach().cpu()
+    C = d.mean()
+    H = s.mean() / C
+    B = dd.mean()
+    term = (ds - H * dd) / C
+    total = term.mean()
+    influence_form = term - B / C**2 * (s - H * d) + total * (1 - d / C)
+    return {"term": term, "influence_form": influence_form, "grad_H_dot_u": float(total), "H": float(H)}
+
+
 def exact_match_rewards(enum: Enumeration, tokenizer, golds: list[str]) -> Tensor:
     """Exact-match reward of every leaf, ``[M]`` float64: decoded response (first T tokens,
     special tokens skipped, stripped) == stripped gold of its prompt."""

@@ -1,5 +1,6 @@
-"""The per-shard passes over stored rollouts: the X and Y gradients (reverse mode) and the
-per-group directional derivatives along v (forward mode) that carry the error bars."""
+"""The per-shard passes over stored rollouts: the X and Y gradients (reverse mode), the per-token
+directional derivatives along v on the E batch (forward mode: the error bars and the attribution
+of δH₁) and along J·X on the U batch (the attribution of v)."""
 from __future__ import annotations
 
 import logging
@@ -71,46 +72,97 @@ def y_gradient(model, params, rollout, coefficients: Tensor, *, pad_token_id, te
     return teacher_force.accumulate_gradient(params, surrogate, tqdm(batches, desc="Y teacher forcing", unit="batch"))
 
 
-def directional_sums(model, direction: dict[str, Tensor], rollout, *, pad_token_id, temperature, top_p,
-                     normalization, baseline, rb_requires_grad, tf_batch_size,
-                     chunk_tokens=None) -> dict[str, Tensor]:
-    """Per-prompt-group sums for :func:`estimators.directional_estimate` along ``direction``
-    (forward-mode AD: one JVP pass, eager attention since SDPA kernels lack forward AD; the
-    output embedding ``chunk_tokens`` response tokens at a time): P_g, Q_g, S_g, T_g, each
-    ``[B]`` float64."""
-    batch = tf_layout.from_rollout(rollout, pad_token_id)
-    B, G, T = rollout["rb_entropies"].shape
-    entropy = rollout["rb_entropies"].double()
-    mask = estimators.response_mask(rollout["response_lens"], T)
-    a, beta = (x.reshape(B * G, T) for x in estimators.score_weight_parts(entropy, mask, normalization, baseline))
-    scorer = teacher_force.ResponseLogits(model)
+def _jvp_batches(model, direction: dict[str, Tensor], batch, tf_batch_size: int, fn, desc: str):
+    """For each length-sorted batch of ``tf_batch_size`` rows: (rows, sub-batch, primal outputs,
+    tangent outputs) of ``fn(sub, params)`` by forward-mode AD along ``direction`` (one JVP pass;
+    eager attention, since SDPA kernels lack forward AD)."""
     named = dict(model.named_parameters())
     unknown = sorted(set(direction) - set(named))
     if unknown:
         raise KeyError(f"direction has parameters the policy lacks: {unknown[:3]}")
     primals = {f"policy.{k}": named[k].detach() for k in direction}
     tangents = {f"policy.{k}": direction[k].to(named[k].device, named[k].dtype) for k in direction}
-    per_seq = {name: torch.zeros(B * G, dtype=torch.float64) for name in ("P", "Q", "S")}
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
-        for rows in tqdm(tf_layout.length_sorted_batches(batch, tf_batch_size), desc="directional", unit="batch"):
+        for rows in tqdm(tf_layout.length_sorted_batches(batch, tf_batch_size), desc=desc, unit="batch"):
             sub = batch.select(rows)
-
-            def fn(p):
-                s = teacher_force.score(scorer, sub, temperature, top_p, params=p, chunk_tokens=chunk_tokens)
-                return s.entropy, s.token_log_q
-
             with torch.no_grad():
-                (h, _), (dh, dlq) = torch.func.jvp(fn, (primals,), (tangents,))
-            width = sub.response_tokens.shape[1]
-            dh, dlq = dh.double().cpu(), dlq.double().cpu()
-            pathwise = dh.sum(-1) if rb_requires_grad else torch.zeros(len(rows), dtype=torch.float64)
-            per_seq["P"][rows] = pathwise + (a[rows, :width] * dlq).sum(-1)
-            per_seq["Q"][rows] = (beta[rows, :width] * dlq).sum(-1)
-            per_seq["S"][rows] = h.double().sum(-1).cpu()
+                out, tangent = torch.func.jvp(lambda p: fn(sub, p), (primals,), (tangents,))
+            yield rows, sub, out, tangent
     finally:
         model.set_attn_implementation(previous)
+
+
+def directional_tokens(model, direction: dict[str, Tensor], rollout, *, pad_token_id, temperature, top_p,
+                       normalization, baseline, rb_requires_grad, tf_batch_size,
+                       chunk_tokens=None) -> dict[str, Tensor]:
+    """Per-token quantities of the X surrogate along ``direction`` on one E shard, float64
+    ``[B*G, T]`` (prompt-major rows, zero past each response's end): ``d_entropy`` = ∂_u h_k
+    (zero without ``rb_requires_grad``), ``d_log_q`` = ∂_u log q_k(y_k), the teacher-forced
+    ``entropy`` h_k and ``log_q``, and the score-weight parts ``weight_a``, ``weight_beta``
+    (:func:`estimators.score_weight_parts`: w_k = a_k − H̄ β_k). Forward-mode AD, one JVP pass;
+    the output embedding ``chunk_tokens`` response tokens at a time."""
+    batch = tf_layout.from_rollout(rollout, pad_token_id)
+    B, G, T = rollout["rb_entropies"].shape
+    entropy = rollout["rb_entropies"].double()
+    mask = estimators.response_mask(rollout["response_lens"], T)
+    a, beta = (x.reshape(B * G, T) for x in estimators.score_weight_parts(entropy, mask, normalization, baseline))
+    scorer = teacher_force.ResponseLogits(model)
+    out = {name: torch.zeros(B * G, T, dtype=torch.float64) for name in ("d_entropy", "d_log_q", "entropy", "log_q")}
+
+    def fn(sub, p):
+        s = teacher_force.score(scorer, sub, temperature, top_p, params=p, chunk_tokens=chunk_tokens)
+        return s.entropy, s.token_log_q
+
+    for rows, sub, (h, lq), (dh, dlq) in _jvp_batches(model, direction, batch, tf_batch_size, fn, "directional"):
+        width = sub.response_tokens.shape[1]
+        valid = sub.response_mask
+        for name, value in (("d_entropy", dh), ("d_log_q", dlq), ("entropy", h), ("log_q", lq)):
+            if name == "d_entropy" and not rb_requires_grad:
+                continue
+            out[name][rows, :width] = torch.where(valid, value.double().cpu(), 0.0)
+    out["weight_a"], out["weight_beta"] = a, beta
+    return out
+
+
+def directional_sums(model, direction: dict[str, Tensor], rollout, **kwargs) -> dict[str, Tensor]:
+    """Per-prompt-group sums for :func:`estimators.directional_estimate` along ``direction``
+    (keyword arguments of :func:`directional_tokens`): P_g, Q_g, S_g, T_g, each ``[B]`` float64."""
+    return sums_of_tokens(directional_tokens(model, direction, rollout, **kwargs), rollout["response_lens"])
+
+
+def sums_of_tokens(tokens: dict[str, Tensor], response_lens: Tensor) -> dict[str, Tensor]:
+    """P_g = Σ_{i∈g} Σ_k [∂_u h_ik + a_ik ∂_u log q_ik], Q_g = Σ β_ik ∂_u log q_ik, S_g, T_g
+    from :func:`directional_tokens`' per-token values (``response_lens`` ``[B, G]``)."""
+    B, G = response_lens.shape
+    per_seq = {
+        "P": (tokens["d_entropy"] + tokens["weight_a"] * tokens["d_log_q"]).sum(-1),
+        "Q": (tokens["weight_beta"] * tokens["d_log_q"]).sum(-1),
+        "S": tokens["entropy"].sum(-1),
+    }
     sums = {name: x.reshape(B, G).sum(-1) for name, x in per_seq.items()}
-    sums["T"] = batch.response_lens.double().reshape(B, G).sum(-1)
+    sums["T"] = response_lens.double().reshape(B, G).sum(-1)
     return sums
+
+
+def u_directional_tokens(model, direction: dict[str, Tensor], rollout, *, pad_token_id, temperature,
+                         tf_batch_size, chunk_tokens=None) -> dict[str, Tensor]:
+    """The U-side per-token terms along ``direction`` (u = J X, :func:`update.update_jacobian`):
+    ``d_log_p`` = ∂_u log p_ik(y_ik) and ``log_p`` = log softmax(z_ik/τ)(y_ik) (the trainer's
+    log-probs, no top-p), float64 ``[B*G, T]``, prompt-major rows, zero past each response's end.
+    One JVP pass; c_i·d_log_p is each token's term of X·J·Y (:mod:`entropy_probe.attribution`)."""
+    batch = tf_layout.from_rollout(rollout, pad_token_id)
+    B, G, T = rollout["token_log_q"].shape
+    scorer = teacher_force.ResponseLogits(model)
+    out = {name: torch.zeros(B * G, T, dtype=torch.float64) for name in ("d_log_p", "log_p")}
+
+    def fn(sub, p):
+        return teacher_force.score(scorer, sub, temperature, 1.0, want_q=False, want_tempered=True, params=p,
+                                   chunk_tokens=chunk_tokens).tempered_log_p
+
+    for rows, sub, lp, dlp in _jvp_batches(model, direction, batch, tf_batch_size, fn, "U directional"):
+        width = sub.response_tokens.shape[1]
+        out["log_p"][rows, :width] = torch.where(sub.response_mask, lp.double().cpu(), 0.0)
+        out["d_log_p"][rows, :width] = torch.where(sub.response_mask, dlp.double().cpu(), 0.0)
+    return out

@@ -17,6 +17,12 @@ Y is the ascent direction of the GRPO objective; the trainer's loss gradient is 
 Gradient clipping (``max_grad_norm`` > 0) scales g as ``torch.nn.utils.clip_grad_norm_`` does,
 over the parameters that have a gradient (the keys of Y): coef = min(1, max_norm/(‖g‖ + 1e-6)).
 A parameter without a gradient (in ``params`` but not in Y) gets v = 0: torch skips it.
+
+The linearization of the step in Y (:func:`update_jacobian`, for the attribution of v to the U
+batch and its U-batch noise): both rules act elementwise once the clip coefficient κ is fixed, so
+J = ∂v/∂Y is diagonal. SGD: J = κ. AdamW, with g = −κY, A = m'/(1−β1^t'), r = sqrt(s'/(1−β2^t')),
+d = r + eps:  ∂v/∂Y = κ [ (1−β1)/((1−β1^t') d) − A (1−β2) g / ((1−β2^t') r d²) ]  (second term 0
+where r = 0). Held fixed: κ (its dependence on ‖Y‖ is not linearized).
 """
 from __future__ import annotations
 
@@ -123,6 +129,44 @@ def _adamw_param_direction(name: str, theta: Tensor, g: Tensor, st: AdamWParamSt
     bias2_sqrt = math.sqrt(1.0 - beta2**t)
     denom = s.sqrt() / bias2_sqrt + float(st.hyper.eps)
     return -(m / bias1) / denom - float(st.hyper.weight_decay) * theta
+
+
+def _adamw_param_jacobian(g: Tensor, st: AdamWParamState, coef: float) -> Tensor:
+    """∂v/∂Y of one parameter (module docstring), g = −κY the clipped loss gradient."""
+    beta1, beta2 = (float(b) for b in st.hyper.betas)
+    m = torch.zeros_like(g) if st.exp_avg is None else st.exp_avg.detach().double().cpu()
+    s = torch.zeros_like(g) if st.exp_avg_sq is None else st.exp_avg_sq.detach().double().cpu()
+    t = float(st.step) + 1.0
+    bias1, bias2 = 1.0 - beta1**t, 1.0 - beta2**t
+    m = beta1 * m + (1.0 - beta1) * g
+    s = beta2 * s + (1.0 - beta2) * g * g
+    r = (s / bias2).sqrt()
+    d = r + float(st.hyper.eps)
+    through_s = torch.where(r > 0, (m / bias1) * (1.0 - beta2) * g / (bias2 * r.clamp(min=1e-300) * d * d), 0.0)
+    return coef * ((1.0 - beta1) / (bias1 * d) - through_s)
+
+
+def update_jacobian(
+    optimizer: str,
+    Y: dict[str, Tensor],
+    params: dict[str, Tensor] | None = None,
+    state: dict[str, AdamWParamState] | None = None,
+    max_grad_norm: float = 0.0,
+) -> dict[str, Tensor]:
+    """The diagonal of J = ∂v/∂Y at this Y (module docstring: the clip coefficient held fixed),
+    float64, keyed like Y. X·J·Y is the part of X·v that is linear in the batch gradient."""
+    if optimizer not in UPDATE_RULES:
+        raise ValueError(f"update.optimizer: unknown optimizer {optimizer!r} ({' | '.join(UPDATE_RULES)})")
+    if optimizer == "sgd":
+        coef = clip_coefficient(Y, max_grad_norm)
+        return {name: torch.full_like(g, coef, dtype=torch.float64) for name, g in Y.items()}
+    grads = {name: -g.double() for name, g in Y.items()}
+    coef = clip_coefficient(grads, max_grad_norm)
+    out = {}
+    for name, g in grads.items():
+        st = AdamWParamState(hyper=FRESH_HYPER) if state is None else state[name]
+        out[name] = _adamw_param_jacobian(g * coef, st, coef)
+    return out
 
 
 def _sgd_rule(Y, params, state, max_grad_norm):

@@ -9,14 +9,14 @@ from torch import Tensor
 from . import gradients, models, shards
 from .input_files import EMBEDDED, resolve_state_paths
 from .optimizer_state import load_adamw_state
-from .update import FRESH_HYPER, clip_coefficient, update_direction
+from .update import FRESH_HYPER, clip_coefficient, update_direction, update_jacobian
 
 log = logging.getLogger(__name__)
 
 
 class UpdateBuilder:
     """Loads θ and the optimizer state once; :meth:`__call__` maps any Y (the full one, or a
-    delete-one-shard Y for the jackknife) to v."""
+    delete-one-shard Y for the jackknife) to v, :meth:`jacobian` gives ∂v/∂Y."""
 
     def __init__(self, cfg: dict, policy_dir: str, y_fingerprint: str, y_label: str = "Y"):
         upd = cfg["update"]
@@ -51,6 +51,12 @@ class UpdateBuilder:
         if unknown:
             raise shards.ShardError(f"{y_label}: Y has parameters the policy lacks: {unknown[:3]}")
         return update_direction("adamw", Y, {name: self.theta[name] for name in Y}, self.state, self.max_grad_norm)
+
+    def jacobian(self, Y: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The diagonal of ∂v/∂Y at this Y (:func:`update.update_jacobian`), keyed like Y."""
+        if self.optimizer == "sgd":
+            return update_jacobian("sgd", Y, max_grad_norm=self.max_grad_norm)
+        return update_jacobian("adamw", Y, {name: self.theta[name] for name in Y}, self.state, self.max_grad_norm)
 
     def describe(self, Y: dict[str, Tensor]) -> dict:
         """Metadata of v built from this Y (gradient norm, clip coefficient, optimizer details)."""
