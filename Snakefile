@@ -22,6 +22,8 @@ include: "workflow/rules/plan.smk"
 include: "workflow/rules/rollout.smk"
 include: "workflow/rules/teacher_force.smk"
 include: "workflow/rules/update.smk"
+include: "workflow/rules/attribution.smk"
+include: "workflow/rules/variants.smk"
 include: "workflow/rules/statistics.smk"
 
 

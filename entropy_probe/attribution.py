@@ -6,9 +6,9 @@ D_i = T_i (``token``) or 1 (``sequence``), D = Σ_i D_i, N responses, n = N/G pr
 H̄ = Σ h / D, P = Σ [∂_v h_k + a_k ∂_v log q_k], Q = Σ β_k ∂_v log q_k and the estimate
 X·v = (P − H̄ Q)/D (:func:`normalization.directional_influence`), token k of response i gets
 
-    share_k = [ ∂_v h_k + (a_k − H̄ β_k) ∂_v log q_k                     (pathwise + score: w_k ∂_v log q_k)
-                − (Q/D)(h_k − H̄ D_i/T_i)                                 (the plug-in H̄)
-                + X·v (D/N − D_i)/T_i ] / D                              (the plug-in T̄)
+    share_k = [ ∂_v h_k + (a_k − H̄ β_k) ∂_v log q_k                     (direct: pathwise + score w_k ∂_v log q_k)
+                − (Q/D)(h_k − H̄ D_i/T_i)                                 (plug-in: its pull on H̄)
+                + X·v (D/N − D_i)/T_i ] / D                              (plug-in: its pull on T̄)
 
 Derivation: the influence contribution of group g (normalization.directional_influence) is
 φ_g = X·v + ψ_g = [P_g − H̄ Q_g − (Q̄/D̄)(S_g − H̄ D_g) − X·v D_g]/D̄ + X·v (bars: means over
@@ -19,6 +19,13 @@ moves T̄), spread evenly over its T_i tokens. Hence: token shares sum to each r
 response totals to φ_g/n, and the φ_g/n over the batch to X·v exactly (Σ_k (h_k − H̄ D_i/T_i) = 0
 and Σ_i (D/N − D_i) = 0). With ``sequence``, β = 0 and D_i = 1: the plug-in terms vanish and
 share_k = [∂_v h_k + a_k ∂_v log q_k]/N.
+
+Two readings, both exact sums to X·v: the ``direct`` part alone (H̄ and T̄ held fixed) is the
+token's own term of the X surrogate; a prompt's direct terms estimate its exact term
+c_x = (∂_v E[S|x] − H ∂_v E[D|x])/E[D] of ∇H·v = mean_x c_x. The ``share`` (direct + plug-in)
+is the influence form: a prompt's shares estimate c_x plus how the prompt moves H and E[D]
+(:func:`exact.exact_prompt_contributions`), and a group's shares are its unit of the SE. A
+prompt whose responses never change (c_x = 0) has no direct part but a plug-in part: it dilutes.
 
 U side. Y = Σ_i c_i Σ_k ∇ log p_ik with c_i = a_i / Z (:mod:`entropy_probe.losses`). For SGD
 v = κ·Y (κ the clip coefficient), so X·v = Σ_ik κ c_i ∂_X log p_ik exactly. For AdamW, v is a
@@ -43,7 +50,7 @@ from torch import Tensor
 
 from . import normalization as norm
 
-E_COMPONENTS = ("pathwise", "score", "plugin")
+E_COMPONENTS = ("pathwise", "score", "plugin")  # share = direct + plugin, direct = pathwise + score
 
 
 def _valid(lengths: Tensor, width: int) -> Tensor:
@@ -52,8 +59,9 @@ def _valid(lengths: Tensor, width: int) -> Tensor:
 
 def e_token_shares(d_entropy: Tensor, d_log_q: Tensor, weight_a: Tensor, weight_beta: Tensor, entropy: Tensor,
                    lengths: Tensor, normalization: str) -> dict:
-    """Each E token's share of X·v (module docstring), float64 ``[N, T]``: ``share`` and its
-    ``pathwise`` / ``score`` / ``plugin`` parts; ``X_dot_v`` (= Σ share), ``H_bar``."""
+    """Each E token's share of X·v (module docstring), float64 ``[N, T]``: ``share`` (influence
+    form), ``direct`` and the parts ``pathwise``, ``score``, ``plugin``; ``X_dot_v`` (= Σ share =
+    Σ direct), ``H_bar``."""
     d_entropy, d_log_q, a, beta, h = (x.double() for x in (d_entropy, d_log_q, weight_a, weight_beta, entropy))
     lengths = lengths.long()
     valid = _valid(lengths, h.shape[-1])
@@ -70,9 +78,9 @@ def e_token_shares(d_entropy: Tensor, d_log_q: Tensor, weight_a: Tensor, weight_
     pathwise = d_entropy / D
     score = (a - H_bar * beta) * d_log_q / D
     plugin = nz(-(Q / D) * (h - H_bar * D_i[:, None] / T_i) + estimate * (D / N - D_i[:, None]) / T_i) / D
-    share = pathwise + score + plugin
-    return {"share": share, "pathwise": pathwise, "score": score, "plugin": plugin, "X_dot_v": estimate,
-            "H_bar": H_bar}
+    direct = pathwise + score
+    return {"share": direct + plugin, "direct": direct, "pathwise": pathwise, "score": score, "plugin": plugin,
+            "X_dot_v": estimate, "H_bar": H_bar}
 
 
 def _group_contribution(local: Tensor, overall: Tensor) -> Tensor:
@@ -86,11 +94,23 @@ def _group_contribution(local: Tensor, overall: Tensor) -> Tensor:
     return (P - H * Q - Qb / Db * (S - H * D) - estimate * D) / Db + estimate
 
 
-def per_prompt_contributions(P: Tensor, Q: Tensor, S: Tensor, D: Tensor, prompt_ids: Tensor) -> dict[str, Tensor]:
-    """Per prompt id of the E batch (prompts drawn with replacement): the mean influence
-    contribution φ_x of its groups (X·v units: mean_x-weighted by counts gives X·v; its expectation
-    is the prompt's exact term, :func:`exact.exact_prompt_contributions`), its standard error and
-    the group count. Group sums ``[n]`` as in :func:`normalization.directional_influence`
+def _direct_contribution(local: Tensor, overall: Tensor) -> Tensor:
+    """(P − H̄Q)/D̄: the direct terms of a group (or the mean of a prompt's groups)."""
+    P, Q, _, _ = local
+    _, _, Sb, Db = overall
+    return (P - Sb / Db * Q) / Db
+
+
+FORMS = {"influence": _group_contribution, "direct": _direct_contribution}
+
+
+def per_prompt_contributions(P: Tensor, Q: Tensor, S: Tensor, D: Tensor, prompt_ids: Tensor,
+                             form: str = "influence") -> dict[str, Tensor]:
+    """Per prompt id of the E batch (prompts drawn with replacement): the mean contribution of its
+    groups in ``form`` ``influence`` (φ_g, the shares) or ``direct`` (the direct parts), in X·v
+    units (weighted by the counts they average to X·v; their expectations are the prompt's exact
+    ``influence_form`` / ``term`` of :func:`exact.exact_prompt_contributions`), its standard error
+    and the group count. Group sums ``[n]`` as in :func:`normalization.directional_influence`
     (D_g = Σ_{i∈g} D_i).
 
     SE by the delta method over all n groups: a prompt's estimate depends on its own groups and
@@ -104,9 +124,9 @@ def per_prompt_contributions(P: Tensor, Q: Tensor, S: Tensor, D: Tensor, prompt_
     count = torch.zeros(m, dtype=torch.float64).index_add(0, inverse, torch.ones(n, dtype=torch.float64))
     local = torch.zeros(m, 4, dtype=torch.float64).index_add(0, inverse, values) / count[:, None]
     overall = values.mean(0)
-    estimate = torch.func.vmap(_group_contribution, in_dims=(0, None))(local, overall)
-    g_local, g_overall = torch.func.vmap(torch.func.grad(_group_contribution, argnums=(0, 1)),
-                                         in_dims=(0, None))(local, overall)
+    f = FORMS[form]
+    estimate = torch.func.vmap(f, in_dims=(0, None))(local, overall)
+    g_local, g_overall = torch.func.vmap(torch.func.grad(f, argnums=(0, 1)), in_dims=(0, None))(local, overall)
     own = (inverse[None, :] == torch.arange(m)[:, None]).double() * (n / count)[:, None]  # [m, n]
     influence = (own * ((values[None, :, :] - local[:, None, :]) * g_local[:, None, :]).sum(-1)
                  + ((values - overall)[None, :, :] * g_overall[:, None, :]).sum(-1))

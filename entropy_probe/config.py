@@ -228,6 +228,20 @@ def _check_loss(config: dict) -> None:
         raise ConfigError(f"update.{key}: must be > 0 for update.loss_type {upd['loss_type']!r}")
 
 
+def _check_variants(config: dict) -> None:
+    """update.variants: names, and each variant's effective update passes the main update's checks."""
+    from . import variants
+
+    def check_update(effective: dict) -> None:
+        _check_loss(effective)
+        _check_optimizer_state(effective)
+
+    try:
+        variants.check(config, check_update)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
 def check_config(config: dict) -> None:
     """Raise ConfigError on the first inconsistent value."""
     batch, gen, model = config["batch_config"], config["generation"], config["model"]
@@ -244,6 +258,7 @@ def check_config(config: dict) -> None:
     _check_data(config)
     _check_reward(config["reward"])
     _check_optimizer_state(config)
+    _check_variants(config)
     if any(not s for s in gen.get("stop_strings", [])):
         raise ConfigError("generation.stop_strings: empty stop string")
     if batch["E_total_sequences"] < batch["G"]:

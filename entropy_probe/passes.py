@@ -13,6 +13,8 @@ from . import estimators, precision, teacher_force, tf_layout
 
 log = logging.getLogger(__name__)
 
+TOKEN_PREFIX = "token/"  # per-token tensors stored beside a directional shard's per-group sums
+
 
 def x_gradient(model, params, rollout, *, pad_token_id, temperature, top_p, H_bar, normalization,
                baseline, rb_requires_grad, tf_batch_size, chunk_tokens=None,

@@ -102,3 +102,16 @@ def delta_h(log_w: Tensor, S_shifted: Tensor, S: Tensor, T: Tensor, own_differs:
         "log_weight_max": float(log_w.max()),
         "own_nucleus_differs_share": float((w * own_differs.double()).sum() / w.sum()),
     }
+
+
+def delta_h_sweep(loaded: list[tuple[dict[str, Tensor], dict]], G: int, normalization: str) -> dict:
+    """ΔH(η) for every η of SNIS shards (tensors, metadata) over the whole E batch: {normalization,
+    model_fingerprint, etas, rows (one :func:`delta_h` per η)}. The shards must agree on the η sweep
+    and the model."""
+    if len({repr(m["etas"]) for _, m in loaded}) != 1 or len({m["model_fingerprint"] for _, m in loaded}) != 1:
+        raise ValueError("SNIS shards disagree on the η sweep or the model")
+    etas = loaded[0][1]["etas"]
+    cat = {k: torch.cat([t[k] for t, _ in loaded], dim=-1) for k in ("log_w", "S_shifted", "own_nucleus_differs", "S", "T")}
+    rows = [{"eta": eta, **delta_h(cat["log_w"][j], cat["S_shifted"][j], cat["S"], cat["T"],
+                                   cat["own_nucleus_differs"][j], G, normalization)} for j, eta in enumerate(etas)]
+    return {"normalization": normalization, "model_fingerprint": loaded[0][1]["model_fingerprint"], "rows": rows}

@@ -52,9 +52,25 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "snis_shard": ROLLOUT_PROVENANCE + ETA_SWEEP + ("model.dtype", "generation.autocast_dtype"),
     "delta_h_snis": ("estimator.normalization", "batch_config.G"),
     "exact_reference": SAMPLING + ETA_SWEEP + ("estimator.normalization", "model.dtype"),
+    # where δH₁ comes from (issue 15): the forward pass over the U shards along J·X (J = ∂v/∂Y),
+    # the token shares of both batches, the U-batch SE and the covariance view
+    "attribution": ROLLOUT_PROVENANCE + PASS_NUMERICS + UPDATE_RULE + ("estimator.normalization",),
 }
-# The summary records every defining value (its params: the union of all stages' keys).
-STAGE_KEYS["summary"] = tuple(sorted({key for keys in STAGE_KEYS.values() for key in keys}))
+# The per-variant stages (entropy_probe.variants; wildcard {variant}, or {objective} for the Y of
+# a loss that differs from the main one). Their keys are looked up in the variant's effective
+# config (the overrides applied, plus its section `variant`), so each rule's params are exactly
+# that variant's defining values; the scripts are the main stages' own.
+VARIANT_STAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "variant_u_objective": STAGE_KEYS["u_objective"],
+    "variant_teacher_force_y": STAGE_KEYS["teacher_force_y"],
+    "variant_update_vector": UPDATE_RULE + ("variant.lr_factor",),
+    # the directional sums and the SNIS pass of one E shard along the variant's v, in one job
+    "variant_e_pass": tuple(dict.fromkeys(STAGE_KEYS["directional"] + STAGE_KEYS["snis_shard"])),
+}
+# The summary records every defining value (its params: the union of all main stages' keys, and
+# the variants it compares).
+STAGE_KEYS["summary"] = tuple(sorted({key for keys in STAGE_KEYS.values() for key in keys} | {"update.variants"}))
+STAGE_KEYS.update(VARIANT_STAGE_KEYS)
 
 # Change no stored number beyond float rounding (tests hold the summary to that): read, not tracked.
 EXECUTION_KEYS = ("model.device", "batch_config.rollout_batch_size", "generation.gen_batch_size",
@@ -66,11 +82,12 @@ STRUCTURE_KEYS = ("data.split", "data.E_split", "data.U_split")
 U_ONLY_KEYS = ("batch_config.B_U", "batch_config.U_num_shards", "batch_config.scale_rewards", "data.U_split",
                "update.loss_type", "update.max_completion_length", "update.loss_scale_factor",
                "update.micro_batch_size", "update.optimizer", "update.optimizer_state",
-               "update.optimizer_param_names", "update.max_grad_norm")
+               "update.optimizer_param_names", "update.max_grad_norm", "update.variants")
 E_ONLY_KEYS = ("batch_config.E_total_sequences", "batch_config.E_sampling_mode", "batch_config.E_num_shards",
                "data.E_split", "estimator.normalization", "estimator.baseline", "generation.rb_requires_grad")
 E_SIDE_STAGES = ("plan_E", "e_stats", "teacher_force_x")
-U_SIDE_STAGES = ("plan_U", "u_objective", "teacher_force_y", "update_vector", "u_jackknife")
+U_SIDE_STAGES = ("plan_U", "u_objective", "teacher_force_y", "update_vector", "u_jackknife", "variant_u_objective",
+                 "variant_teacher_force_y", "variant_update_vector")
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -98,7 +115,15 @@ def lookup(config: dict, dotted: str):
 _SYNONYMS = {"batch_config.scale_rewards": {True: "group", False: "none"}}
 
 
+# numbers inside the variants map (update.variants.<name>.<key>): 1 and 1.0 are one value
+_VARIANT_NUMBERS = ("lr_factor", "max_grad_norm", "loss_scale_factor")
+
+
 def _canonical(dotted: str, value):
+    if dotted == "update.variants":
+        return {name: {k: (float(v) if k in _VARIANT_NUMBERS else
+                           _canonical("batch_config.scale_rewards", v) if k == "scale_rewards" else v)
+                       for k, v in (overrides or {}).items()} for name, overrides in (value or {}).items()}
     if dotted in _SYNONYMS and not isinstance(value, (list, dict)):
         return _SYNONYMS[dotted].get(value, value)
     if dotted in _number_keys():

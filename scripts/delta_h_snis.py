@@ -6,27 +6,20 @@ By hand:  python scripts/delta_h_snis.py CONFIG.yaml OUT.json SNIS_SHARD...
 import argparse
 import logging
 
-import torch
-
 from entropy_probe import shards, snis
 from entropy_probe.stage import config_for, rule_config, stage_run
 
 
 def main(cfg: dict, shard_paths: list[str], out_path: str) -> None:
     loaded = [shards.read_shard(p, {"kind": "snis"}) for p in shard_paths]
-    if len({repr(m["etas"]) for _, m in loaded}) != 1 or len({m["model_fingerprint"] for _, m in loaded}) != 1:
-        raise shards.ShardError(f"SNIS shards disagree on the η sweep or the model: {shard_paths}")
-    etas = loaded[0][1]["etas"]
-    cat = {k: torch.cat([t[k] for t, _ in loaded], dim=-1) for k in ("log_w", "S_shifted", "own_nucleus_differs", "S", "T")}
-    G, norm = cfg["batch_config"]["G"], cfg["estimator"]["normalization"]
-    rows = []
-    for j, eta in enumerate(etas):
-        row = snis.delta_h(cat["log_w"][j], cat["S_shifted"][j], cat["S"], cat["T"], cat["own_nucleus_differs"][j], G, norm)
-        rows.append({"eta": eta, **row})
-        logging.getLogger("delta_h_snis").info("eta %.4g: ΔH = %.6g ± %.3g, ESS %.1f / %d", eta, row["delta_h"], row["se"],
-                                          row["ess"], row["num_sequences"])
-    shards.write_json(out_path, {"normalization": norm, "model_fingerprint": loaded[0][1]["model_fingerprint"],
-                                 "rows": rows})
+    try:
+        result = snis.delta_h_sweep(loaded, cfg["batch_config"]["G"], cfg["estimator"]["normalization"])
+    except ValueError as err:
+        raise shards.ShardError(f"{err}: {shard_paths}") from err
+    for row in result["rows"]:
+        logging.getLogger("delta_h_snis").info("eta %.4g: ΔH = %.6g ± %.3g, ESS %.1f / %d", row["eta"], row["delta_h"],
+                                               row["se"], row["ess"], row["num_sequences"])
+    shards.write_json(out_path, result)
 
 
 if "snakemake" in globals():

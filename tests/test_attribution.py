@@ -65,6 +65,9 @@ def test_e_token_shares_sum_to_x_dot_v_and_to_the_influence_contributions(toy_mo
     assert float(share.sum()) == pytest.approx(estimate, rel=1e-10, abs=1e-12)
     assert shares["X_dot_v"] == pytest.approx(estimate, rel=1e-12)
     torch.testing.assert_close(shares["pathwise"] + shares["score"] + shares["plugin"], share)
+    torch.testing.assert_close(shares["pathwise"] + shares["score"], shares["direct"])
+    assert float(shares["direct"].sum()) == pytest.approx(estimate, rel=1e-10, abs=1e-12)
+    assert float(shares["plugin"].sum()) == pytest.approx(0.0, abs=1e-12 * max(1.0, abs(estimate)))
     # the tokens of each prompt group sum to its influence contribution (X·v + ψ_g)/n: the units of the SE
     n = influence.numel()
     per_group = share.reshape(n, -1).sum(-1)
@@ -103,17 +106,20 @@ def test_per_prompt_contributions_match_exact_enumeration(toy_model):
     tokens = e_tokens(model, tokenizer, batch, v, "token", "loo")
     shares = e_shares(tokens, batch, "token")
     sums = passes.sums_of_tokens(tokens, batch["response_lens"])
-    per_prompt = attribution.per_prompt_contributions(sums["P"], sums["Q"], sums["S"], sums["T"], batch["prompt_ids"])
-    # the per-prompt estimates are the prompts' token shares, summed and rescaled
     n = batch["prompt_ids"].numel()
-    group_share = shares["share"].reshape(n, -1).sum(-1)
-    for x, est, count in zip(per_prompt["prompt_ids"], per_prompt["estimate"], per_prompt["count"]):
-        assert float(group_share[batch["prompt_ids"] == x].sum()) * n / float(count) == pytest.approx(float(est),
-                                                                                                      rel=1e-9)
-    assert float((per_prompt["estimate"] * per_prompt["count"]).sum()) / n == pytest.approx(shares["X_dot_v"],
-                                                                                           rel=1e-9)
-    z = (per_prompt["estimate"] - truth["influence_form"][per_prompt["prompt_ids"]]) / per_prompt["se"]
-    assert z.abs().max() < 4, (per_prompt, truth)
+    for form, column, exact_name in (("influence", "share", "influence_form"), ("direct", "direct", "term")):
+        per_prompt = attribution.per_prompt_contributions(sums["P"], sums["Q"], sums["S"], sums["T"],
+                                                          batch["prompt_ids"], form)
+        # the per-prompt estimates are the prompts' token shares (or direct parts), summed and rescaled
+        group_share = shares[column].reshape(n, -1).sum(-1)
+        for x, est, count in zip(per_prompt["prompt_ids"], per_prompt["estimate"], per_prompt["count"]):
+            mine = float(group_share[batch["prompt_ids"] == x].sum()) * n / float(count)
+            assert mine == pytest.approx(float(est), rel=1e-9)
+        assert float((per_prompt["estimate"] * per_prompt["count"]).sum()) / n == pytest.approx(shares["X_dot_v"],
+                                                                                               rel=1e-9)
+        gap = (per_prompt["estimate"] - truth[exact_name][per_prompt["prompt_ids"]]).abs()
+        # within 4 SE; a prompt whose responses never change has SE 0 and the exact value 0 (direct form)
+        assert bool((gap < 4 * per_prompt["se"] + 1e-9 * abs(truth["grad_H_dot_u"])).all()), (form, per_prompt, truth)
     # the prompts differ: the per-prompt split is resolved, not noise around one value
     spread = truth["influence_form"].max() - truth["influence_form"].min()
     assert spread > 8 * per_prompt["se"].max(), (truth["influence_form"], per_prompt["se"])

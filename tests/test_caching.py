@@ -21,9 +21,14 @@ from workflow_util import dry_run_jobs, run_snakemake
 
 pytestmark = pytest.mark.workflow
 
-# the jobs that follow a new v (two E shards): its uses on the E side and the report
+# the jobs that follow a new v (two E shards): its uses on the E side, the attribution and the report
 AFTER_V = {"update_vector": 1, "directional": 2, "snis_shard": 2, "delta_h1": 1, "delta_h_snis": 1,
-           "exact_reference": 1, "summary": 1, "all": 1}
+           "exact_reference": 1, "attribution": 1, "summary": 1, "all": 1}
+# the default config's two update variants (dapo: its own objective and Y; adamw: the main Y), two
+# E shards each: a variant's E passes, and what a new U batch reruns on the variants' side
+VARIANT_E = {"variant_e_pass": 4}
+VARIANT_V = {"variant_update_vector": 2} | VARIANT_E
+VARIANT_U = {"variant_u_objective": 1, "variant_teacher_force_y": 2, "variant_reduce_y": 1} | VARIANT_V
 
 
 @pytest.fixture(scope="module")
@@ -44,26 +49,47 @@ def jobs_after(work, change: dict, name: str) -> dict[str, int]:
 
 def test_eta_sweep_reruns_only_the_eta_stages(cache_dir):
     jobs = jobs_after(cache_dir, {"estimator.eta_list": [2e-5, 2e-4]}, "eta.yaml")
-    assert jobs == {"snis_shard": 2, "delta_h_snis": 1, "delta_h1": 1, "exact_reference": 1, "summary": 1, "all": 1}
+    # a variant's E pass also holds its directional sums (one job per variant and shard): rerun too
+    assert jobs == {"snis_shard": 2, "delta_h_snis": 1, "delta_h1": 1, "exact_reference": 1, "summary": 1, "all": 1,
+                    "variant_e_pass": 4}
 
 
 def test_a_u_only_key_leaves_the_e_side_alone(cache_dir):
     jobs = jobs_after(cache_dir, {"batch_config.B_U": 12}, "b_u.yaml")
     assert jobs == {"plan": 1, "rollout": 2, "u_objective": 1, "teacher_force_y": 2, "reduce_gradients": 1,
-                    "u_jackknife": 1} | AFTER_V
+                    "u_jackknife": 1} | AFTER_V | VARIANT_U
 
 
 def test_an_e_only_key_leaves_the_u_side_alone(cache_dir):
     jobs = jobs_after(cache_dir, {"batch_config.E_total_sequences": 1024}, "e_total.yaml")
     assert jobs == {"plan": 1, "rollout": 2, "e_stats": 1, "teacher_force_x": 2, "reduce_gradients": 1,
                     "u_jackknife": 1, "directional": 2, "snis_shard": 2, "delta_h1": 1, "delta_h_snis": 1,
-                    "summary": 1, "all": 1}
+                    "summary": 1, "all": 1, "attribution": 1} | VARIANT_E
 
 
 def test_a_generation_key_reruns_everything_from_the_rollouts(cache_dir):
     jobs = jobs_after(cache_dir, {"generation.temperature": 0.9}, "temperature.yaml")
     assert jobs == {"rollout": 4, "e_stats": 1, "u_objective": 1, "teacher_force_x": 2, "teacher_force_y": 2,
-                    "reduce_gradients": 2, "u_jackknife": 1} | AFTER_V
+                    "reduce_gradients": 2, "u_jackknife": 1} | AFTER_V | VARIANT_U
+
+
+def test_a_variant_change_reruns_only_that_variant(cache_dir):
+    config = yaml.safe_load((cache_dir / RUN_CONFIG).read_text())
+    variants = config["update"]["variants"]
+    assert set(variants) == {"dapo", "adamw"}  # the default config's variants (the sets below count them)
+    jobs = jobs_after(cache_dir, {"update.variants": variants | {"adamw": variants["adamw"] | {"lr_factor": 0.2}}},
+                      "variant_lr.yaml")
+    assert jobs == {"variant_update_vector": 1, "variant_e_pass": 2, "summary": 1, "all": 1}
+    # a new variant with a new loss: its own objective and Y; never X, never the main update
+    jobs = jobs_after(cache_dir, {"update.variants": variants | {"bnpo": {"loss_type": "bnpo", "micro_batch_size": 8}}},
+                      "variant_new.yaml")
+    assert jobs == {"variant_u_objective": 1, "variant_teacher_force_y": 2, "variant_reduce_y": 1,
+                    "variant_update_vector": 1, "variant_e_pass": 2, "summary": 1, "all": 1}
+    # a variant with the main objective and the main rule reuses the main Y: only its v and E passes
+    jobs = jobs_after(cache_dir, {"update.variants": variants | {"clip": {"max_grad_norm": 1.0}}}, "variant_clip.yaml")
+    assert jobs == {"variant_update_vector": 1, "variant_e_pass": 2, "summary": 1, "all": 1}
+    # dropping the variants: only the report
+    assert jobs_after(cache_dir, {"update.variants": {}}, "no_variants.yaml") == {"summary": 1, "all": 1}
 
 
 EXECUTION = {"generation.tf_chunk_tokens": 5, "generation.tf_batch_size": 7, "generation.gen_batch_size": 8,

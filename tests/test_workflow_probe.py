@@ -11,13 +11,14 @@ import json
 
 import pytest
 import yaml
-from conftest import RUN_CONFIG, RUN_SETTINGS
+from conftest import REPO, RUN_CONFIG, RUN_SETTINGS
 
 from workflow_util import dry_run_jobs, run_snakemake
 
 pytestmark = pytest.mark.workflow
 
 ETAS = RUN_SETTINGS["estimator"]["eta_list"]
+DEFAULT_VARIANTS = list(yaml.safe_load((REPO / "config" / "config.yaml").read_text())["update"]["variants"])
 assert RUN_SETTINGS["batch_config"]["E_total_sequences"] >= 2048  # the tolerances below assume it
 
 
@@ -35,7 +36,7 @@ def test_report_files_and_provenance(probe_dir, summary):
     results = probe_dir / "results"
     assert (results / "plot.png").stat().st_size > 10_000
     table = (results / "summary.txt").read_text()
-    assert "δH₁" in table and len(table.splitlines()) == 2 + len(ETAS)
+    assert "δH₁" in table and len(table.splitlines()) == 3 + len(ETAS)  # title, header, one row per η, U batch
     assert summary["config"]["estimator"]["eta_list"] == ETAS
     assert len(summary["git_commit"]) == 40 and summary["model_fingerprint"]
     assert [row["eta"] for row in summary["rows"]] == ETAS
@@ -50,10 +51,15 @@ def test_first_order_matches_exact_gradient(summary):
     # the two passes computing X·v (reverse and forward mode) agree
     assert first["X_dot_v_relative_difference"] < 1e-4
     assert sum(first["X_dot_v_by_module"].values()) == pytest.approx(first["X_dot_v"], rel=1e-9)
-    # the U jackknife ran (2 U shards) and the total SE includes it
-    assert summary["u_jackknife"]["available"]
+    # the U-batch SE (influence over the U prompt groups) is in the total; the jackknife ran as a check
+    noise = summary["u_noise"]
+    assert noise["degrees_of_freedom"] == RUN_SETTINGS["batch_config"]["B_U"] - 1
+    assert summary["u_jackknife"]["available"] and noise["se_jackknife"] > 0
     for row in summary["rows"]:
+        assert row["delta_h1_se_u"] == pytest.approx(row["eta"] * noise["se_influence"], rel=1e-12)
         assert row["delta_h1_se_total"] > row["delta_h1_se"]
+    # SGD is linear in Y: the U shares' linear map predicts the jackknife's leave-one-shard-out values
+    assert noise["linearization"]["max_error_relative_to_change"] < 1e-6
 
 
 def test_snis_matches_exact_delta_h(summary):
@@ -77,7 +83,8 @@ def test_changing_only_the_eta_sweep_reruns_only_the_eta_stages(probe_dir):
     config["estimator"]["eta_list"] = [2e-5, 2e-4]
     (probe_dir / "probe_eta.yaml").write_text(yaml.safe_dump(config))
     jobs = dry_run_jobs(probe_dir, "probe_eta.yaml")
-    assert jobs == {"snis_shard": 2, "delta_h_snis": 1, "delta_h1": 1, "exact_reference": 1, "summary": 1, "all": 1}
+    assert jobs == {"snis_shard": 2, "delta_h_snis": 1, "delta_h1": 1, "exact_reference": 1, "summary": 1, "all": 1,
+                    "variant_e_pass": 2 * len(DEFAULT_VARIANTS)}
 
 
 def test_snakemake_report_opens_on_the_table_and_the_plot(probe_dir):
@@ -89,6 +96,59 @@ def test_snakemake_report_opens_on_the_table_and_the_plot(probe_dir):
     html = (probe_dir / "report.html").read_text()
     rows = (probe_dir / "results" / "summary.txt").read_text().splitlines()[2:]
     assert rows and all(row.strip()[:40] in html for row in rows)  # every row of the table
+    # the attribution (decoded responses, the covariance figures) and the variant table, on the landing page
+    # (the page holds its text JSON-escaped: non-ASCII characters as \uXXXX)
+    import html as html_lib
+    import json
+
+    page = html_lib.unescape(html)
+
+    def shown(text):
+        return text in page or json.dumps(text)[1:-1] in page
+
+    for name in ("attribution.txt", "variants.txt"):
+        lines = [line.strip() for line in (probe_dir / "results" / name).read_text().splitlines() if line.strip()]
+        assert all(shown(line[:40]) for line in lines), name
+    assert shown("Cov(log π, A)")
     plot = base64.b64encode((probe_dir / "results" / "plot.png").read_bytes()).decode()
-    assert f"data:image/png;base64,{plot[:200]}" in html  # the plot, embedded
+    # the plot, embedded (Snakemake 9 writes data:image/png;charset=utf8;filename=plot.png;base64,...)
+    assert f"base64,{plot[:200]}" in html and 'src="results/plot.png"' in html.replace('\\"', '"')
     assert "Units: nats per token" in html
+
+
+def test_attribution_sums_and_report(probe_dir, summary):
+    """The token shares of both batches sum to X·v; the report shows decoded top responses with the
+    covariance column beside the U shares, and the covariance figures."""
+    from entropy_probe import shards
+
+    results = probe_dir / "results"
+    x_dot_v = summary["first_order"]["X_dot_v"]
+    e, _ = shards.read_shard(results / "attribution" / "E_tokens.safetensors", {"kind": "attribution_E"})
+    u, _ = shards.read_shard(results / "attribution" / "U_tokens.safetensors", {"kind": "attribution_U"})
+    assert float(e["share"].sum()) == pytest.approx(x_dot_v, rel=1e-4)  # forward vs reverse mode: float tolerance
+    assert float(e["direct"].sum()) == pytest.approx(float(e["share"].sum()), rel=1e-9)
+    assert float(u["share"].sum()) == pytest.approx(x_dot_v, rel=1e-4)  # SGD: exactly additive over U tokens
+    assert {"prompt_id", "response", "position", "token_id", "share", "entropy", "log_q"} <= set(e)
+    attributed = summary["attribution"]
+    assert attributed["U"]["X_dot_JY"] == pytest.approx(x_dot_v, rel=1e-4)
+    text = (results / "attribution.txt").read_text()
+    assert "E responses lowering the entropy most" in text and "U responses pushing the entropy down most" in text
+    assert text.count("<eos>") >= 10  # decoded responses (the toy's EOS is shown)
+    assert "Cov(log π, A)" in text and "Cov(log π, π·A)" in text and "Spearman" in text
+    header = next(line for line in text.splitlines() if "cov" in line and "share" in line and "prompt -> response" in line)
+    assert header.split().index("cov") == header.split().index("share") + 2  # the covariance column, beside
+    cov = attributed["U"]["covariance"]["cov_logp_A"]
+    assert cov["se"] > 0 and abs(cov["cov"]) < 10
+
+
+def test_variant_table_and_plot(probe_dir, summary):
+    results = probe_dir / "results"
+    names = ["main", *sorted(DEFAULT_VARIANTS)]  # variants in name order (entropy_probe.variants.names)
+    compared = summary["variants"]
+    assert [r["name"] for r in compared] == names
+    assert compared[0]["X_dot_v"] == summary["first_order"]["X_dot_v"]
+    for r in compared:
+        assert [row["eta"] for row in r["rows"]] == ETAS and all("delta_h" in row for row in r["rows"])
+    table = (results / "variants.txt").read_text()
+    assert all(f"\n{name} " in table for name in names)
+    assert (results / "variants.png").stat().st_size > 10_000

@@ -15,6 +15,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 
 from entropy_probe.config import ConfigError, check_config, check_renamed
 from entropy_probe import data as probe_data
+from entropy_probe import variants as probe_variants
 from entropy_probe.input_files import (
     EMBEDDED,
     adapter_files,
@@ -109,3 +110,56 @@ def update_state_inputs(wildcards):
         return {}
     state, names = UPDATE_STATE_PATHS
     return {"optimizer_state": state, "optimizer_param_names": names}
+
+
+# What-if over update rules (update.variants, entropy_probe.variants): each variant's stages run
+# on its effective config (its params: rule_params of that config); a variant whose objective is
+# the main one reuses the main Y, variants sharing an objective share one Y ({objective} wildcard).
+VARIANTS = probe_variants.names(config)
+VARIANT_CONFIG = {
+    name: probe_variants.variant_config(config, name) for name in VARIANTS
+}
+MAIN_OBJECTIVE = probe_variants.objective_id(config)
+VARIANT_OBJECTIVE = {
+    name: probe_variants.objective_id(c) for name, c in VARIANT_CONFIG.items()
+}
+OBJECTIVE_CONFIG = {
+    oid: VARIANT_CONFIG[name]
+    for name, oid in VARIANT_OBJECTIVE.items()
+    if oid != MAIN_OBJECTIVE
+}
+
+
+def variant_params(stage):
+    """A variant rule's params: its stage's defining values in the variant's effective config."""
+    return lambda wc: rule_params(VARIANT_CONFIG[wc.variant], stage)
+
+
+def objective_params(stage):
+    return lambda wc: rule_params(OBJECTIVE_CONFIG[wc.objective], stage)
+
+
+def variant_y(wc):
+    """The Y of a variant: the main one when its objective is the main objective."""
+    oid = VARIANT_OBJECTIVE[wc.variant]
+    if oid == MAIN_OBJECTIVE:
+        return f"{RESULTS}/gradients/Y.safetensors"
+    return f"{RESULTS}/variants/objectives/{oid}/gradients/Y.safetensors"
+
+
+def variant_state_inputs(wc):
+    """The optimizer state files of a variant's update (as update_state_inputs for the main)."""
+    upd = VARIANT_CONFIG[wc.variant]["update"]
+    paths = resolve_state_paths(upd, POLICY, EMBEDDED_MODEL)
+    if paths is None or upd["optimizer_state"] == "embedded":
+        return {}
+    return {"optimizer_state": paths[0], "optimizer_param_names": paths[1]}
+
+
+def variant_files(template, kind=None):
+    """``template`` (with {variant}, and {shard} when ``kind`` names a batch) for every variant."""
+    out = []
+    for name in VARIANTS:
+        path = template.replace("{variant}", name)
+        out += shard_paths(path, kind) if kind else [path]
+    return out

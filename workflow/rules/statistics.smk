@@ -109,11 +109,49 @@ rule summary:
                 {"exact": rules.exact_reference.output[0]} if EXACT_REFERENCE else {}
             )
         ),
+        unpack(
+            lambda wc: (
+                {
+                    "X": f"{RESULTS}/gradients/X.safetensors",
+                    "v": rules.update_vector.output[0],
+                    "variant_v": variant_files(
+                        f"{RESULTS}/variants/{{variant}}/v.safetensors"
+                    ),
+                    "variant_directional": variant_files(
+                        f"{RESULTS}/variants/{{variant}}/directional/shard_{{shard}}.safetensors",
+                        "E",
+                    ),
+                    "variant_snis": variant_files(
+                        f"{RESULTS}/variants/{{variant}}/snis/shard_{{shard}}.safetensors",
+                        "E",
+                    ),
+                }
+                if VARIANTS
+                else {}
+            )
+        ),
         delta_h1=rules.delta_h1.output.json,
         delta_h_snis=rules.delta_h_snis.output[0],
         u_jackknife=rules.u_jackknife.output[0],
         u_objective=U_OBJECTIVE,
+        attribution=rules.attribution.output.json,
     output:
+        **(
+            {
+                "variants_table": report(
+                    f"{RESULTS}/variants.txt",
+                    caption="../report/variants.rst",
+                    category="Update variants",
+                ),
+                "variants_plot": report(
+                    f"{RESULTS}/variants.png",
+                    caption="../report/variants_plot.rst",
+                    category="Update variants",
+                ),
+            }
+            if VARIANTS
+            else {}
+        ),
         json=f"{RESULTS}/summary.json",
         table=report(
             f"{RESULTS}/summary.txt",
