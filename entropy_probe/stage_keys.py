@@ -63,7 +63,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
 VARIANT_STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "variant_u_objective": STAGE_KEYS["u_objective"],
     "variant_teacher_force_y": STAGE_KEYS["teacher_force_y"],
-    "variant_update_vector": UPDATE_RULE + ("variant.lr_factor",),
+    "variant_update_vector": UPDATE_RULE + ("variant.name", "variant.lr_factor"),  # the name: in v's header
     # the directional sums and the SNIS pass of one E shard along the variant's v, in one job
     "variant_e_pass": tuple(dict.fromkeys(STAGE_KEYS["directional"] + STAGE_KEYS["snis_shard"])),
 }

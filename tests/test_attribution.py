@@ -231,17 +231,27 @@ def test_u_shares_for_adamw_sum_to_the_linearized_value(toy_model, toy_policy_di
     assert relative < 0.05, message
 
 
+CALIBRATION_BATCHES, CALIBRATION_B = 200, 16
+
+
+@pytest.fixture(scope="module")
+def independent_u_batches(toy_model, x_direction):
+    """200 independent U batches of 16 distinct prompts (one rollout call, distinct slots) and
+    their per-token ∂_X log p (SGD without clipping: u = X)."""
+    model, tokenizer = toy_model
+    gen = torch.Generator().manual_seed(99)
+    ids = torch.cat([torch.randperm(400, generator=gen)[:CALIBRATION_B] for _ in range(CALIBRATION_BATCHES)]).tolist()
+    batch = sample(model, tokenizer, len(ids), seed=99, kind="U", examples=arithmetic(), top_p=0.95, prompt_ids=ids)
+    return batch, u_tokens(model, tokenizer, batch, x_direction)
+
+
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
-def test_u_noise_se_is_calibrated(toy_model, x_direction, loss_type):
+def test_u_noise_se_is_calibrated(independent_u_batches, loss_type):
     """Over 200 independent U batches (16 distinct prompts each, X fixed), the spread of X·v
     matches the mean reported U-batch SE (influence over prompt groups, with the loss normalizer's
-    term for dapo's token mean) within 25%."""
-    model, tokenizer = toy_model
-    K, B = 200, 16
-    gen = torch.Generator().manual_seed(99)
-    ids = torch.cat([torch.randperm(400, generator=gen)[:B] for _ in range(K)]).tolist()
-    batch = sample(model, tokenizer, K * B, seed=99, kind="U", examples=arithmetic(), top_p=0.95, prompt_ids=ids)
-    tokens = u_tokens(model, tokenizer, batch, x_direction)  # SGD without clipping: u = X
+    term for dapo's token mean) within 25%. Measured: 0.94 (dapo), 0.93 (grpo)."""
+    batch, tokens = independent_u_batches
+    K, B = CALIBRATION_BATCHES, CALIBRATION_B
     T = tokens["d_log_p"].shape[-1]
     values, ses = [], []
     for k in range(K):
@@ -254,9 +264,7 @@ def test_u_noise_se_is_calibrated(toy_model, x_direction, loss_type):
         ses.append(shares["se"])
     spread = float(torch.tensor(values).std())
     ratio = spread / float(torch.tensor(ses).mean())
-    print(f"{loss_type}: spread of X·v over {K} U batches {spread:.4g}, mean U SE {float(torch.tensor(ses).mean()):.4g}, "
-          f"ratio {ratio:.3f}")
-    assert 0.75 < ratio < 1.25, ratio
+    assert 0.75 < ratio < 1.25, (loss_type, spread, float(torch.tensor(ses).mean()), ratio)
 
 
 # --- the covariance view on a tabular softmax bandit -------------------------------------------
