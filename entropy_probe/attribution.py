@@ -127,10 +127,16 @@ def per_prompt_contributions(P: Tensor, Q: Tensor, S: Tensor, D: Tensor, prompt_
     f = FORMS[form]
     estimate = torch.func.vmap(f, in_dims=(0, None))(local, overall)
     g_local, g_overall = torch.func.vmap(torch.func.grad(f, argnums=(0, 1)), in_dims=(0, None))(local, overall)
-    own = (inverse[None, :] == torch.arange(m)[:, None]).double() * (n / count)[:, None]  # [m, n]
-    influence = (own * ((values[None, :, :] - local[:, None, :]) * g_local[:, None, :]).sum(-1)
-                 + ((values - overall)[None, :, :] * g_overall[:, None, :]).sum(-1))
-    se = influence.std(dim=1, correction=1) / math.sqrt(n)
+    # influence of group h on prompt x's estimate: own_xh (h a group of x) + glob_xh (through the batch
+    # means); both have mean 0 over h, so SE² = Σ_h (own + glob)² / ((n − 1) n), in O(n) memory:
+    # Σ_h glob² = g_Γᵀ C g_Γ with C = Σ_h (V_h − Γ)(V_h − Γ)ᵀ; the own terms live on x's groups only.
+    centred = values - overall
+    glob_squared = torch.einsum("xi,ij,xj->x", g_overall, centred.T @ centred, g_overall)
+    own = (n / count[inverse]) * ((values - local[inverse]) * g_local[inverse]).sum(-1)
+    glob = (centred * g_overall[inverse]).sum(-1)
+    cross = torch.zeros(m, dtype=torch.float64).index_add(0, inverse, own * own + 2 * own * glob)
+    se = (torch.sqrt((glob_squared + cross).clamp(min=0) / (n - 1)) / math.sqrt(n) if n >= 2
+          else torch.full((m,), float("nan"), dtype=torch.float64))
     return {"prompt_ids": ids, "estimate": estimate, "se": se, "count": count}
 
 
@@ -171,16 +177,17 @@ def linearization_check(x_dot_v: float, linear_total: float, shard_sums: list[tu
 
 # ------------------------------------------------------------------------------------ summaries
 
-def top_fraction(shares: Tensor, total: float, fractions=(0.01, 0.1)) -> dict[str, float]:
+def top_fraction(shares: Tensor, total: float, fractions=(0.01, 0.1)) -> dict[str, float | None]:
     """Share of ``total`` carried by the top ⌈f·R⌉ of R tokens, ranked by their share in the
-    direction of the total (largest sign(total)·share first). Can exceed 1 (the rest cancels)."""
+    direction of the total (largest sign(total)·share first). Can exceed 1 (the rest cancels);
+    None when the total is 0."""
     flat = shares.reshape(-1).double()
     sign = 1.0 if total >= 0 else -1.0
     ordered = torch.sort(sign * flat, descending=True).values * sign
     out = {}
     for f in fractions:
         k = max(1, math.ceil(f * flat.numel()))
-        out[f"top_{f:g}"] = float(ordered[:k].sum()) / total if total else float("nan")
+        out[f"top_{f:g}"] = float(ordered[:k].sum()) / total if total else None
     return out
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from . import attribution, covariance, passes, stage_inputs
+from . import normalization as norm
 
 TOP = 5  # responses / prompts / tokens listed on each side
 TEXT_CHARS = 60  # characters of a decoded text in the table (the JSON keeps 400)
@@ -24,21 +25,30 @@ def _cat_rows(parts: list[Tensor]) -> Tensor:
     return torch.cat([_pad(p, width) for p in parts])
 
 
-def _texts(tokenizer, rollouts: list[dict]) -> tuple[list[str], list[str]]:
-    """Decoded prompts (one per group) and responses (one per row, prompt-major) of rollout shards."""
-    prompts, responses = [], []
-    for r in rollouts:
-        B, G, L = r["sequences"].shape
-        T = r["token_log_q"].shape[-1]
-        P = L - T
-        for b in range(B):
-            ids = r["sequences"][b, 0, :P][r["attention_masks"][b, 0, :P].bool()]
-            prompts.append(tokenizer.decode(ids.tolist(), skip_special_tokens=False))
-        rows = r["sequences"][:, :, P:].reshape(B * G, T)
-        lens = r["response_lens"].reshape(-1).tolist()
-        responses += tokenizer.batch_decode([row[:n] for row, n in zip(rows.tolist(), lens)],
-                                            skip_special_tokens=False)
-    return prompts, responses
+class _Texts:
+    """Decoded prompts (by group) and responses (by prompt-major row) of rollout shards, decoded
+    when asked for (the report shows a few of them)."""
+
+    def __init__(self, tokenizer, rollouts: list[dict]):
+        self.tokenizer = tokenizer
+        self.prompt_rows, self.response_rows = [], []
+        for r in rollouts:
+            B, G, L = r["sequences"].shape
+            P = L - r["token_log_q"].shape[-1]
+            for b in range(B):
+                self.prompt_rows.append((r, b, P))
+            self.response_rows += [(r, i, P) for i in range(B * G)]
+
+    def prompt(self, group: int) -> str:
+        r, b, P = self.prompt_rows[group]
+        ids = r["sequences"][b, 0, :P][r["attention_masks"][b, 0, :P].bool()]
+        return self.tokenizer.decode(ids.tolist(), skip_special_tokens=False)
+
+    def response(self, row: int) -> str:
+        r, i, P = self.response_rows[row]
+        G = r["sequences"].shape[1]
+        n = int(r["response_lens"].reshape(-1)[i])
+        return self.tokenizer.decode(r["sequences"][i // G, i % G, P:P + n].tolist(), skip_special_tokens=False)
 
 
 def _clip(text: str, n: int = 400) -> str:
@@ -56,9 +66,8 @@ def _token_table(valid: Tensor, G: int, columns: dict[str, Tensor], prompt_ids: 
     return out
 
 
-def _top_responses(totals: Tensor, prompt_ids: Tensor, lengths: Tensor, response_tokens: Tensor, prompts: list[str],
-                   responses: list[str], G: int, extra: dict[str, Tensor], summed_extra: dict | None = None,
-                   key: str = "share") -> dict:
+def _top_responses(totals: Tensor, prompt_ids: Tensor, lengths: Tensor, response_tokens: Tensor, texts: _Texts,
+                   G: int, extra: dict[str, Tensor], summed_extra: dict | None = None, key: str = "share") -> dict:
     """The responses with the most negative and most positive ``totals`` (reported as ``key``),
     identical (prompt, response) pairs taken together (summed, ``count`` occurrences; ``extra``
     columns from the first occurrence, ``summed_extra`` columns summed too)."""
@@ -74,8 +83,8 @@ def _top_responses(totals: Tensor, prompt_ids: Tensor, lengths: Tensor, response
             for k, v in (summed_extra or {}).items()}
 
     def rows(order):
-        return [{key: float(summed[j]), "count": int(count[j]), "prompt": _clip(prompts[int(first[j]) // G]),
-                 "response": _clip(responses[int(first[j])])} | {k: float(v[first[j]]) for k, v in extra.items()}
+        return [{key: float(summed[j]), "count": int(count[j]), "prompt": _clip(texts.prompt(int(first[j]) // G)),
+                 "response": _clip(texts.response(int(first[j])))} | {k: float(v[first[j]]) for k, v in extra.items()}
                 | {k: float(v[j]) for k, v in sums.items()} for j in order]
 
     return {"most_negative": rows(attribution.ranked(summed, TOP, largest=False)),
@@ -99,20 +108,22 @@ def e_attribution(directional: list[dict], rollouts: list[dict], normalization: 
     table = _token_table(valid, G, {k: shares[k] for k in ("share", "direct", *attribution.E_COMPONENTS)}
                          | {"entropy": entropy, "log_q": tok("log_q")}, prompt_ids, response_tokens)
     P, Q, S, T = (torch.cat([d[k] for d in directional]) for k in ("P", "Q", "S", "T"))
-    D = T if normalization == "token" else torch.full_like(T, float(G))
+    D = T if norm.get(normalization).per_token else torch.full_like(T, float(G))  # group sums of D_i
     per_prompt = {form: attribution.per_prompt_contributions(P, Q, S, D, prompt_ids, form)
                   for form in ("direct", "influence")}
     ids = per_prompt["direct"]["prompt_ids"]
-    prompts, responses = _texts(tokenizer, rollouts)
-    first_group = {int(p): int((prompt_ids == p).nonzero()[0]) for p in ids}
+    texts = _Texts(tokenizer, rollouts)
     n = prompt_ids.numel()
+    position = torch.searchsorted(ids, prompt_ids)  # ids are sorted (torch.unique)
+    first_group = torch.full((ids.numel(),), n, dtype=torch.long).scatter_reduce(0, position, torch.arange(n),
+                                                                                   reduce="amin")
     # a prompt's total: its groups' contributions summed (estimate·count/n), with its SE
     scale = per_prompt["direct"]["count"] / n
     prompt_direct, prompt_se = per_prompt["direct"]["estimate"] * scale, per_prompt["direct"]["se"] * scale
     prompt_share = per_prompt["influence"]["estimate"] * scale
 
     def prompt_rows(order):
-        return [{"prompt_id": int(ids[j]), "prompt": _clip(prompts[first_group[int(ids[j])]]),
+        return [{"prompt_id": int(ids[j]), "prompt": _clip(texts.prompt(int(first_group[j]))),
                  "groups": int(per_prompt["direct"]["count"][j]), "direct": float(prompt_direct[j]),
                  "se": float(prompt_se[j]), "share": float(prompt_share[j])} for j in order]
 
@@ -122,8 +133,8 @@ def e_attribution(directional: list[dict], rollouts: list[dict], normalization: 
         {"direct": float(flat[j]), "share": float(table["share"][j]),
          "token": tokenizer.decode([int(table["token_id"][j])], skip_special_tokens=False),
          "position": int(table["position"][j]), "entropy": float(table["entropy"][j]),
-         "response": _clip(responses[int(table["group"][j]) * G + int(table["response"][j])]),
-         "prompt": _clip(prompts[int(table["group"][j])])} for j in order]
+         "response": _clip(texts.response(int(table["group"][j]) * G + int(table["response"][j]))),
+         "prompt": _clip(texts.prompt(int(table["group"][j])))} for j in order]
     summary = {
         "X_dot_v": total, "H_bar": shares["H_bar"], "normalization": normalization,
         "num_tokens": int(flat.numel()), "num_responses": int(lengths.numel()), "num_groups": n,
@@ -131,8 +142,8 @@ def e_attribution(directional: list[dict], rollouts: list[dict], normalization: 
         "top_token_fraction": attribution.top_fraction(flat, total),
         "by_position": attribution.by_position(shares["direct"], lengths, total),
         "by_entropy": attribution.by_quantile_bins(table["entropy"], flat, total),
-        "responses": _top_responses(shares["direct"].sum(-1), prompt_ids, lengths, response_tokens, prompts,
-                                    responses, G, {"reward": rewards, "length": lengths.double()},
+        "responses": _top_responses(shares["direct"].sum(-1), prompt_ids, lengths, response_tokens, texts, G,
+                                    {"reward": rewards, "length": lengths.double()},
                                     {"share": shares["share"].sum(-1)}, key="direct"),
         "prompts": {"most_negative": prompt_rows(attribution.ranked(prompt_direct, TOP, largest=False)),
                     "most_positive": prompt_rows(attribution.ranked(prompt_direct, TOP, largest=True))},
@@ -167,7 +178,7 @@ def u_attribution(u_directional: list[dict], rollouts: list[dict], objective: di
                                     "log_p": log_p, "advantage": advantage_tokens, "cov_product": products},
                          prompt_ids, response_tokens)
     cov = covariance.covariance_view(table["log_p"], table["advantage"], table["group"], table["share"], total)
-    prompts, responses = _texts(tokenizer, rollouts)
+    texts = _Texts(tokenizer, rollouts)
     rewards = torch.cat([r["rewards"].reshape(-1) for r in rollouts]).double()
     # per U shard: Σ a_i ∂_u log p_i and Σ z_i (the linear map's leave-one-shard-out predictions)
     bounds = torch.tensor([0] + [r["response_lens"].numel() for r in rollouts]).cumsum(0).tolist()
@@ -178,8 +189,8 @@ def u_attribution(u_directional: list[dict], rollouts: list[dict], objective: di
         "se_u": shares["se"], "degrees_of_freedom": int(shares["group_influence"].numel()) - 1,
         "num_tokens": int(table["share"].numel()), "num_responses": int(lengths.numel()),
         "top_token_fraction": attribution.top_fraction(table["share"], total),
-        "responses": _top_responses(shares["share"].sum(-1), prompt_ids, lengths, response_tokens, prompts, responses,
-                                    G, {"advantage": advantages, "reward": rewards, "cov_product": products.sum(-1)}),
+        "responses": _top_responses(shares["share"].sum(-1), prompt_ids, lengths, response_tokens, texts, G,
+                                    {"advantage": advantages, "reward": rewards, "cov_product": products.sum(-1)}),
         "covariance": cov, "shard_sums": shard_sums,
     }
     return table, summary
@@ -192,6 +203,10 @@ def _text(s: str) -> str:
 
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
 
 
 def _tops(fractions: dict) -> str:
@@ -231,7 +246,7 @@ def format_attribution(e: dict, u: dict, unit: str) -> str:
     lines += ["", f"U batch ({u['optimizer']}): X·v = {u['X_dot_v']:.5g}; the U tokens' terms of Y sum to {linear} = "
               f"{u['X_dot_JY']:.5g}" + ("" if u["optimizer"] == "sgd" else
                                         f" (intercept X·v − X·J·Y = {u['intercept']:.4g}: momentum, weight decay)")
-              + f". U-batch SE of X·v: {u['se_u']:.3g} (influence over prompt groups, "
+              + f". U-batch SE of X·v: {_num(u['se_u'], '.3g')} (influence over prompt groups, "
               f"{u['degrees_of_freedom']} dof).",
               f"  carried by {_tops(u['top_token_fraction'])} of {linear.split(' ')[0]}"]
     for side, label in (("most_negative", "pushing the entropy down most"), ("most_positive", "pushing it up most")):
@@ -247,5 +262,5 @@ def format_attribution(e: dict, u: dict, unit: str) -> str:
               f"  Cov(log π, π·A) = {fmt_cov(c['cov_logp_pA'])}   (vanilla step on the logits: δH = −η·Cov)",
               f"  the top 1% of U tokens by centred product carry {_pct(c['top_0.01_product_share_of_X_dot_v'])} "
               f"of {linear.split(' ')[0]} (top 10%: {_pct(c['top_0.1_product_share_of_X_dot_v'])}); Spearman ρ(product, "
-              f"share) = {c['spearman_product_vs_share']:.3f}"]
+              f"share) = {_num(c['spearman_product_vs_share'], '.3f')}"]
     return "\n".join(lines) + "\n"

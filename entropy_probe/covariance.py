@@ -60,11 +60,12 @@ def covariance(x: Tensor, y: Tensor, groups: Tensor | None = None, weights: Tens
     return out
 
 
-def top_share(score: Tensor, shares: Tensor, total: float, fraction: float) -> float:
-    """Σ of ``shares`` over the top ⌈fraction·R⌉ tokens by ``score`` (largest first), over ``total``."""
+def top_share(score: Tensor, shares: Tensor, total: float, fraction: float) -> float | None:
+    """Σ of ``shares`` over the top ⌈fraction·R⌉ tokens by ``score`` (largest first), over ``total``
+    (None when the total is 0)."""
     k = max(1, math.ceil(fraction * score.numel()))
     top = torch.topk(score.double().reshape(-1), min(k, score.numel())).indices
-    return float(shares.reshape(-1).double()[top].sum()) / total if total else float("nan")
+    return float(shares.reshape(-1).double()[top].sum()) / total if total else None
 
 
 def _average_ranks(x: Tensor) -> Tensor:
@@ -79,12 +80,12 @@ def _average_ranks(x: Tensor) -> Tensor:
     return (sums / counts)[inverse]
 
 
-def spearman(x: Tensor, y: Tensor) -> float:
-    """Spearman's rank correlation (Pearson correlation of average ranks); NaN if a side is constant."""
+def spearman(x: Tensor, y: Tensor) -> float | None:
+    """Spearman's rank correlation (Pearson correlation of average ranks); None if a side is constant."""
     rx, ry = _average_ranks(x), _average_ranks(y)
     rx, ry = rx - rx.mean(), ry - ry.mean()
     denom = float(torch.sqrt((rx**2).sum() * (ry**2).sum()))
-    return float((rx * ry).sum()) / denom if denom > 0 else float("nan")
+    return float((rx * ry).sum()) / denom if denom > 0 else None
 
 
 def covariance_view(log_p: Tensor, advantages: Tensor, groups: Tensor, shares: Tensor, total: float,

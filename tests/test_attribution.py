@@ -380,3 +380,36 @@ def test_covariance_se_and_rank_statistics():
     assert covariance.top_share(torch.tensor([0.0, 0.0, 9.0, 1.0]), shares, -2.5, 0.25) == pytest.approx(0.4)
     assert attribution.top_fraction(shares, -2.5, (0.25, 0.5)) == {"top_0.25": pytest.approx(1.2),
                                                                    "top_0.5": pytest.approx(1.6)}
+
+
+@pytest.mark.parametrize("with_state", [True, False])
+@pytest.mark.parametrize("max_grad_norm", [0.0, 0.5])
+def test_update_jacobian_is_the_derivative_of_the_step(with_state, max_grad_norm):
+    """J = ∂v/∂Y of update.update_jacobian against central finite differences of the AdamW step
+    (the clip coefficient held fixed, as the linearization states)."""
+    gen = torch.Generator().manual_seed(0)
+    Y = {"a": 1e-2 * torch.randn(5, generator=gen, dtype=torch.float64),
+         "b": torch.randn(3, generator=gen, dtype=torch.float64)}
+    theta = {k: torch.randn(y.shape, generator=gen, dtype=torch.float64) for k, y in Y.items()}
+    state = None
+    if with_state:
+        state = {k: update.AdamWParamState(step=7, exp_avg=1e-2 * torch.randn(y.shape, generator=gen, dtype=torch.float64),
+                                           exp_avg_sq=1e-3 * torch.rand(y.shape, generator=gen, dtype=torch.float64),
+                                           hyper=update.AdamWHyper((0.9, 0.99), 1e-8, 0.1)) for k, y in Y.items()}
+    J = update.update_jacobian("adamw", Y, theta, state, max_grad_norm)
+    coef = update.clip_coefficient({k: -y for k, y in Y.items()}, max_grad_norm)
+    assert (coef < 1) == (max_grad_norm > 0)
+
+    def step(Yp):
+        return update.adamw_direction({k: coef * y for k, y in Yp.items()}, theta, state, 0.0)
+
+    eps = 1e-7
+    for k in Y:
+        for i in range(Y[k].numel()):
+            up, down = ({n: y.clone() for n, y in Y.items()} for _ in range(2))
+            up[k][i] += eps
+            down[k][i] -= eps
+            numeric = float(step(up)[k][i] - step(down)[k][i]) / (2 * eps)
+            assert float(J[k][i]) == pytest.approx(numeric, rel=1e-5, abs=1e-6)
+    sgd = update.update_jacobian("sgd", Y, max_grad_norm=max_grad_norm)
+    assert all(torch.all(sgd[k] == update.clip_coefficient(Y, max_grad_norm)) for k in Y)
