@@ -1,5 +1,6 @@
-# Entropy probe: predicts (δH₁ = η·X·v) and measures (ΔH by SNIS) how one policy-gradient step
-# changes a policy's entropy. See README.md and the shared DESIGN notes for the math.
+# Entropy probe: predicts (δH₁ = η·X·v) and measures (ΔH with θ's nucleus by SNIS, and the
+# sampler's own ΔH by coupled fresh rollouts) how one policy-gradient step changes a policy's
+# entropy. See README.md and the shared DESIGN notes for the math.
 #
 #   snakemake --cores 2                       the default target (all stages)
 #   snakemake --cores 2 rollouts              up to the rollout shards
@@ -22,6 +23,7 @@ include: "workflow/rules/plan.smk"
 include: "workflow/rules/rollout.smk"
 include: "workflow/rules/teacher_force.smk"
 include: "workflow/rules/update.smk"
+include: "workflow/rules/fresh.smk"
 include: "workflow/rules/statistics.smk"
 
 

@@ -8,25 +8,28 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from . import estimators, precision, teacher_force, tf_layout
+from . import estimators, precision, rollout as rollouts, teacher_force, tf_layout
 
 log = logging.getLogger(__name__)
 
 
 def x_gradient(model, params, rollout, *, pad_token_id, temperature, top_p, H_bar, normalization,
                baseline, rb_requires_grad, tf_batch_size, chunk_tokens=None,
-               autocast_dtype=None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+               autocast_dtype=None, entropy="sampler") -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """∇ Σ_{i∈shard} Σ_k [c^h_ik h_ik + c^q_ik log q_ik] with the coefficients of
     :func:`estimators.x_coefficients` (unnormalized, float64, keyed by parameter name) and the
-    per-sequence teacher-forced S_i and T_i.
+    per-sequence teacher-forced S_i and T_i. h is the per-prefix entropy ``entropy``
+    (``estimator.entropy``, :data:`measure.ENTROPIES`): its sampling-time values weight the score
+    term (entropy-to-go), its teacher-forced values and closed-form gradient give S and the
+    pathwise term.
 
     Evaluated by :func:`teacher_force.surrogate`: ``tf_batch_size`` sequences per forward pass,
     the output embedding ``chunk_tokens`` response tokens at a time (memory: one ``[chunk, V]``
     fp32 block). ``autocast_dtype`` ("bfloat16" or a torch dtype; None/"float32" = fp32) runs the
     forward under autocast (DESIGN §2 "Precision": only where the user asks)."""
     batch = tf_layout.from_rollout(rollout, pad_token_id)
-    coefs = estimators.x_coefficients(rollout["rb_entropies"], rollout["response_lens"], H_bar, normalization,
-                                      baseline, rb_requires_grad)
+    coefs = estimators.x_coefficients(rollouts.sampled_entropies(rollout, entropy), rollout["response_lens"], H_bar,
+                                      normalization, baseline, rb_requires_grad)
     scorer = teacher_force.ResponseLogits(model)
     n = batch.input_ids.shape[0]
     S = torch.zeros(n, dtype=torch.float64)
@@ -40,7 +43,7 @@ def x_gradient(model, params, rollout, *, pad_token_id, temperature, top_p, H_ba
         c_q = coefs.log_q[rows, :width].float() * valid
         value, scores = teacher_force.surrogate(
             scorer, sub, temperature, top_p, coef_entropy=c_h, coef_log_q=c_q,
-            chunk_tokens=chunk_tokens, autocast_dtype=dtype,
+            chunk_tokens=chunk_tokens, autocast_dtype=dtype, entropy=entropy,
         )
         S[rows] = scores.entropy.double().sum(-1).cpu()
         return value
@@ -73,16 +76,16 @@ def y_gradient(model, params, rollout, coefficients: Tensor, *, pad_token_id, te
 
 def directional_sums(model, direction: dict[str, Tensor], rollout, *, pad_token_id, temperature, top_p,
                      normalization, baseline, rb_requires_grad, tf_batch_size,
-                     chunk_tokens=None) -> dict[str, Tensor]:
+                     chunk_tokens=None, entropy="sampler") -> dict[str, Tensor]:
     """Per-prompt-group sums for :func:`estimators.directional_estimate` along ``direction``
     (forward-mode AD: one JVP pass, eager attention since SDPA kernels lack forward AD; the
     output embedding ``chunk_tokens`` response tokens at a time): P_g, Q_g, S_g, T_g, each
-    ``[B]`` float64."""
+    ``[B]`` float64. h is the per-prefix entropy ``entropy``, as in :func:`x_gradient`."""
     batch = tf_layout.from_rollout(rollout, pad_token_id)
-    B, G, T = rollout["rb_entropies"].shape
-    entropy = rollout["rb_entropies"].double()
+    sampled = rollouts.sampled_entropies(rollout, entropy).double()
+    B, G, T = sampled.shape
     mask = estimators.response_mask(rollout["response_lens"], T)
-    a, beta = (x.reshape(B * G, T) for x in estimators.score_weight_parts(entropy, mask, normalization, baseline))
+    a, beta = (x.reshape(B * G, T) for x in estimators.score_weight_parts(sampled, mask, normalization, baseline))
     scorer = teacher_force.ResponseLogits(model)
     named = dict(model.named_parameters())
     unknown = sorted(set(direction) - set(named))
@@ -98,7 +101,8 @@ def directional_sums(model, direction: dict[str, Tensor], rollout, *, pad_token_
             sub = batch.select(rows)
 
             def fn(p):
-                s = teacher_force.score(scorer, sub, temperature, top_p, params=p, chunk_tokens=chunk_tokens)
+                s = teacher_force.score(scorer, sub, temperature, top_p, params=p, chunk_tokens=chunk_tokens,
+                                        entropy=entropy)
                 return s.entropy, s.token_log_q
 
             with torch.no_grad():

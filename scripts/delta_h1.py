@@ -14,7 +14,7 @@ def main(cfg: dict, x_path: str, v_path: str, directional_paths: list[str], json
     X, _ = gradients.unpack(x_tensors)
     v, _ = shards.read_shard(v_path, {"kind": "v", "model_fingerprint": x_meta["model_fingerprint"]})
     expect = {"kind": "directional", "model_fingerprint": x_meta["model_fingerprint"],
-              "normalization": x_meta["normalization"]}
+              "normalization": x_meta["normalization"], "entropy": x_meta.get("entropy", "sampler")}
     directional = [shards.read_shard(p, expect)[0] for p in directional_paths]
     report = first_order.first_order_report(
         X, v, directional, cfg["batch_config"]["G"], x_meta["normalization"], cfg["estimator"]["eta_list"]

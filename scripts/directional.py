@@ -18,12 +18,13 @@ def main(cfg: dict, rollout_path: str, policy_dir: str, v_path: str, out_path: s
     sums = passes.directional_sums(
         model, v, rollout, pad_token_id=tokenizer.pad_token_id, temperature=gen["temperature"], top_p=gen["top_p"],
         normalization=est["normalization"], baseline=est["baseline"], rb_requires_grad=gen["rb_requires_grad"],
-        tf_batch_size=gen["tf_batch_size"], chunk_tokens=gen["tf_chunk_tokens"],
+        tf_batch_size=gen["tf_batch_size"], chunk_tokens=gen["tf_chunk_tokens"], entropy=est["entropy"],
     )
     for name, values in sums.items():
         guards.check_sequences(values, f"directional sum {name} (per prompt group)", rollout_path)
     shards.write_shard(out_path, sums, {"kind": "directional", "model_fingerprint": fingerprint,
-                                        "normalization": est["normalization"], "baseline": est["baseline"]})
+                                        "normalization": est["normalization"], "baseline": est["baseline"],
+                                        "entropy": est["entropy"]})
     logging.getLogger("directional").info("wrote %s: %d prompt groups", out_path, sums["P"].numel())
 
 

@@ -1,4 +1,5 @@
-"""Stage: whole-E-batch plug-ins (H̄, T̄) from the E rollout shards' sampling-time RB entropies.
+"""Stage: whole-E-batch plug-ins (H̄, T̄) from the E rollout shards' sampling-time per-prefix
+entropies (estimator.entropy: the RB entropy of q, or the full tempered one).
 
 By hand:  python scripts/e_stats.py CONFIG.yaml POLICY_DIR OUT.json E_SHARD...
 """
@@ -12,7 +13,7 @@ from entropy_probe.stage import config_for, rule_config, stage_run
 
 def main(cfg: dict, policy_dir: str, rollout_paths: list[str], out_path: str) -> None:
     rollouts = stage_inputs.read_rollouts(rollout_paths, cfg, "E", models.fingerprint(policy_dir))
-    stats = stage_inputs.e_batch_stats(rollouts)
+    stats = stage_inputs.e_batch_stats(rollouts, cfg["estimator"]["entropy"])
     write_json(out_path, stats)
     logging.getLogger("e_stats").info("E batch: %s", stats)
 

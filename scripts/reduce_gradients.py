@@ -9,7 +9,7 @@ from entropy_probe import gradients, shards
 from entropy_probe.stage import stage_run
 
 log = logging.getLogger("reduce_gradients")
-SHARED_KEYS = ("model_fingerprint", "param_filter", "normalization", "baseline", "H_bar", "loss_type")
+SHARED_KEYS = ("model_fingerprint", "param_filter", "normalization", "baseline", "H_bar", "loss_type", "entropy")
 
 
 def main(kind: str, shard_paths: list[str], out_path: str) -> None:

@@ -9,7 +9,7 @@ import argparse
 import logging
 
 from entropy_probe import gradients, guards, passes, stage_inputs
-from entropy_probe.shards import read_json, read_shard, write_shard
+from entropy_probe.shards import ShardError, read_json, read_shard, write_shard
 from entropy_probe.stage import config_for, rule_config, stage_run
 
 log = logging.getLogger("teacher_force")
@@ -24,13 +24,17 @@ def main(cfg: dict, kind: str, rollout_path: str, policy_dir: str, out_path: str
                   chunk_tokens=gen["tf_chunk_tokens"], autocast_dtype=gen["autocast_dtype"])
     meta = {"kind": kind, "model_fingerprint": fingerprint, "param_filter": est["param_filter"]}
     if kind == "X":
-        H_bar = read_json(batch_input)["H_bar_token"]
+        e_stats = read_json(batch_input)
+        if e_stats.get("entropy") != est["entropy"]:
+            raise ShardError(f"{batch_input}: plug-ins of the {e_stats.get('entropy')!r} entropy, expected "
+                             f"{est['entropy']!r} (estimator.entropy)")
+        H_bar = e_stats["H_bar_token"]
         grads, stats = passes.x_gradient(
             model, params, rollout, top_p=gen["top_p"], H_bar=H_bar, normalization=est["normalization"],
-            baseline=est["baseline"], rb_requires_grad=gen["rb_requires_grad"], **common,
+            baseline=est["baseline"], rb_requires_grad=gen["rb_requires_grad"], entropy=est["entropy"], **common,
         )
         meta |= {"H_bar": H_bar, "normalization": est["normalization"], "baseline": est["baseline"],
-                 "rb_requires_grad": gen["rb_requires_grad"]}
+                 "rb_requires_grad": gen["rb_requires_grad"], "entropy": est["entropy"]}
     else:
         objective, objective_meta = read_shard(batch_input, {"kind": "u_objective", "model_fingerprint": fingerprint})
         rows = stage_inputs.rows_of_shard(objective, rollout, batch_input)

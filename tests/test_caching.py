@@ -1,8 +1,10 @@
 """Cached means cached (issue 12): after the default run, each kind of config change schedules
-exactly the jobs whose output it can change — an η sweep only the η stages, a U-only key only the
-U side and what follows it, an E-only key only the E side, a generation key everything from the
-rollouts, an execution knob or a reordered config nothing — and a run forced through with other
-execution knobs reports the same numbers.
+exactly the jobs whose output it can change — an η sweep only the η stages (the fresh rollouts of
+the new η included: one job per η and E shard), a U-only key only the U side and what follows it,
+an E-only key only the E side, the entropy choice only the X side and the reductions (no
+rollout, SNIS or fresh-rollout pass), a generation key everything from the rollouts, an execution
+knob or a reordered config nothing — and a run forced through with other execution knobs reports
+the same numbers.
 
 Works on a copy of the session's uninterrupted run (conftest.default_run).
 """
@@ -21,9 +23,13 @@ from workflow_util import dry_run_jobs, run_snakemake
 
 pytestmark = pytest.mark.workflow
 
-# the jobs that follow a new v (two E shards): its uses on the E side and the report
+# the jobs that follow a new v (two E shards, three η): its uses on the E side and the report
 AFTER_V = {"update_vector": 1, "directional": 2, "snis_shard": 2, "delta_h1": 1, "delta_h_snis": 1,
-           "exact_reference": 1, "summary": 1, "all": 1}
+           "fresh_rollout": 6, "delta_h_sampler": 1, "exact_reference": 1, "summary": 1, "all": 1}
+# a new η sweep: the SNIS passes (all η in one job per shard), the fresh rollouts of the new η
+# only (two η x two E shards), the reductions, the exact reference and the report
+NEW_ETAS = {"snis_shard": 2, "delta_h_snis": 1, "delta_h1": 1, "fresh_rollout": 4, "delta_h_sampler": 1,
+            "exact_reference": 1, "summary": 1, "all": 1}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +50,27 @@ def jobs_after(work, change: dict, name: str) -> dict[str, int]:
 
 def test_eta_sweep_reruns_only_the_eta_stages(cache_dir):
     jobs = jobs_after(cache_dir, {"estimator.eta_list": [2e-5, 2e-4]}, "eta.yaml")
-    assert jobs == {"snis_shard": 2, "delta_h_snis": 1, "delta_h1": 1, "exact_reference": 1, "summary": 1, "all": 1}
+    assert jobs == NEW_ETAS
+
+
+def test_fresh_etas_rerun_only_what_they_define(cache_dir):
+    """estimator.fresh_etas: a subset of the η already redrawn needs no fresh rollout (one file per
+    η and shard), only the reduction, the exact reference and the report; [] drops the fresh
+    stages from the report."""
+    base = {"exact_reference": 1, "summary": 1, "all": 1}
+    assert jobs_after(cache_dir, {"estimator.fresh_etas": [1e-5]}, "fresh_subset.yaml") == base | {"delta_h_sampler": 1}
+    assert jobs_after(cache_dir, {"estimator.fresh_etas": [1e-5, 5e-5]}, "fresh_new.yaml") == base | {
+        "delta_h_sampler": 1, "fresh_rollout": 2}
+    assert jobs_after(cache_dir, {"estimator.fresh_etas": []}, "fresh_none.yaml") == base
+
+
+def test_the_entropy_choice_reruns_no_pass_over_the_rollouts_but_x(cache_dir):
+    """estimator.entropy: rollouts, SNIS and fresh-rollout shards hold both entropies; X, its
+    directional pass and every reduction change."""
+    jobs = jobs_after(cache_dir, {"estimator.entropy": "tempered_full"}, "entropy.yaml")
+    assert jobs == {"e_stats": 1, "teacher_force_x": 2, "reduce_gradients": 1, "u_jackknife": 1, "directional": 2,
+                    "delta_h1": 1, "delta_h_snis": 1, "delta_h_sampler": 1, "exact_reference": 1, "summary": 1,
+                    "all": 1}
 
 
 def test_a_u_only_key_leaves_the_e_side_alone(cache_dir):
@@ -57,7 +83,7 @@ def test_an_e_only_key_leaves_the_u_side_alone(cache_dir):
     jobs = jobs_after(cache_dir, {"batch_config.E_total_sequences": 1024}, "e_total.yaml")
     assert jobs == {"plan": 1, "rollout": 2, "e_stats": 1, "teacher_force_x": 2, "reduce_gradients": 1,
                     "u_jackknife": 1, "directional": 2, "snis_shard": 2, "delta_h1": 1, "delta_h_snis": 1,
-                    "summary": 1, "all": 1}
+                    "fresh_rollout": 6, "delta_h_sampler": 1, "summary": 1, "all": 1}
 
 
 def test_a_generation_key_reruns_everything_from_the_rollouts(cache_dir):

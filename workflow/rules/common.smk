@@ -21,7 +21,7 @@ from entropy_probe.input_files import (
     checkpoint_files,
     resolve_state_paths,
 )
-from entropy_probe.stage_keys import rule_params
+from entropy_probe.stage_keys import eta_tag, fresh_etas, rule_params
 
 try:
     check_renamed(config)
@@ -61,6 +61,8 @@ EXACT_REFERENCE = (
     and config["generation"]["max_new_tokens"] <= 4
     and not config["generation"]["stop_strings"]
 )
+# The η of the fresh rollouts (ΔH of the sampler itself); none: no fresh-rollout jobs.
+FRESH_ETAS = fresh_etas(config["estimator"])
 # Model stages: one GPU each with model.device: cuda (on a cluster the profile's set-resources
 # asks for it); `--set-threads RULE=N` (or a profile) changes a rule's threads.
 GPU = 1 if config["model"]["device"] == "cuda" else 0

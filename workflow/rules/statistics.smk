@@ -1,5 +1,5 @@
-# δH₁(η) = η·X·v with its error bars, ΔH(η) by SNIS, the exact reference where the policy can be
-# enumerated, and the report.
+# δH₁(η) = η·X·v with its error bars, ΔH(η) with θ's nucleus by SNIS, the exact reference where
+# the policy can be enumerated, and the report (with the sampler's own ΔH of fresh.smk).
 rule directional:
     input:
         rollout=f"{RESULTS}/rollouts/E/shard_{{shard}}.safetensors",
@@ -108,9 +108,19 @@ rule summary:
             lambda wc: (
                 {"exact": rules.exact_reference.output[0]} if EXACT_REFERENCE else {}
             )
+            | (
+                {"delta_h_sampler": rules.delta_h_sampler.output[0]}
+                if FRESH_ETAS
+                else {}
+            )
         ),
         delta_h1=rules.delta_h1.output.json,
         delta_h_snis=rules.delta_h_snis.output[0],
+        # per-group contributions of δH₁ and of the SNIS ΔH: the linearity ratio's error bar
+        directional=shard_paths(
+            f"{RESULTS}/directional/shard_{{shard}}.safetensors", "E"
+        ),
+        snis=shard_paths(f"{RESULTS}/snis/shard_{{shard}}.safetensors", "E"),
         u_jackknife=rules.u_jackknife.output[0],
         u_objective=U_OBJECTIVE,
     output:
