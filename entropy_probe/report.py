@@ -50,8 +50,9 @@ def combine(first_order: dict, snis: dict, jackknife: dict, exact: dict | None =
     for eta in fresh:  # a fresh-rollout η outside eta_list: δH₁ = η·X·v all the same
         predicted.setdefault(eta, {"eta": eta, "delta_h1": eta * first_order["X_dot_v"],
                                    "se": abs(eta) * first_order["X_dot_v_se"]})
+    swept = [p["eta"] for p in first_order["delta_h1"]]
     rows = []
-    for eta in [p["eta"] for p in first_order["delta_h1"]] + sorted(set(predicted) - {p["eta"] for p in first_order["delta_h1"]}):
+    for eta in swept + sorted(set(predicted) - set(swept)):
         pred = predicted[eta]
         row = {"eta": eta, "delta_h1": pred["delta_h1"], "delta_h1_se": pred["se"]}
         if jackknife["available"]:
@@ -102,7 +103,8 @@ def format_table(rows: list[dict], unit: str, u_batch: dict | None = None, entro
     entropy_name = ENTROPY_NAMES.get(entropy, entropy)
     lines = [
         f"Entropy change of one update step ({unit}; entropy: {entropy_name}). Columns:",
-        f"  δH₁           {COLUMNS['delta_h1']}; ±E: E-batch noise with v fixed, ±E+U: also the U-batch noise in v",
+        f"  δH₁           {COLUMNS['delta_h1']}; ±E: E-batch noise with v fixed, "
+        "±E+U: also the U-batch noise in v",
         f"  ΔH θ-nucleus  {COLUMNS['delta_h']}; ESS/N of its weights; δH₁/ΔH ± delta-method SE",
         "  central       (ΔH(η) − ΔH(−η))/2 with the nucleus of θ, the cleanest check of δH₁",
         f"  ΔH sampler    {COLUMNS['delta_h_sampler']}; changed: responses redrawn differently; "

@@ -2,12 +2,12 @@
 sampler (coupled fresh rollouts, DESIGN §2b): the responses, both per-prefix entropies at sampling
 time, which responses changed, and the shard's per-response sums at θ for the paired reduction.
 
-By hand:  python scripts/fresh_rollout.py CONFIG.yaml ROLLOUT_E_SHARD.safetensors PLAN_E.json POLICY_DIR V.safetensors ETA SHARD_INDEX OUT.safetensors
+By hand:  python scripts/fresh_rollout.py CONFIG.yaml ROLLOUT_E_SHARD.safetensors PLAN_E.json POLICY_DIR \\
+              V.safetensors ETA SHARD_INDEX OUT.safetensors
 """
 import argparse
 import logging
 
-import torch
 
 from entropy_probe import fresh, guards, noise, shards, stage_inputs
 from entropy_probe.plan import shard_slots

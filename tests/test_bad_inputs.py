@@ -51,6 +51,10 @@ CASES = [
          r"Invalid config: \(top level\): Additional properties are not allowed \('bogus_section' was unexpected\)"),
     Case("unknown_nested_key", {"generation": {"bogus_key": 1}},
          r"Invalid config: generation: Additional properties are not allowed \('bogus_key' was unexpected\)"),
+    Case("unknown_entropy", {"estimator": {"entropy": "shannon"}},
+         r"Invalid config: estimator\.entropy: 'shannon' is not one of \['sampler', 'tempered_full'\]"),
+    Case("fresh_etas_not_a_list", {"estimator": {"fresh_etas": "all"}},
+         r"Invalid config: estimator\.fresh_etas: 'all' is not of type 'array', 'null'"),
     # ------------------------------------------------------------------------ inconsistent sizes
     Case("E_total_sequences_below_G", {"batch_config": {"E_total_sequences": 2, "G": 4}},
          r"Invalid config: batch_config\.E_total_sequences: 2 is smaller than batch_config\.G = 4"),

@@ -137,7 +137,7 @@ def test_a_run_forced_through_with_other_execution_knobs_reports_the_same_number
     work = tmp_path / "knobs"
     shutil.copytree(default_run, work, symlinks=True)
     jobs_after(work, EXECUTION, "knobs.yaml")  # writes the config
-    run_snakemake(work, "knobs.yaml", "--cores", "2", "--forcerun", "rollout")
+    run_snakemake(work, "knobs.yaml", "--cores", "2", "--forcerun", "rollout", timeout=1800)  # tiny batches: slow
     before = json.loads((default_run / "results" / "summary.json").read_text())
     after = json.loads((work / "results" / "summary.json").read_text())
     assert after["config"] == before["config"]  # the summary records defining values only

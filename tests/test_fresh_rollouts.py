@@ -13,27 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from entropy_probe import exact, fresh, report, rewards, rollout, shards, snis
+from toy_batches import G, MAX_NEW_TOKENS, PROMPTS, direction, sample_batch
 
-PROMPTS = [{"prompt": p, "answer": a} for p, a in [("3+5=", "8"), ("12+7=", "19"), ("9+9=", "18"), ("0+0=", "0")]]
-MAX_NEW_TOKENS = 3
-G = 4
+from entropy_probe import exact, fresh, report, shards, snis
+
 SETTINGS = [(1.0, 1.0), (0.7, 1.0), (1.0, 0.8), (0.7, 0.8)]
-ETAS = [1e-3, 3e-3, 1e-2, 3e-2]  # along DIRECTION: responses change from a few to most
-
-
-def sample_batch(model, tokenizer, temperature, top_p, num_prompts=256, seed=0):
-    ids = torch.randint(0, len(PROMPTS), (num_prompts,), generator=torch.Generator().manual_seed(seed)).tolist()
-    return rollout.rollout_shard(
-        model, tokenizer, PROMPTS, ids, G=G, kind="E", shard_index=0, slots=range(len(ids)), seed=seed,
-        temperature=temperature, top_p=top_p, max_new_tokens=MAX_NEW_TOKENS, rollout_batch_size=1024,
-        gen_batch_size=4096, reward_fn=rewards.exact_match,
-    )
-
-
-def direction(model, seed=123):
-    gen = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(p.shape, generator=gen, dtype=torch.float64) for k, p in model.named_parameters()}
+ETAS = [1e-3, 3e-3, 1e-2, 3e-2]  # along direction(): responses change from a few to most
 
 
 def redraw(model, tokenizer, batch, u, eta, temperature, top_p, seed=0, num_prompts=None):
@@ -74,7 +59,46 @@ def test_eta_zero_redraws_the_e_batch_and_never_writes_the_model(toy_model):
     # the per-response changed flags are what they say
     for b, g in moved["changed"].nonzero().tolist()[:5]:
         n_old, n_new = int(batch["response_lens"][b, g]), int(moved["response_lens"][b, g])
-        assert n_old != n_new or not torch.equal(batch["sequences"][b, g, -T:][:n_old], moved["response_tokens"][b, g, :n_new])
+        old, new = batch["sequences"][b, g, -T:][:n_old], moved["response_tokens"][b, g, :n_new]
+        assert n_old != n_new or not torch.equal(old, new)
+
+
+def test_parameters_applied_functionally_reach_generate_and_adapters(toy_model):
+    """parameters.call_at runs model.generate (not only forward) at θ': with a LoRA adapter
+    (PEFT names, the base frozen) the redraw equals sampling from a copy whose adapter weights were
+    moved in place; the model itself is untouched."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    from entropy_probe import generate, parameters
+    from entropy_probe.noise import STREAM_E, NoiseKey
+
+    model, tokenizer = toy_model
+    lora = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                       target_modules=["q_proj", "v_proj"]))
+    lora.eval()
+    gen = torch.Generator().manual_seed(0)
+    v = {k: torch.randn(p.shape, generator=gen, dtype=torch.float64) for k, p in lora.named_parameters()
+         if p.requires_grad}
+    assert v and all("lora_" in k for k in v)
+    encoded = tokenizer(["3+5=", "12+7=", "9+9=", "0+0="] * 4, padding=True, return_tensors="pt")
+    kw = dict(temperature=1.0, top_p=0.95, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=tokenizer.eos_token_id,
+              pad_token_id=tokenizer.pad_token_id, slots=range(16), noise_key=NoiseKey(0, STREAM_E))
+    point = parameters.shifted(lora, v, 0.3)
+    before = {k: p.detach().clone() for k, p in lora.named_parameters()}
+    drawn = parameters.call_at(lora, point, lambda: generate.sample(lora, encoded["input_ids"],
+                                                                    encoded["attention_mask"], G, **kw))
+    assert all(torch.equal(p, before[k]) for k, p in lora.named_parameters())
+    moved = copy.deepcopy(lora)
+    with torch.no_grad():
+        for k, p in moved.named_parameters():
+            if k in point:
+                p.copy_(point[k])
+    reference = generate.sample(moved, encoded["input_ids"], encoded["attention_mask"], G, **kw)
+    assert torch.equal(drawn.response_tokens, reference.response_tokens)
+    torch.testing.assert_close(drawn.entropies, reference.entropies, atol=1e-6, rtol=0)
+    unmoved = generate.sample(lora, encoded["input_ids"], encoded["attention_mask"], G, **kw)
+    assert not torch.equal(drawn.response_tokens, unmoved.response_tokens)
 
 
 @pytest.fixture(scope="module")

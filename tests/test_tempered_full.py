@@ -11,28 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from entropy_probe import (estimators, exact, fresh, measure, parameters, passes, rewards, rollout, snis,
-                           stage_inputs, teacher_force, tf_layout)
+from toy_batches import G, MAX_NEW_TOKENS, PROMPTS, direction, sample_batch
 
-PROMPTS = [{"prompt": p, "answer": a} for p, a in [("3+5=", "8"), ("12+7=", "19"), ("9+9=", "18"), ("0+0=", "0")]]
-MAX_NEW_TOKENS = 3
-G = 4
+from entropy_probe import (estimators, exact, fresh, measure, parameters, passes, snis, stage_inputs, teacher_force,
+                           tf_layout)
+
 SETTINGS = [(1.0, 0.8), (0.7, 0.8)]  # top_p < 1: the two entropies differ
 ETAS = [3e-3, 1e-2]
-
-
-def sample_batch(model, tokenizer, temperature, top_p, num_prompts=256, seed=0):
-    ids = torch.randint(0, len(PROMPTS), (num_prompts,), generator=torch.Generator().manual_seed(seed)).tolist()
-    return rollout.rollout_shard(
-        model, tokenizer, PROMPTS, ids, G=G, kind="E", shard_index=0, slots=range(len(ids)), seed=seed,
-        temperature=temperature, top_p=top_p, max_new_tokens=MAX_NEW_TOKENS, rollout_batch_size=1024,
-        gen_batch_size=4096, reward_fn=rewards.exact_match,
-    )
-
-
-def direction(model, seed=123):
-    gen = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(p.shape, generator=gen, dtype=torch.float64) for k, p in model.named_parameters()}
 
 
 def exact_kwargs(temperature, top_p, normalization="token", entropy="tempered_full"):
@@ -82,8 +67,9 @@ def test_closed_form_logit_gradient_of_the_full_entropy(temperature, top_p):
 def test_sampling_time_full_entropy_is_the_teacher_forced_one(toy_model, batches, temperature, top_p):
     model, tokenizer = toy_model
     batch = {k: v[:32] for k, v in batches[(temperature, top_p)].items()}
-    scores = teacher_force.score(teacher_force.ResponseLogits(model), tf_layout.from_rollout(batch, tokenizer.pad_token_id),
-                                 temperature, top_p, entropy="tempered_full")
+    layout = tf_layout.from_rollout(batch, tokenizer.pad_token_id)
+    scores = teacher_force.score(teacher_force.ResponseLogits(model), layout, temperature, top_p,
+                                 entropy="tempered_full")
     B, G_, T = batch["tempered_entropies"].shape
     torch.testing.assert_close(scores.entropy, batch["tempered_entropies"].reshape(B * G_, T), atol=1e-5, rtol=0)
     # with top_p < 1 the full entropy exceeds the nucleus one wherever the nucleus drops tokens
@@ -103,7 +89,8 @@ def test_x_estimator_of_the_full_entropy_is_unbiased(toy_model, batches, tempera
     [u] = [direction(model)]
     differ = []
     for normalization in ("token", "sequence"):
-        grads = {e: exact.exact_entropy_grad(model, tokenizer, prompts, **exact_kwargs(temperature, top_p, normalization, e))
+        grads = {e: exact.exact_entropy_grad(model, tokenizer, prompts,
+                                             **exact_kwargs(temperature, top_p, normalization, e))
                  for e in ("tempered_full", "sampler")}
         truth = {e: exact.dot(g, u) for e, g in grads.items()}
         X, _ = passes.x_gradient(model, params, batch, pad_token_id=tokenizer.pad_token_id, temperature=temperature,
