@@ -88,8 +88,9 @@ def test_sampler_matches_exact_own_nucleus(summary):
 def test_coupling_pays_at_the_smallest_eta(probe_dir, summary):
     """At the smallest η of the sweep, the coupled estimate's SE is at least 5x smaller than the
     SE of the same estimator with independent noise, measured here by redrawing the run's E
-    shards at θ + ηv with another noise seed (measured: 8x on this run); the factor the report
-    estimates from the coupled data alone agrees with it within 30%."""
+    shards at θ + ηv with another noise seed (measured on this run: SE 1.26e-4 coupled, 1.10e-3
+    independent, 8.8x; 4 of 2048 responses changed); the factor the report estimates from the
+    coupled data alone (8.0x) agrees with it within 30%."""
     from entropy_probe import fresh, models, shards
     from entropy_probe.plan import shard_slots
 
