@@ -118,5 +118,8 @@ def test_a_run_forced_through_with_other_execution_knobs_reports_the_same_number
     old, new = _numbers({k: v for k, v in before.items() if k != "config"}), _numbers(after)
     assert old.keys() == {k for k in new if not k.startswith("/config")}
     for key, value in old.items():
+        if key.endswith("relative_difference"):  # the size of the rounding itself
+            assert new[key] < 1e-4
+            continue
         # fp32 teacher forcing in other batch and chunk shapes: rounding, far below any SE
         assert new[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
