@@ -1,18 +1,17 @@
 """Stage: the final report: summary.json (every number, the config values that define them,
 version, git commit, model fingerprint), summary.txt (the table, also printed) and plot.png.
 
-By hand:  python scripts/summary.py CONFIG.yaml DELTA_H1.json DELTA_H_SNIS.json U_JACKKNIFE.json U_OBJECTIVE.safetensors OUT_DIR [--exact EXACT.json]
+By hand:  python scripts/summary.py CONFIG.yaml DELTA_H1.json DELTA_H_SNIS.json U_JACKKNIFE.json U_OBJECTIVE.safetensors SUMMARY.json SUMMARY.txt PLOT.png [--exact_path EXACT.json]
 """
-import argparse
-from pathlib import Path
 
 from entropy_probe import normalization, report, shards
-from entropy_probe.stage import config_for, rule_config, stage_run
+from entropy_probe.stage import run_stage
 from entropy_probe.stage_keys import STAGE_KEYS, nest
 
 
-def main(config: dict, delta_h1_path: str, snis_path: str, jackknife_path: str, objective_path: str, json_path: str,
+def main(cfg: dict, delta_h1_path: str, snis_path: str, jackknife_path: str, objective_path: str, json_path: str,
          table_path: str, plot_path: str, exact_path: str | None = None) -> None:
+    config = _defining_only(cfg)
     first_order, measured = shards.read_json(delta_h1_path), shards.read_json(snis_path)
     jackknife = shards.read_json(jackknife_path)
     objective = shards.read_metadata(objective_path)
@@ -45,22 +44,9 @@ def _defining_only(config: dict) -> dict:
     return {section: {k: config[section][k] for k in keys} for section, keys in defining.items()}
 
 
-if "snakemake" in globals():
-    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
-        inputs, outputs = snakemake.input, snakemake.output  # noqa: F821
-        main(_defining_only(rule_config(snakemake)), inputs.delta_h1, inputs.delta_h_snis,  # noqa: F821
-             inputs.u_jackknife, inputs.u_objective, outputs.json, outputs.table, outputs.plot, inputs.get("exact"))
-elif __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("delta_h1")
-    parser.add_argument("delta_h_snis")
-    parser.add_argument("u_jackknife")
-    parser.add_argument("u_objective")
-    parser.add_argument("out_dir")
-    parser.add_argument("--exact", help="exact_reference JSON (embedded policy only)")
-    args = parser.parse_args()
-    with stage_run():
-        out = Path(args.out_dir)
-        main(_defining_only(config_for(args.config, "summary")), args.delta_h1, args.delta_h_snis, args.u_jackknife,
-             args.u_objective, out / "summary.json", out / "summary.txt", out / "plot.png", args.exact)
+run_stage(globals(), main, ["delta_h1_path", "snis_path", "jackknife_path", "objective_path", "json_path", "table_path",
+                            "plot_path", ("--exact_path", "exact_reference JSON (embedded policy only)")],
+          lambda smk: {"delta_h1_path": smk.input.delta_h1, "snis_path": smk.input.delta_h_snis,
+                       "jackknife_path": smk.input.u_jackknife, "objective_path": smk.input.u_objective,
+                       "json_path": smk.output.json, "table_path": smk.output.table, "plot_path": smk.output.plot,
+                       "exact_path": smk.input.get("exact")}, stage="summary")

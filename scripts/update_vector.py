@@ -5,11 +5,10 @@ gradient by global norm (update.max_grad_norm). v is keyed like Y, in float64.
 
 By hand:  python scripts/update_vector.py CONFIG.yaml Y.safetensors POLICY_DIR OUT.safetensors
 """
-import argparse
 import logging
 
 from entropy_probe import gradients, guards, losses, shards
-from entropy_probe.stage import config_for, rule_config, stage_run
+from entropy_probe.stage import run_stage
 from entropy_probe.update_builder import UpdateBuilder
 
 log = logging.getLogger("update_vector")
@@ -31,15 +30,6 @@ def main(cfg: dict, y_path: str, policy_dir: str, out_path: str) -> None:
              gradients.global_norm(v), len(v), meta["grad_norm"], meta["clip_coef"])
 
 
-if "snakemake" in globals():
-    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
-        main(rule_config(snakemake), snakemake.input.Y, snakemake.input.policy, snakemake.output[0])  # noqa: F821
-elif __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("y")
-    parser.add_argument("policy_dir")
-    parser.add_argument("out")
-    args = parser.parse_args()
-    with stage_run():
-        main(config_for(args.config, "update_vector"), args.y, args.policy_dir, args.out)
+run_stage(globals(), main, ["y_path", "policy_dir", "out_path"],
+          lambda smk: {"y_path": smk.input.Y, "policy_dir": smk.input.policy, "out_path": smk.output[0]},
+          stage="update_vector")
