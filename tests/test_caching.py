@@ -66,8 +66,9 @@ def test_a_generation_key_reruns_everything_from_the_rollouts(cache_dir):
                     "reduce_gradients": 2, "u_jackknife": 1} | AFTER_V
 
 
-EXECUTION = {"generation.tf_chunk_tokens": 5, "generation.tf_batch_size": 7, "generation.gen_batch_size": 8,
-             "batch_config.rollout_batch_size": 3, "model.device": "cpu"}
+# other layouts than the defaults (1024, 64, 64, 16, auto), not so small that the forced run is slow
+EXECUTION = {"generation.tf_chunk_tokens": 100, "generation.tf_batch_size": 48, "generation.gen_batch_size": 24,
+             "batch_config.rollout_batch_size": 5, "model.device": "cpu"}
 
 
 @pytest.mark.parametrize("key", sorted(EXECUTION))
