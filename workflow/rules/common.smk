@@ -69,8 +69,11 @@ MODEL_THREADS = 2
 
 
 def params_of(stage):
-    """A rule's params: the values that define its output, canonical (entropy_probe.stage_keys)."""
-    return rule_params(config, stage)
+    """A rule's params: the values that define its output, canonical (entropy_probe.stage_keys).
+    A function, so that Snakemake does not format the JSON text with the job's wildcards (a
+    data.source with {split} in it would be rewritten)."""
+    values = rule_params(config, stage)
+    return lambda wildcards: values
 
 
 def local_model_files():
