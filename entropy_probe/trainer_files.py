@@ -144,7 +144,8 @@ def same_tensors(before: CheckpointLayout, after: CheckpointLayout) -> str | Non
     """None when the two checkpoints save the same tensor names with the same shapes (or this
     cannot be read without loading), else a one-line description of the first difference."""
     if before.kind != after.kind:
-        return f"{after.path} is a {after.kind}, {before.path} a {before.kind}"
+        kinds = {"model": "a full model", "adapter": "a PEFT adapter"}
+        return f"{after.path} is {kinds[after.kind]}, {before.path} {kinds[before.kind]}"
     a, b = saved_shapes(before), saved_shapes(after)
     if a is None or b is None:
         return None

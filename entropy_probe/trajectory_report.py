@@ -70,6 +70,7 @@ def plot(rows: list[dict], path: str | Path, unit: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     steps = [r["global_step"] for r in rows]
     fig, (ax_h, ax_d, ax_c) = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -102,6 +103,8 @@ def plot(rows: list[dict], path: str | Path, unit: str) -> None:
         ax_c.legend(fontsize=8)
     else:
         ax_c.text(0.5, 0.5, "no optimizer state in the checkpoints", ha="center", transform=ax_c.transAxes)
+    for axis in (ax_h, ax_d, ax_c):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
