@@ -159,7 +159,8 @@ def check_checkpoint_config(config: dict) -> None:
     for key, value in (("model.checkpoint", model.get("checkpoint")), ("model.adapter_path", model.get("adapter_path")),
                        ("update.next_checkpoint", update.get("next_checkpoint"))):
         if value:
-            raise _error(f"{key}: model.checkpoints (a trajectory) sets it for each pair of checkpoints; leave it empty")
+            raise _error(f"{key}: model.checkpoints (a trajectory) sets it for each pair of checkpoints; leave it "
+                         "empty")
     if update["optimizer"] != CHECKPOINT_DIFF:
         raise _error(f"update.optimizer: a trajectory (model.checkpoints) probes each step the trainer took: set "
                      f"update.optimizer: {CHECKPOINT_DIFF} (the probe's own AdamW step is compared with it wherever "

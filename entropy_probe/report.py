@@ -94,8 +94,8 @@ def update_note(update: dict | None, comparison: dict | None = None) -> str:
     lr = checkpoint["learning_rate"]
     lr_text = f"{lr:.4g} ({checkpoint['learning_rate_source']})" if lr is not None else "unknown (no scheduler.pt, " \
         "no learning_rate logged at this step)"
-    lines = [f"Trainer checkpoint {checkpoint['path']} (global step {checkpoint['global_step']}, {checkpoint['kind']}); "
-             f"learning rate: {lr_text}"]
+    lines = [f"Trainer checkpoint {checkpoint['path']} (global step {checkpoint['global_step']}, "
+             f"{checkpoint['kind']}); learning rate: {lr_text}"]
     if update.get("optimizer") == "checkpoint_diff":
         lines.append(f"v = θ({update['next_checkpoint']}) − θ(checkpoint): the trainer's step"
                      f"{'' if update.get('steps_between') == 1 else 's'} {checkpoint['global_step']} -> "
@@ -125,7 +125,8 @@ def format_table(rows: list[dict], unit: str, u_batch: dict | None = None, updat
              "±E+U: also the U-batch noise in v (jackknife over U shards); exact: by enumeration", header]
     for r in rows:
         lines.append(
-            f"{f(r['eta']) + ('*' if r.get('training') else ''):>9} {f(r['delta_h1']):>11} {f(r['delta_h1_se'], '.2g'):>8} "
+            f"{f(r['eta']) + ('*' if r.get('training') else ''):>9} {f(r['delta_h1']):>11} "
+            f"{f(r['delta_h1_se'], '.2g'):>8} "
             f"{f(r.get('delta_h1_se_total'), '.2g'):>8} {f(r.get('delta_h')):>11} "
             f"{f(r.get('delta_h_se'), '.2g'):>8} {f(r.get('ratio_delta_h1_over_delta_h'), '.3f'):>8} "
             f"{f(r.get('central_difference')):>11} {f(r.get('ess'), '.1f'):>7} {f(r.get('exact_delta_h')):>11}"

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .optimizer_state import LoadedState, OptimizerStateError, load_adamw_state, read_state_dict
-from .trainer_files import (OPTIMIZER_FILE, SCHEDULER_FILE, TRAINER_STATE_FILE, CheckpointFilesError,
+from .trainer_files import (SCHEDULER_FILE, TRAINER_STATE_FILE, CheckpointFilesError,
                             logged_learning_rates, read_layout)
 
 

@@ -44,7 +44,8 @@ def main(cfg: dict, y_path: str | None, policy_dir: str, out_path: str) -> None:
 
 if "snakemake" in globals():
     with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
-        main(rule_config(snakemake), snakemake.input.get("Y"), snakemake.input.policy, snakemake.output[0])  # noqa: F821
+        inputs = snakemake.input  # noqa: F821
+        main(rule_config(snakemake), inputs.get("Y"), inputs.policy, snakemake.output[0])  # noqa: F821
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")

@@ -186,21 +186,10 @@ def _trainer_checkpoint(model_dir: Path, out: Path, hidden_size: int = 48, froze
     """A Trainer checkpoint directory: the model of ``model_dir`` with an optimizer.pt in the
     Trainer's grouping, of a toy model with ``hidden_size`` trained with ``frozen`` frozen."""
     import torch
-
-    from entropy_probe.toy import build_model
-    from entropy_probe.trainer_checkpoint import trainer_param_groups
+    from trl_harness import toy_trainer_state
 
     shutil.copytree(model_dir, out)
-    trained = build_model(1, hidden_size=hidden_size)
-    for name, param in trained.named_parameters():
-        param.requires_grad_(name != frozen)
-    decay, no_decay = trainer_param_groups(trained)
-    named = dict(trained.named_parameters())
-    optimizer = torch.optim.AdamW([{"params": [named[n] for n in decay], "weight_decay": 0.1},
-                                   {"params": [named[n] for n in no_decay], "weight_decay": 0.0}], lr=1e-3)
-    trained(input_ids=torch.tensor([[0, 10, 1, 11]])).logits.sum().backward()
-    optimizer.step()
-    torch.save(optimizer.state_dict(), out / "optimizer.pt")
+    torch.save(toy_trainer_state(hidden_size, (frozen,) if frozen else ()), out / "optimizer.pt")
 
 
 def _config(case: Case, inp: Path) -> dict:

@@ -9,7 +9,6 @@ checkpoint after each). The workflow over such a run: tests/test_trajectory_work
 """
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from entropy_probe.trainer_checkpoint import (  # noqa: E402
     TrainerCheckpointError, check_state_fits, load_trainer_checkpoint, trainer_param_groups)
 from entropy_probe.trainer_files import (  # noqa: E402
     pair_id, read_layout, run_checkpoints, safetensors_shapes, same_tensors)
+from trl_harness import toy_trainer_state  # noqa: E402
 from workflow_util import REPO  # noqa: E402
 
 
@@ -119,7 +119,7 @@ def test_checkpoint_config_errors_name_the_key(trl_run, trl_lora_run, toy_policy
         ({"checkpoint": full}, diff | {"next_checkpoint": str(trl_run.checkpoint(1))},
          "update.next_checkpoint: '" + str(trl_run.checkpoint(1)) + "' is global step 1, not after"),
         ({"checkpoint": full}, diff | {"next_checkpoint": str(trl_lora_run.checkpoint(3))},
-         "update.next_checkpoint: does not fit model.checkpoint: " + str(trl_lora_run.checkpoint(3)) + " is a PEFT adapter"),
+         f"update.next_checkpoint: does not fit model.checkpoint: {trl_lora_run.checkpoint(3)} is a PEFT adapter"),
         ({"checkpoint": str(tmp_path)}, {}, "model.checkpoint: " + str(tmp_path) + ": neither a PEFT adapter"),
         ({"checkpoints": str(trl_run.output_dir / "checkpoint-*")}, {"optimizer": "adamw"},
          "update.optimizer: a trajectory (model.checkpoints) probes each step the trainer took"),
@@ -136,7 +136,8 @@ def test_checkpoint_config_errors_name_the_key(trl_run, trl_lora_run, toy_policy
     shutil.copytree(trl_run.checkpoint(3), other)
     toy.build_model(seed=1, hidden_size=32).save_pretrained(other)
     message = _config_error(toy_policy_dir, {"checkpoint": full}, diff | {"next_checkpoint": str(other)})
-    assert "update.next_checkpoint: does not fit model.checkpoint: tensor 'lm_head.weight' has shape (14, 32)" in message
+    assert ("update.next_checkpoint: does not fit model.checkpoint: tensor 'lm_head.weight' has shape (14, 32)"
+            in message)
     # the embedded prompts only go with the embedded policy
     with pytest.raises(ConfigError, match="data.source: 'embedded' prompts only go with the embedded policy"):
         load_config(REPO / "config" / "config.yaml", {"model": {"checkpoint": full}})
@@ -148,18 +149,9 @@ def test_checkpoint_config_errors_name_the_key(trl_run, trl_lora_run, toy_policy
 def _state_of_another_model(tmp_path, source_dir, hidden_size=32, frozen=()):
     """A copy of ``source_dir`` whose optimizer.pt is a Trainer-grouped AdamW state of a toy model
     (another hidden size, or the same model trained with the parameters ``frozen``)."""
-    other = toy.build_model(seed=1, hidden_size=hidden_size)
-    for name, param in other.named_parameters():
-        param.requires_grad_(name not in frozen)
-    names = trainer_param_groups(other)
-    named = dict(other.named_parameters())
-    opt = torch.optim.AdamW([{"params": [named[n] for n in names[0]], "weight_decay": 0.1},
-                             {"params": [named[n] for n in names[1]], "weight_decay": 0.0}], lr=1e-3)
-    other(input_ids=torch.tensor([[0, 10, 1, 11]])).logits.sum().backward()
-    opt.step()
     copy = tmp_path / source_dir.name
     shutil.copytree(source_dir, copy)
-    torch.save(opt.state_dict(), copy / "optimizer.pt")
+    torch.save(toy_trainer_state(hidden_size, frozen), copy / "optimizer.pt")
     return copy
 
 
