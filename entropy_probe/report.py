@@ -102,8 +102,8 @@ def update_note(update: dict | None, comparison: dict | None = None) -> str:
                      f"{update['next_global_step']}; * η = 1 is that step (δH₁: its first-order prediction, ΔH "
                      "(SNIS): what it did with θ's nucleus held fixed)")
     elif update.get("training_eta") is not None:
-        lines.append(f"* η = {update['training_eta']:.4g}: the training lr, the step the trainer takes from this "
-                     f"checkpoint ({update['optimizer']} direction from this U batch)")
+        lines.append(f"* η = {update['training_eta']:.4g}: the training lr, the learning rate of the trainer's next "
+                     f"step (here with the {update['optimizer']} direction from this U batch)")
     if comparison:
         cosine, ratio = comparison["cosine"], comparison["norm_ratio"]
         lines.append(
