@@ -6,14 +6,13 @@ The prompts are the E batch's prepared prompt set (results/data/<E split>.json n
 
 By hand:  python scripts/exact_reference.py CONFIG.yaml POLICY_DIR V.safetensors PREPARED_E.json OUT.json
 """
-import argparse
 import logging
 
 import torch
 
 from entropy_probe import data, exact, models, shards
 from entropy_probe.config import sweep_etas
-from entropy_probe.stage import config_for, rule_config, stage_run
+from entropy_probe.stage import run_stage
 
 
 def main(cfg: dict, policy_dir: str, v_path: str, prepared_path: str, out_path: str) -> None:
@@ -40,17 +39,7 @@ def main(cfg: dict, policy_dir: str, v_path: str, prepared_path: str, out_path: 
     logging.getLogger("exact_reference").info("exact H = %.6g, ∇H·v = %.6g over %d prompts", H, grad_dot_v, len(prompts))
 
 
-if "snakemake" in globals():
-    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
-        main(rule_config(snakemake), snakemake.input.policy, snakemake.input.v, snakemake.input.data,  # noqa: F821
-             snakemake.output[0])  # noqa: F821
-elif __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("policy_dir")
-    parser.add_argument("v")
-    parser.add_argument("prepared", help="results/data/<E split>.json (prepare_data): the E prompt set")
-    parser.add_argument("out")
-    args = parser.parse_args()
-    with stage_run():
-        main(config_for(args.config, "exact_reference"), args.policy_dir, args.v, args.prepared, args.out)
+run_stage(globals(), main, ["policy_dir", "v_path", ("prepared_path", "results/data/<E split>.json: the E prompt set"),
+                            "out_path"],
+          lambda smk: {"policy_dir": smk.input.policy, "v_path": smk.input.v, "prepared_path": smk.input.data,
+                       "out_path": smk.output[0]}, stage="exact_reference")

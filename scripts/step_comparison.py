@@ -5,11 +5,10 @@ agreement, and the δH₁ each predicts (lr·X·v_probe against X·v).
 
 By hand:  python scripts/step_comparison.py CONFIG.yaml Y.safetensors X.safetensors POLICY V.safetensors OUT.json
 """
-import argparse
 import logging
 
 from entropy_probe import checkpoint_step, gradients, shards
-from entropy_probe.stage import config_for, rule_config, stage_run
+from entropy_probe.stage import run_stage
 from entropy_probe.update_builder import UpdateBuilder
 
 log = logging.getLogger("step_comparison")
@@ -40,18 +39,6 @@ def main(cfg: dict, y_path: str, x_path: str, policy: str, step_path: str, out_p
              result["step_delta_h1"])
 
 
-if "snakemake" in globals():
-    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
-        inputs = snakemake.input  # noqa: F821
-        main(rule_config(snakemake), inputs.Y, inputs.X, inputs.policy, inputs.v, snakemake.output[0])  # noqa: F821
-elif __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("y")
-    parser.add_argument("x")
-    parser.add_argument("policy")
-    parser.add_argument("v")
-    parser.add_argument("out")
-    args = parser.parse_args()
-    with stage_run():
-        main(config_for(args.config, "step_comparison"), args.y, args.x, args.policy, args.v, args.out)
+run_stage(globals(), main, ["y_path", "x_path", "policy", "step_path", "out_path"],
+          lambda smk: {"y_path": smk.input.Y, "x_path": smk.input.X, "policy": smk.input.policy,
+                       "step_path": smk.input.v, "out_path": smk.output[0]}, stage="step_comparison")

@@ -4,20 +4,20 @@ With update.optimizer checkpoint_diff there is no U batch behind v (no jackknife
 where the checkpoint has its optimizer state, the probe's own AdamW step is compared with the
 trainer's (step_comparison.json).
 
-By hand:  python scripts/summary.py CONFIG.yaml DELTA_H1.json DELTA_H_SNIS.json OUT_DIR [--u-jackknife U_JACKKNIFE.json]
-          [--u-objective U_OBJECTIVE.safetensors] [--step-comparison STEP_COMPARISON.json] [--exact EXACT.json]
+By hand:  python scripts/summary.py CONFIG.yaml DELTA_H1.json DELTA_H_SNIS.json SUMMARY.json SUMMARY.txt PLOT.png
+          [--jackknife_path U_JACKKNIFE.json] [--objective_path U_OBJECTIVE.safetensors]
+          [--comparison_path STEP_COMPARISON.json] [--exact_path EXACT.json]
 """
-import argparse
-from pathlib import Path
 
 from entropy_probe import normalization, report, shards
-from entropy_probe.stage import config_for, rule_config, stage_run
+from entropy_probe.stage import run_stage
 from entropy_probe.stage_keys import STAGE_KEYS, nest
 
 
-def main(config: dict, delta_h1_path: str, snis_path: str, jackknife_path: str | None, objective_path: str | None,
-         json_path: str, table_path: str, plot_path: str, exact_path: str | None = None,
+def main(cfg: dict, delta_h1_path: str, snis_path: str, json_path: str, table_path: str, plot_path: str,
+         jackknife_path: str | None = None, objective_path: str | None = None, exact_path: str | None = None,
          comparison_path: str | None = None) -> None:
+    config = _defining_only(cfg)
     first_order, measured = shards.read_json(delta_h1_path), shards.read_json(snis_path)
     jackknife = shards.read_json(jackknife_path) if jackknife_path else None
     objective = shards.read_metadata(objective_path) if objective_path else None
@@ -53,25 +53,13 @@ def _defining_only(config: dict) -> dict:
     return {section: {k: config[section][k] for k in keys} for section, keys in defining.items()}
 
 
-if "snakemake" in globals():
-    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
-        inputs, outputs = snakemake.input, snakemake.output  # noqa: F821
-        main(_defining_only(rule_config(snakemake)), inputs.delta_h1, inputs.delta_h_snis,  # noqa: F821
-             inputs.get("u_jackknife"), inputs.get("u_objective"), outputs.json, outputs.table, outputs.plot,
-             inputs.get("exact"), inputs.get("step_comparison"))
-elif __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("delta_h1")
-    parser.add_argument("delta_h_snis")
-    parser.add_argument("out_dir")
-    parser.add_argument("--u-jackknife", help="u_jackknife JSON (v from a U batch)")
-    parser.add_argument("--u-objective", help="u_objective shard (v from a U batch)")
-    parser.add_argument("--step-comparison", help="step_comparison JSON (checkpoint_diff with an optimizer state)")
-    parser.add_argument("--exact", help="exact_reference JSON (embedded policy only)")
-    args = parser.parse_args()
-    with stage_run():
-        out = Path(args.out_dir)
-        main(_defining_only(config_for(args.config, "summary")), args.delta_h1, args.delta_h_snis, args.u_jackknife,
-             args.u_objective, out / "summary.json", out / "summary.txt", out / "plot.png", args.exact,
-             args.step_comparison)
+run_stage(globals(), main, ["delta_h1_path", "snis_path", "json_path", "table_path", "plot_path",
+                            ("--jackknife_path", "u_jackknife JSON (v from a U batch)"),
+                            ("--objective_path", "u_objective shard (v from a U batch)"),
+                            ("--exact_path", "exact_reference JSON (embedded policy only)"),
+                            ("--comparison_path", "step_comparison JSON (checkpoint_diff with an optimizer state)")],
+          lambda smk: {"delta_h1_path": smk.input.delta_h1, "snis_path": smk.input.delta_h_snis,
+                       "jackknife_path": smk.input.get("u_jackknife"), "objective_path": smk.input.get("u_objective"),
+                       "json_path": smk.output.json, "table_path": smk.output.table, "plot_path": smk.output.plot,
+                       "exact_path": smk.input.get("exact"), "comparison_path": smk.input.get("step_comparison")},
+          stage="summary")

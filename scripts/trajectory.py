@@ -2,13 +2,12 @@
 trajectory.json (the rows and every pair's summary), trajectory.txt (the table, also printed) and
 trajectory.png.
 
-By hand:  python scripts/trajectory.py OUT_DIR PAIR_SUMMARY.json...   (in training order)
+By hand:  python scripts/trajectory.py OUT.json OUT.txt OUT.png PAIR_SUMMARY.json...   (in training order)
 """
-import argparse
 from pathlib import Path
 
 from entropy_probe import report, shards, trajectory_report
-from entropy_probe.stage import stage_run
+from entropy_probe.stage import run_stage
 
 
 def main(summary_paths: list[str], json_path: str, table_path: str, plot_path: str) -> None:
@@ -27,15 +26,7 @@ def main(summary_paths: list[str], json_path: str, table_path: str, plot_path: s
     print(table)
 
 
-if "snakemake" in globals():
-    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
-        out = snakemake.output  # noqa: F821
-        main(list(snakemake.input), out.json, out.table, out.plot)  # noqa: F821
-elif __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out_dir")
-    parser.add_argument("summaries", nargs="+")
-    args = parser.parse_args()
-    with stage_run():
-        out = Path(args.out_dir)
-        main(args.summaries, out / "trajectory.json", out / "trajectory.txt", out / "trajectory.png")
+run_stage(globals(), main, ["json_path", "table_path", "plot_path",
+                            ("summary_paths", "the pairs' summary.json, in training order", {"nargs": "+"})],
+          lambda smk: {"summary_paths": list(smk.input), "json_path": smk.output.json, "table_path": smk.output.table,
+                       "plot_path": smk.output.plot})

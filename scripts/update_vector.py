@@ -8,17 +8,17 @@ probe's parameters (no Y), η = 1 the trainer's step.
 By hand:  python scripts/update_vector.py CONFIG.yaml Y.safetensors POLICY_DIR OUT.safetensors
           python scripts/update_vector.py CONFIG.yaml - POLICY OUT.safetensors   (checkpoint_diff)
 """
-import argparse
 import logging
 
 from entropy_probe import checkpoint_step, gradients, guards, losses, shards
-from entropy_probe.stage import config_for, rule_config, stage_run
+from entropy_probe.stage import run_stage
 from entropy_probe.update_builder import UpdateBuilder
 
 log = logging.getLogger("update_vector")
 
 
 def main(cfg: dict, y_path: str | None, policy_dir: str, out_path: str) -> None:
+    y_path = None if y_path == "-" else y_path
     if cfg["update"]["optimizer"] == checkpoint_step.CHECKPOINT_DIFF:
         following = cfg["update"]["next_checkpoint"]
         v, meta = checkpoint_step.step_vector(cfg, policy_dir, following)
@@ -42,16 +42,6 @@ def main(cfg: dict, y_path: str | None, policy_dir: str, out_path: str) -> None:
              gradients.global_norm(v), len(v), meta["grad_norm"], meta["clip_coef"])
 
 
-if "snakemake" in globals():
-    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
-        inputs = snakemake.input  # noqa: F821
-        main(rule_config(snakemake), inputs.get("Y"), inputs.policy, snakemake.output[0])  # noqa: F821
-elif __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("y")
-    parser.add_argument("policy_dir")
-    parser.add_argument("out")
-    args = parser.parse_args()
-    with stage_run():
-        main(config_for(args.config, "update_vector"), None if args.y == "-" else args.y, args.policy_dir, args.out)
+run_stage(globals(), main, [("y_path", "Y gradient ('-' for checkpoint_diff)"), "policy_dir", "out_path"],
+          lambda smk: {"y_path": smk.input.get("Y"), "policy_dir": smk.input.policy, "out_path": smk.output[0]},
+          stage="update_vector")

@@ -66,8 +66,9 @@ def test_a_generation_key_reruns_everything_from_the_rollouts(cache_dir):
                     "reduce_gradients": 2, "u_jackknife": 1} | AFTER_V
 
 
-EXECUTION = {"generation.tf_chunk_tokens": 5, "generation.tf_batch_size": 7, "generation.gen_batch_size": 8,
-             "batch_config.rollout_batch_size": 3, "model.device": "cpu"}
+# other layouts than the defaults (1024, 64, 64, 16, auto), not so small that the forced run is slow
+EXECUTION = {"generation.tf_chunk_tokens": 100, "generation.tf_batch_size": 48, "generation.gen_batch_size": 24,
+             "batch_config.rollout_batch_size": 5, "model.device": "cpu"}
 
 
 @pytest.mark.parametrize("key", sorted(EXECUTION))
@@ -118,6 +119,9 @@ def test_a_run_forced_through_with_other_execution_knobs_reports_the_same_number
     old, new = _numbers({k: v for k, v in before.items() if k != "config"}), _numbers(after)
     assert old.keys() == {k for k in new if not k.startswith("/config")}
     for key, value in old.items():
+        if key.endswith("relative_difference"):  # the size of the rounding itself
+            assert new[key] < 1e-4
+            continue
         # fp32 teacher forcing in other batch and chunk shapes: rounding, far below any SE
         assert new[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
 

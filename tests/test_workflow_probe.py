@@ -35,7 +35,7 @@ def test_report_files_and_provenance(probe_dir, summary):
     results = probe_dir / "results"
     assert (results / "plot.png").stat().st_size > 10_000
     table = (results / "summary.txt").read_text()
-    assert "δH₁" in table and len(table.splitlines()) == 2 + len(ETAS)
+    assert "δH₁" in table and len(table.splitlines()) == 3 + len(ETAS)  # title, header, rows, the U batch line
     assert summary["config"]["estimator"]["eta_list"] == ETAS
     assert len(summary["git_commit"]) == 40 and summary["model_fingerprint"]
     assert [row["eta"] for row in summary["rows"]] == ETAS
@@ -90,5 +90,5 @@ def test_snakemake_report_opens_on_the_table_and_the_plot(probe_dir):
     rows = (probe_dir / "results" / "summary.txt").read_text().splitlines()[2:]
     assert rows and all(row.strip()[:40] in html for row in rows)  # every row of the table
     plot = base64.b64encode((probe_dir / "results" / "plot.png").read_bytes()).decode()
-    assert f"data:image/png;base64,{plot[:200]}" in html  # the plot, embedded
+    assert f"filename=plot.png;base64,{plot[:200]}" in html  # the plot itself, as a data URI
     assert "Units: nats per token" in html

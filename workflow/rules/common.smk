@@ -9,9 +9,10 @@ from snakemake.utils import validate
 
 # The entropy_probe package of this checkout, for the Snakefile and for every job's script (also
 # when it is not pip-installed, or another checkout is): jobs inherit the environment.
+# (set, not required from the user: no envvars directive)
 sys.path.insert(0, workflow.basedir)
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(p for p in (workflow.basedir, os.getenv("PYTHONPATH")) if p)
 )
 
 from entropy_probe.config import ConfigError, check_config, check_renamed
