@@ -96,6 +96,7 @@ def delta_h(log_w: Tensor, S_shifted: Tensor, S: Tensor, T: Tensor, own_differs:
         "se": norm.standard_error(psi_shifted - psi_base),
         "H_shifted": H_shifted,
         "H_base": H_base,
+        "H_base_se": norm.standard_error(psi_base),
         "ess": float(w.sum() ** 2 / (w**2).sum()),
         "num_sequences": int(S.numel()),
         "log_weight_min": float(log_w.min()),

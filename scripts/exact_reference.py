@@ -21,7 +21,7 @@ def main(cfg: dict, policy_dir: str, v_path: str, prepared_path: str, out_path: 
     # only for it), and on a cluster this small job runs on a CPU node.
     model = models.load_policy(policy_dir, cfg["model"]["dtype"], "cpu")
     tokenizer = models.load_tokenizer(policy_dir)
-    v, _ = shards.read_shard(v_path, {"kind": "v", "model_fingerprint": models.fingerprint(policy_dir)})
+    v, v_meta = shards.read_shard(v_path, {"kind": "v", "model_fingerprint": models.fingerprint(policy_dir)})
     e_set = shards.read_json(prepared_path)
     examples = data.load_prepared(e_set["file"], e_set["sha256"])
     prompts = [e["prompt"] for e in examples]
@@ -31,7 +31,7 @@ def main(cfg: dict, policy_dir: str, v_path: str, prepared_path: str, out_path: 
     grad_dot_v = exact.dot(grad, v)
     with torch.no_grad():
         H_at = {eta: exact.exact_entropy_at(model, tokenizer, prompts, direction=v, eta=eta, nucleus="base", **kwargs)
-                for eta in [0.0, *sweep_etas(est)]}
+                for eta in [0.0, *sweep_etas(est, v_meta.get("training_eta"))]}
     delta = {eta: h - H_at[0.0] for eta, h in H_at.items() if eta != 0.0}
     result = {"H": H, "grad_H_dot_v": grad_dot_v, "num_prompts": len(prompts),
               "delta_h": [{"eta": eta, "exact_delta_h": d, "exact_delta_h1": eta * grad_dot_v} for eta, d in delta.items()]}

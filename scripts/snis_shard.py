@@ -1,5 +1,6 @@
 """Stage: per-sequence importance log-weights and shifted entropies of one E shard at every
-θ' = θ + ηv of the sweep (θ's nucleus kept), for the SNIS estimate of ΔH(η).
+θ' = θ + ηv of the sweep (θ's nucleus kept), for the SNIS estimate of ΔH(η). The sweep is
+estimator.eta_list plus the η of the trainer's step when v records one (a trainer checkpoint).
 
 By hand:  python scripts/snis_shard.py CONFIG.yaml ROLLOUT.safetensors POLICY_DIR V.safetensors OUT.safetensors
 """
@@ -16,8 +17,8 @@ def main(cfg: dict, rollout_path: str, policy_dir: str, v_path: str, out_path: s
     gen = cfg["generation"]
     model, tokenizer, fingerprint = stage_inputs.load_policy(cfg, policy_dir)
     [rollout] = stage_inputs.read_rollouts([rollout_path], cfg, "E", fingerprint)
-    v, _ = shards.read_shard(v_path, {"kind": "v", "model_fingerprint": fingerprint})
-    etas = sweep_etas(cfg["estimator"])
+    v, v_meta = shards.read_shard(v_path, {"kind": "v", "model_fingerprint": fingerprint})
+    etas = sweep_etas(cfg["estimator"], v_meta.get("training_eta"))
     out = snis.snis_pass(model, v, rollout, etas, pad_token_id=tokenizer.pad_token_id,
                          temperature=gen["temperature"], top_p=gen["top_p"], tf_batch_size=gen["tf_batch_size"],
                          chunk_tokens=gen["tf_chunk_tokens"], autocast_dtype=gen["autocast_dtype"])

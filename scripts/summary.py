@@ -1,7 +1,12 @@
 """Stage: the final report: summary.json (every number, the config values that define them,
 version, git commit, model fingerprint), summary.txt (the table, also printed) and plot.png.
+With update.optimizer checkpoint_diff there is no U batch behind v (no jackknife, no U objective);
+where the checkpoint has its optimizer state, the probe's own AdamW step is compared with the
+trainer's (step_comparison.json).
 
-By hand:  python scripts/summary.py CONFIG.yaml DELTA_H1.json DELTA_H_SNIS.json U_JACKKNIFE.json U_OBJECTIVE.safetensors SUMMARY.json SUMMARY.txt PLOT.png [--exact_path EXACT.json]
+By hand:  python scripts/summary.py CONFIG.yaml DELTA_H1.json DELTA_H_SNIS.json SUMMARY.json SUMMARY.txt PLOT.png
+          [--jackknife_path U_JACKKNIFE.json] [--objective_path U_OBJECTIVE.safetensors]
+          [--comparison_path STEP_COMPARISON.json] [--exact_path EXACT.json]
 """
 
 from entropy_probe import normalization, report, shards
@@ -9,26 +14,30 @@ from entropy_probe.stage import run_stage
 from entropy_probe.stage_keys import STAGE_KEYS, nest
 
 
-def main(cfg: dict, delta_h1_path: str, snis_path: str, jackknife_path: str, objective_path: str, json_path: str,
-         table_path: str, plot_path: str, exact_path: str | None = None) -> None:
+def main(cfg: dict, delta_h1_path: str, snis_path: str, json_path: str, table_path: str, plot_path: str,
+         jackknife_path: str | None = None, objective_path: str | None = None, exact_path: str | None = None,
+         comparison_path: str | None = None) -> None:
     config = _defining_only(cfg)
     first_order, measured = shards.read_json(delta_h1_path), shards.read_json(snis_path)
-    jackknife = shards.read_json(jackknife_path)
-    objective = shards.read_metadata(objective_path)
+    jackknife = shards.read_json(jackknife_path) if jackknife_path else None
+    objective = shards.read_metadata(objective_path) if objective_path else None
     exact = shards.read_json(exact_path) if exact_path else None
+    comparison = shards.read_json(comparison_path) if comparison_path else None
     if first_order["model_fingerprint"] != measured["model_fingerprint"]:
         raise shards.ShardError(f"{delta_h1_path} and {snis_path} come from different models")
     exact_by_eta = {r["eta"]: r["exact_delta_h"] for r in exact["delta_h"]} if exact else None
     rows = report.combine(first_order, measured, jackknife, exact_by_eta)
-    u_batch = {"informative_groups": objective["informative_groups"], "num_groups": objective["num_groups"],
-               "loss_type": objective["loss_type"], "loss_formula": objective["loss_formula"]}
+    u_batch = None if objective is None else {
+        "informative_groups": objective["informative_groups"], "num_groups": objective["num_groups"],
+        "loss_type": objective["loss_type"], "loss_formula": objective["loss_formula"]}
     unit = normalization.get(first_order["normalization"]).unit
-    table = report.format_table(rows, unit, u_batch)
+    table = report.format_table(rows, unit, u_batch, first_order.get("update"), comparison)
     with shards.atomic_path(plot_path, suffix=".png") as tmp:
         report.plot(rows, tmp, unit)
     shards.write_json(json_path, {
         "rows": rows, "first_order": first_order, "delta_h_snis": measured, "u_jackknife": jackknife, "exact": exact,
         "u_batch": u_batch, "unit": unit, "model_fingerprint": first_order["model_fingerprint"],
+        "update": first_order.get("update"), "step_comparison": comparison,
         "config": config,
         **report.provenance(),
     })
@@ -44,9 +53,13 @@ def _defining_only(config: dict) -> dict:
     return {section: {k: config[section][k] for k in keys} for section, keys in defining.items()}
 
 
-run_stage(globals(), main, ["delta_h1_path", "snis_path", "jackknife_path", "objective_path", "json_path", "table_path",
-                            "plot_path", ("--exact_path", "exact_reference JSON (embedded policy only)")],
+run_stage(globals(), main, ["delta_h1_path", "snis_path", "json_path", "table_path", "plot_path",
+                            ("--jackknife_path", "u_jackknife JSON (v from a U batch)"),
+                            ("--objective_path", "u_objective shard (v from a U batch)"),
+                            ("--exact_path", "exact_reference JSON (embedded policy only)"),
+                            ("--comparison_path", "step_comparison JSON (checkpoint_diff with an optimizer state)")],
           lambda smk: {"delta_h1_path": smk.input.delta_h1, "snis_path": smk.input.delta_h_snis,
-                       "jackknife_path": smk.input.u_jackknife, "objective_path": smk.input.u_objective,
+                       "jackknife_path": smk.input.get("u_jackknife"), "objective_path": smk.input.get("u_objective"),
                        "json_path": smk.output.json, "table_path": smk.output.table, "plot_path": smk.output.plot,
-                       "exact_path": smk.input.get("exact")}, stage="summary")
+                       "exact_path": smk.input.get("exact"), "comparison_path": smk.input.get("step_comparison")},
+          stage="summary")

@@ -124,3 +124,18 @@ def test_a_run_forced_through_with_other_execution_knobs_reports_the_same_number
             continue
         # fp32 teacher forcing in other batch and chunk shapes: rounding, far below any SE
         assert new[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+
+
+DEFAULT_DAG = {"build_policy": 1, "prepare_data": 1, "plan": 2, "rollout": 4, "e_stats": 1, "u_objective": 1,
+               "teacher_force_x": 2, "teacher_force_y": 2, "reduce_gradients": 2, "u_jackknife": 1, "update_vector": 1,
+               "directional": 2, "snis_shard": 2, "delta_h1": 1, "delta_h_snis": 1, "exact_reference": 1, "summary": 1,
+               "all": 1}
+
+
+def test_the_default_config_runs_no_checkpoint_rule(tmp_path):
+    """Trainer checkpoints add rules (step_comparison, trajectory, results/pairs/): the default
+    config's DAG has none of them, its layout is unchanged."""
+    from conftest import write_run_config
+
+    write_run_config(tmp_path)
+    assert dry_run_jobs(tmp_path, RUN_CONFIG) == DEFAULT_DAG

@@ -104,15 +104,9 @@ if EXACT_REFERENCE:
 
 rule summary:
     input:
-        unpack(
-            lambda wc: (
-                {"exact": rules.exact_reference.output[0]} if EXACT_REFERENCE else {}
-            )
-        ),
+        unpack(summary_inputs),
         delta_h1=rules.delta_h1.output.json,
         delta_h_snis=rules.delta_h_snis.output[0],
-        u_jackknife=rules.u_jackknife.output[0],
-        u_objective=U_OBJECTIVE,
     output:
         json=f"{RESULTS}/summary.json",
         table=report(
