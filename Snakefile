@@ -6,6 +6,8 @@
 #   snakemake --cores 2 rollouts              up to the rollout shards
 #   snakemake --cores 2 --configfile my.yaml  another config (validated first)
 #   snakemake --report report.html            the report (its landing page: the table and the plot)
+# With model.checkpoints (a trainer's run) the default target is the report over training
+# (results/trajectory.*), one probe per pair of checkpoints under results/pairs/<pair>/.
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -25,15 +27,16 @@ include: "workflow/rules/teacher_force.smk"
 include: "workflow/rules/update.smk"
 include: "workflow/rules/fresh.smk"
 include: "workflow/rules/statistics.smk"
+include: "workflow/rules/checkpoint.smk"
 
 
 rule rollouts:
     input:
-        shard_paths(f"{RESULTS}/rollouts/E/shard_{{shard}}.safetensors", "E"),
-        shard_paths(f"{RESULTS}/rollouts/U/shard_{{shard}}.safetensors", "U"),
+        every_run(shard_paths(f"{RESULTS}/rollouts/E/shard_{{shard}}.safetensors", "E")),
+        every_run(shard_paths(f"{RESULTS}/rollouts/U/shard_{{shard}}.safetensors", "U")),
 
 
 rule all:
     default_target: True
     input:
-        rules.summary.output,
+        rules.trajectory.output if PAIR_CONFIGS else rules.summary.output,

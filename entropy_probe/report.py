@@ -2,6 +2,7 @@
 ΔH(η) and δH₁(η) against η."""
 from __future__ import annotations
 
+import math
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -24,6 +25,26 @@ def provenance() -> dict:
     return {"package_version": version, "git_commit": commit, "git_dirty": dirty}
 
 
+UPDATE_ACCOUNT = ("optimizer", "loss_type", "training_eta", "training_eta_label", "training_lr", "next_checkpoint",
+                  "next_global_step", "steps_between", "step_norm", "optimizer_step")
+CHECKPOINT_ACCOUNT = ("path", "kind", "global_step", "learning_rate", "learning_rate_source")
+
+
+def update_account(v_meta: dict) -> dict:
+    """What the report says about v, from its metadata: the optimizer, and for a trainer
+    checkpoint its global step, the learning rate of the next step (and its source) and the η at
+    which η·v is the trainer's step (entropy_probe.checkpoint_step)."""
+    out = {key: v_meta[key] for key in UPDATE_ACCOUNT if key in v_meta}
+    if v_meta.get("checkpoint"):
+        out["checkpoint"] = {key: v_meta["checkpoint"].get(key) for key in CHECKPOINT_ACCOUNT}
+    return out
+
+
+def is_training_eta(eta: float, update: dict | None) -> bool:
+    training = (update or {}).get("training_eta")
+    return training is not None and math.isclose(eta, training, rel_tol=1e-9)
+
+
 # What each column is (the table's legend, the plot's labels, summary.json's "columns").
 COLUMNS = {
     "delta_h1": "δH₁: first order, η·X·v",
@@ -34,7 +55,7 @@ COLUMNS = {
 }
 
 
-def combine(first_order: dict, snis: dict, jackknife: dict, exact: dict | None = None, sampler: dict | None = None,
+def combine(first_order: dict, snis: dict, jackknife: dict | None, exact: dict | None = None, sampler: dict | None = None,
             linearity: dict | None = None) -> list[dict]:
     """One row per η of the sweep (and per fresh-rollout η outside it): δH₁ with its E-side SE
     and, when the U jackknife is available, its U-side and total SE (E and U batches are
@@ -43,8 +64,9 @@ def combine(first_order: dict, snis: dict, jackknife: dict, exact: dict | None =
     difference (ΔH(η) − ΔH(−η))/2 when −η was measured; the sampler's own ΔH (fresh rollouts)
     ± SE, the responses that changed and the coupling's SE factor; and the exact values of both
     ΔH (and η·∇H·v) when known (``exact``: {η: {"exact_delta_h", "exact_delta_h_sampler",
-    "exact_delta_h1"}})."""
+    "exact_delta_h1"}}). The row of the trainer's step (v's training η) says so (``training``)."""
     measured = {row["eta"]: row for row in snis["rows"]}
+    update = first_order.get("update")
     fresh = {row["eta"]: row for row in (sampler or {}).get("rows", [])}
     predicted = {pred["eta"]: pred for pred in first_order["delta_h1"]}
     for eta in fresh:  # a fresh-rollout η outside eta_list: δH₁ = η·X·v all the same
@@ -55,7 +77,9 @@ def combine(first_order: dict, snis: dict, jackknife: dict, exact: dict | None =
     for eta in swept + sorted(set(predicted) - set(swept)):
         pred = predicted[eta]
         row = {"eta": eta, "delta_h1": pred["delta_h1"], "delta_h1_se": pred["se"]}
-        if jackknife["available"]:
+        if is_training_eta(eta, update):
+            row["training"] = update["training_eta_label"]
+        if jackknife is not None and jackknife["available"]:
             se_u = abs(eta) * jackknife["X_dot_v_se_u"]
             row |= {"delta_h1_se_u": se_u, "delta_h1_se_total": (pred["se"] ** 2 + se_u**2) ** 0.5}
         if eta in measured:
@@ -92,8 +116,38 @@ def u_batch_note(u_batch: dict) -> str:
     return line
 
 
+def update_note(update: dict | None, comparison: dict | None = None) -> str:
+    """Lines on the trainer checkpoint behind v: its step, the learning rate of the next step, the
+    η marked * in the table; for a checkpoint difference, the probe's own AdamW step against it."""
+    checkpoint = (update or {}).get("checkpoint")
+    if not checkpoint:
+        return ""
+    lr = checkpoint["learning_rate"]
+    lr_text = f"{lr:.4g} ({checkpoint['learning_rate_source']})" if lr is not None else "unknown (no scheduler.pt, " \
+        "no learning_rate logged at this step)"
+    lines = [f"Trainer checkpoint {checkpoint['path']} (global step {checkpoint['global_step']}, "
+             f"{checkpoint['kind']}); learning rate: {lr_text}"]
+    if update.get("optimizer") == "checkpoint_diff":
+        lines.append(f"v = θ({update['next_checkpoint']}) − θ(checkpoint): the trainer's step"
+                     f"{'' if update.get('steps_between') == 1 else 's'} {checkpoint['global_step']} -> "
+                     f"{update['next_global_step']}; * η = 1 is that step (δH₁: its first-order prediction, ΔH "
+                     "(SNIS): what it did with θ's nucleus held fixed)")
+    elif update.get("training_eta") is not None:
+        lines.append(f"* η = {update['training_eta']:.4g}: the training lr, the learning rate of the trainer's next "
+                     f"step (here with the {update['optimizer']} direction from this U batch)")
+    if comparison:
+        cosine, ratio = comparison["cosine"], comparison["norm_ratio"]
+        lines.append(
+            f"The probe's own AdamW step (this checkpoint's optimizer state, this U batch's Y, lr {lr:.4g}) against "
+            f"the trainer's: cosine {cosine:.3f}, norm ratio {ratio:.3f}, sign agreement "
+            f"{comparison['sign_agreement']:.3f}; its δH₁ = lr·X·v = {comparison['probe_delta_h1']:.4g}"
+            if cosine is not None and ratio is not None else "The probe's own AdamW step: the trainer's step is 0")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict], unit: str, u_batch: dict | None = None, entropy: str = "sampler",
-                 min_ess_fraction: float | None = None) -> str:
+                 min_ess_fraction: float | None = None, update: dict | None = None,
+                 comparison: dict | None = None) -> str:
     """The summary table: a legend naming every column, one line per η, the flags' meaning and
     the U batch's signal. No '<', '>', '&' or apostrophe (the report's HTML shows it verbatim
     and would escape them)."""
@@ -123,7 +177,7 @@ def format_table(rows: list[dict], unit: str, u_batch: dict | None = None, entro
             flagged = True
         coupling = f"{r['coupling_se_factor']:.3g}x" if r.get("coupling_se_factor") else "-"
         lines.append(
-            f"{f(r['eta']):>8} {f(r['delta_h1']):>10} {f(r['delta_h1_se'], '.2g'):>7} "
+            f"{f(r['eta']) + ('*' if r.get('training') else ''):>8} {f(r['delta_h1']):>10} {f(r['delta_h1_se'], '.2g'):>7} "
             f"{f(r.get('delta_h1_se_total'), '.2g'):>7} | {f(r.get('delta_h')):>12} {f(r.get('delta_h_se'), '.2g'):>7} "
             f"{ess:>6} {f(r.get('ratio_delta_h1_over_delta_h'), '.3f'):>7} {f(r.get('ratio_se'), '.2g'):>6} "
             f"{f(r.get('central_difference')):>10} | {f(r.get('delta_h_sampler')):>10} "
@@ -136,6 +190,9 @@ def format_table(rows: list[dict], unit: str, u_batch: dict | None = None, entro
                      "fails); read the ΔH sampler column (fresh rollouts), which has no weights")
     if u_batch is not None:
         lines.append(u_batch_note(u_batch))
+    note = update_note(update, comparison)
+    if note:
+        lines.append(note)
     return "\n".join(lines) + "\n"
 
 
@@ -186,7 +243,6 @@ def plot(rows: list[dict], path: str | Path, unit: str) -> list[str]:
     ax.axhline(0.0, color="gray", lw=0.8)
     ax.set(xscale="log", xlabel="learning rate η", ylabel=f"ΔH(η) / η  ({unit} per unit η)",
            title="Entropy change of one step, per unit η (first order: flat at X·v)")
-    ax.legend(fontsize=7)
     eta, y, err, chosen = series("ratio_delta_h1_over_delta_h", "ratio_se", scale=False)
     if eta:
         ax_ratio.errorbar(eta, y, yerr=err, marker="o", capsize=3, label="δH₁ / ΔH (SNIS), delta-method SE")
@@ -198,6 +254,11 @@ def plot(rows: list[dict], path: str | Path, unit: str) -> list[str]:
     if exact:
         ax_ratio.plot([r["eta"] for r in exact], [r["exact_delta_h1"] / r["exact_delta_h"] for r in exact], "k--",
                       label="exact η·∇H·v / exact ΔH (nucleus of θ)")
+    for r in rows:
+        if r.get("training"):
+            for axis in (ax, ax_ratio):
+                axis.axvline(r["eta"], color="tab:red", ls=":", lw=1.2, label=r["training"] if axis is ax else None)
+    ax.legend(fontsize=7)
     ax_ratio.axhline(1.0, color="gray", lw=0.8)
     ax_ratio.set(xscale="log", xlabel="learning rate η", ylabel="δH₁ / ΔH", title="linearity (→ 1 as η → 0)")
     ax_ratio.legend(fontsize=7)

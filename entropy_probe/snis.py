@@ -118,6 +118,7 @@ def delta_h(log_w: Tensor, S_shifted: Tensor, S: Tensor, T: Tensor, own_differs:
         "se": norm.standard_error(influence),
         "H_shifted": H_shifted,
         "H_base": H_base,
+        "H_base_se": norm.standard_error(base_influence(S, T, G, normalization)[1]),
         "ess": ess,
         "ess_fraction": ess / S.numel(),
         "ess_low": ess < MIN_ESS_FRACTION * S.numel(),
@@ -132,9 +133,15 @@ def ratio_terms(log_w: Tensor, S_shifted: Tensor, S: Tensor, T: Tensor, G: int,
                 normalization: str) -> tuple[float, float, Tensor]:
     """(H(θ'), H̄(θ), ψ): the two ratios of :func:`delta_h` and the per-prompt-group linearized
     contributions ψ_b of ΔH = H(θ') − H̄(θ) (``[n]``; the SE is sd(ψ)/√n)."""
-    log_w, S_shifted, S = (x.double() for x in (log_w, S_shifted, S))
+    log_w, S_shifted = log_w.double(), S_shifted.double()
     D = norm.get(normalization).denominators(T)
     w = torch.exp(log_w - log_w.max())
     H_shifted, psi_shifted = norm.ratio_influence(norm.group_sums(w * S_shifted, G), norm.group_sums(w * D, G))
-    H_base, psi_base = norm.ratio_influence(norm.group_sums(S, G), norm.group_sums(D, G))
+    H_base, psi_base = base_influence(S, T, G, normalization)
     return H_shifted, H_base, psi_shifted - psi_base
+
+
+def base_influence(S: Tensor, T: Tensor, G: int, normalization: str) -> tuple[float, Tensor]:
+    """(H̄(θ), ψ): the plug-in entropy of the batch and its per-prompt-group influence terms."""
+    D = norm.get(normalization).denominators(T)
+    return norm.ratio_influence(norm.group_sums(S.double(), G), norm.group_sums(D, G))

@@ -26,12 +26,13 @@ REWARD = ("reward.name", "reward.function", "reward.format_weight")
 PASS_NUMERICS = ("model.dtype", "model.trainable", "generation.autocast_dtype", "estimator.param_filter")
 X_ESTIMATOR = ("estimator.normalization", "estimator.baseline", "generation.rb_requires_grad", "estimator.entropy")
 UPDATE_RULE = ("update.optimizer", "update.optimizer_state", "update.optimizer_param_names", "update.max_grad_norm",
-               "model.name_or_path", "model.dtype")
+               "model.name_or_path", "model.dtype", "model.checkpoint", "model.trainable", "update.next_checkpoint",
+               "estimator.param_filter")
 ETA_SWEEP = ("estimator.eta_list", "estimator.central_difference")
 
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "build_policy": ("toy.seed", "toy.max_operand", "toy.target_accuracy", "toy.max_steps"),
-    "policy_spec": ("model.name_or_path", "model.adapter_path", "model.trust_remote_code"),
+    "policy_spec": ("model.name_or_path", "model.adapter_path", "model.trust_remote_code", "model.checkpoint"),
     "prepare_data": ("data.source", "data.config_name", "data.prompt_field", "data.answer_field",
                      "data.answer_pattern", "data.prompt_template", "data.use_chat_template", "data.system_prompt",
                      "data.max_prompt_tokens"),
@@ -57,6 +58,9 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "delta_h_sampler": ("estimator.fresh_etas", "estimator.normalization", "estimator.entropy", "batch_config.G"),
     "exact_reference": SAMPLING + ETA_SWEEP + ("estimator.fresh_etas", "estimator.normalization",
                                               "estimator.entropy", "model.dtype"),
+    # the probe's own AdamW step (checkpoint's state, U batch's Y) against the trainer's step
+    "step_comparison": ("model.checkpoint", "model.trainable", "model.dtype", "update.max_grad_norm"),
+    "trajectory": (),  # reads the pairs' summaries only
 }
 # The summary records every defining value (its params: the union of all stages' keys).
 STAGE_KEYS["summary"] = tuple(sorted({key for keys in STAGE_KEYS.values() for key in keys}))
@@ -65,18 +69,18 @@ STAGE_KEYS["summary"] = tuple(sorted({key for keys in STAGE_KEYS.values() for ke
 EXECUTION_KEYS = ("model.device", "batch_config.rollout_batch_size", "generation.gen_batch_size",
                   "generation.tf_batch_size", "generation.tf_chunk_tokens")
 # Decide which files exist (the DAG), not what a file holds: no stage reads them as values.
-STRUCTURE_KEYS = ("data.split", "data.E_split", "data.U_split")
+STRUCTURE_KEYS = ("data.split", "data.E_split", "data.U_split", "model.checkpoints")
 
 # The two batches: a stage of one side never depends on the other side's keys.
 U_ONLY_KEYS = ("batch_config.B_U", "batch_config.U_num_shards", "batch_config.scale_rewards", "data.U_split",
                "update.loss_type", "update.max_completion_length", "update.loss_scale_factor",
                "update.micro_batch_size", "update.optimizer", "update.optimizer_state",
-               "update.optimizer_param_names", "update.max_grad_norm")
+               "update.optimizer_param_names", "update.max_grad_norm", "update.next_checkpoint")
 E_ONLY_KEYS = ("batch_config.E_total_sequences", "batch_config.E_sampling_mode", "batch_config.E_num_shards",
                "data.E_split", "estimator.normalization", "estimator.baseline", "generation.rb_requires_grad",
                "estimator.entropy", "estimator.fresh_etas")
 E_SIDE_STAGES = ("plan_E", "e_stats", "teacher_force_x", "fresh_rollout", "delta_h_sampler")
-U_SIDE_STAGES = ("plan_U", "u_objective", "teacher_force_y", "update_vector", "u_jackknife")
+U_SIDE_STAGES = ("plan_U", "u_objective", "teacher_force_y", "update_vector", "u_jackknife", "step_comparison")
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 

@@ -4,11 +4,10 @@ what the coupling saved against independent draws, per η.
 
 By hand:  python scripts/delta_h_sampler.py CONFIG.yaml OUT.json FRESH_SHARD...
 """
-import argparse
 import logging
 
 from entropy_probe import fresh, shards
-from entropy_probe.stage import config_for, rule_config, stage_run
+from entropy_probe.stage import run_stage
 
 
 def main(cfg: dict, shard_paths: list[str], out_path: str) -> None:
@@ -24,14 +23,5 @@ def main(cfg: dict, shard_paths: list[str], out_path: str) -> None:
                                  "model_fingerprint": fingerprint, "rows": rows})
 
 
-if "snakemake" in globals():
-    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
-        main(rule_config(snakemake), list(snakemake.input), snakemake.output[0])  # noqa: F821
-elif __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("out")
-    parser.add_argument("shards", nargs="+")
-    args = parser.parse_args()
-    with stage_run():
-        main(config_for(args.config, "delta_h_sampler"), args.shards, args.out)
+run_stage(globals(), main, ["out_path", ("shard_paths", "fresh-rollout shards", {"nargs": "+"})],
+          lambda smk: {"shard_paths": list(smk.input), "out_path": smk.output[0]}, stage="delta_h_sampler")

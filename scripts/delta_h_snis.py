@@ -4,13 +4,12 @@ with SE, ESS and diagnostics per η; rows whose ESS/N is below snis.MIN_ESS_FRAC
 
 By hand:  python scripts/delta_h_snis.py CONFIG.yaml OUT.json SNIS_SHARD...
 """
-import argparse
 import logging
 
 import torch
 
 from entropy_probe import shards, snis
-from entropy_probe.stage import config_for, rule_config, stage_run
+from entropy_probe.stage import run_stage
 
 
 def main(cfg: dict, shard_paths: list[str], out_path: str) -> None:
@@ -39,14 +38,5 @@ def main(cfg: dict, shard_paths: list[str], out_path: str) -> None:
                                  "min_ess_fraction": snis.MIN_ESS_FRACTION, "rows": rows})
 
 
-if "snakemake" in globals():
-    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
-        main(rule_config(snakemake), list(snakemake.input), snakemake.output[0])  # noqa: F821
-elif __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("out")
-    parser.add_argument("shards", nargs="+")
-    args = parser.parse_args()
-    with stage_run():
-        main(config_for(args.config, "delta_h_snis"), args.shards, args.out)
+run_stage(globals(), main, ["out_path", ("shard_paths", "SNIS shards", {"nargs": "+"})],
+          lambda smk: {"shard_paths": list(smk.input), "out_path": smk.output[0]}, stage="delta_h_snis")

@@ -3,11 +3,10 @@
 
 By hand:  python scripts/directional.py CONFIG.yaml ROLLOUT.safetensors POLICY_DIR V.safetensors OUT.safetensors
 """
-import argparse
 import logging
 
 from entropy_probe import guards, passes, shards, stage_inputs
-from entropy_probe.stage import config_for, rule_config, stage_run
+from entropy_probe.stage import run_stage
 
 
 def main(cfg: dict, rollout_path: str, policy_dir: str, v_path: str, out_path: str) -> None:
@@ -28,17 +27,6 @@ def main(cfg: dict, rollout_path: str, policy_dir: str, v_path: str, out_path: s
     logging.getLogger("directional").info("wrote %s: %d prompt groups", out_path, sums["P"].numel())
 
 
-if "snakemake" in globals():
-    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
-        main(rule_config(snakemake), snakemake.input.rollout, snakemake.input.policy, snakemake.input.v,  # noqa: F821
-             snakemake.output[0])  # noqa: F821
-elif __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("rollout")
-    parser.add_argument("policy_dir")
-    parser.add_argument("v")
-    parser.add_argument("out")
-    args = parser.parse_args()
-    with stage_run():
-        main(config_for(args.config, "directional"), args.rollout, args.policy_dir, args.v, args.out)
+run_stage(globals(), main, ["rollout_path", "policy_dir", "v_path", "out_path"],
+          lambda smk: {"rollout_path": smk.input.rollout, "policy_dir": smk.input.policy, "v_path": smk.input.v,
+                       "out_path": smk.output[0]}, stage="directional")

@@ -5,13 +5,11 @@ time, which responses changed, and the shard's per-response sums at θ for the p
 By hand:  python scripts/fresh_rollout.py CONFIG.yaml ROLLOUT_E_SHARD.safetensors PLAN_E.json POLICY_DIR \\
               V.safetensors ETA SHARD_INDEX OUT.safetensors
 """
-import argparse
 import logging
-
 
 from entropy_probe import fresh, guards, noise, shards, stage_inputs
 from entropy_probe.plan import shard_slots
-from entropy_probe.stage import config_for, rule_config, stage_run
+from entropy_probe.stage import run_stage
 
 log = logging.getLogger("fresh_rollout")
 
@@ -45,22 +43,8 @@ def main(cfg: dict, rollout_path: str, plan_path: str, policy_dir: str, v_path: 
              float(out["rb_entropies"].double().sum() / out["response_lens"].sum()))
 
 
-if "snakemake" in globals():
-    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
-        inputs, wildcards = snakemake.input, snakemake.wildcards  # noqa: F821
-        main(rule_config(snakemake), inputs.rollout, inputs.plan, inputs.policy, inputs.v,  # noqa: F821
-             float(wildcards.eta), int(wildcards.shard), snakemake.output[0])  # noqa: F821
-elif __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("rollout")
-    parser.add_argument("plan")
-    parser.add_argument("policy_dir")
-    parser.add_argument("v")
-    parser.add_argument("eta", type=float)
-    parser.add_argument("shard", type=int)
-    parser.add_argument("out")
-    args = parser.parse_args()
-    with stage_run():
-        main(config_for(args.config, "fresh_rollout"), args.rollout, args.plan, args.policy_dir, args.v, args.eta,
-             args.shard, args.out)
+run_stage(globals(), main, ["rollout_path", "plan_path", "policy_dir", "v_path", ("eta", None, {"type": float}),
+                            ("shard_index", None, {"type": int}), "out_path"],
+          lambda smk: {"rollout_path": smk.input.rollout, "plan_path": smk.input.plan, "policy_dir": smk.input.policy,
+                       "v_path": smk.input.v, "eta": float(smk.wildcards.eta), "shard_index": int(smk.wildcards.shard),
+                       "out_path": smk.output[0]}, stage="fresh_rollout")

@@ -2,26 +2,33 @@
 version, git commit, model fingerprint), summary.txt (the table, also printed) and plot.png.
 The columns: δH₁ (first order), ΔH with θ's nucleus (SNIS), ΔH of the sampler (fresh rollouts,
 when estimator.fresh_etas is not []) and, on the embedded policy, the exact values of both ΔH.
+With update.optimizer checkpoint_diff there is no U batch behind v (no jackknife, no U objective);
+where the checkpoint has its optimizer state, the probe's own AdamW step is compared with the
+trainer's (step_comparison.json).
 
-By hand:  python scripts/summary.py CONFIG.yaml DELTA_H1.json DELTA_H_SNIS.json U_JACKKNIFE.json U_OBJECTIVE.safetensors OUT_DIR \\
-              --directional DIRECTIONAL_SHARD... --snis SNIS_SHARD... [--sampler DELTA_H_SAMPLER.json] [--exact EXACT.json]
+By hand:  python scripts/summary.py CONFIG.yaml DELTA_H1.json DELTA_H_SNIS.json SUMMARY.json SUMMARY.txt PLOT.png
+          --directional DIRECTIONAL_SHARD... --snis SNIS_SHARD... [--jackknife_path U_JACKKNIFE.json]
+          [--objective_path U_OBJECTIVE.safetensors] [--comparison_path STEP_COMPARISON.json]
+          [--sampler_path DELTA_H_SAMPLER.json] [--exact_path EXACT.json]
 """
-import argparse
-from pathlib import Path
 
-from entropy_probe import linearity, normalization, report, shards, snis
-from entropy_probe.stage import config_for, rule_config, stage_run
+from entropy_probe import linearity, normalization, report, shards
+from entropy_probe import snis as snis_module
+from entropy_probe.stage import run_stage
 from entropy_probe.stage_keys import STAGE_KEYS, nest
 
 
-def main(config: dict, delta_h1_path: str, snis_path: str, jackknife_path: str, objective_path: str, json_path: str,
-         table_path: str, plot_path: str, directional_paths: list[str], snis_shard_paths: list[str],
-         exact_path: str | None = None, sampler_path: str | None = None) -> None:
+def main(cfg: dict, delta_h1_path: str, snis_path: str, json_path: str, table_path: str, plot_path: str,
+         directional: list[str], snis: list[str], jackknife_path: str | None = None,
+         objective_path: str | None = None, exact_path: str | None = None, comparison_path: str | None = None,
+         sampler_path: str | None = None) -> None:
+    config = _defining_only(cfg)
     first_order, measured = shards.read_json(delta_h1_path), shards.read_json(snis_path)
-    jackknife = shards.read_json(jackknife_path)
-    objective = shards.read_metadata(objective_path)
+    jackknife = shards.read_json(jackknife_path) if jackknife_path else None
+    objective = shards.read_metadata(objective_path) if objective_path else None
     exact = shards.read_json(exact_path) if exact_path else None
     sampler = shards.read_json(sampler_path) if sampler_path else None
+    comparison = shards.read_json(comparison_path) if comparison_path else None
     fingerprint = first_order["model_fingerprint"]
     for path, other in ((snis_path, measured), (sampler_path, sampler)):
         if other is not None and other["model_fingerprint"] != fingerprint:
@@ -30,24 +37,27 @@ def main(config: dict, delta_h1_path: str, snis_path: str, jackknife_path: str, 
     for path, other in ((snis_path, measured), (sampler_path, sampler), (exact_path, exact)):
         if other is not None and other.get("entropy", "sampler") != entropy:
             raise shards.ShardError(f"{path}: the {other.get('entropy')!r} entropy, expected {entropy!r}")
-    directional = [shards.read_shard(p, {"kind": "directional", "model_fingerprint": fingerprint})[0]
-                   for p in directional_paths]
+    directional_sums = [shards.read_shard(p, {"kind": "directional", "model_fingerprint": fingerprint})[0]
+                        for p in directional]
     snis_tensors = [shards.read_shard(p, {"kind": "snis", "model_fingerprint": fingerprint})[0]
-                    for p in snis_shard_paths]
-    ratios = linearity.linearity(directional, snis_tensors, [r["eta"] for r in measured["rows"]],
+                    for p in snis]
+    ratios = linearity.linearity(directional_sums, snis_tensors, [r["eta"] for r in measured["rows"]],
                                  config["batch_config"]["G"], first_order["normalization"], entropy)
     exact_by_eta = {r["eta"]: r for r in exact["delta_h"]} if exact else None
     rows = report.combine(first_order, measured, jackknife, exact_by_eta, sampler, ratios)
-    u_batch = {"informative_groups": objective["informative_groups"], "num_groups": objective["num_groups"],
-               "loss_type": objective["loss_type"], "loss_formula": objective["loss_formula"]}
+    u_batch = None if objective is None else {
+        "informative_groups": objective["informative_groups"], "num_groups": objective["num_groups"],
+        "loss_type": objective["loss_type"], "loss_formula": objective["loss_formula"]}
     unit = normalization.get(first_order["normalization"]).unit
-    table = report.format_table(rows, unit, u_batch, entropy, snis.MIN_ESS_FRACTION)
+    table = report.format_table(rows, unit, u_batch, entropy, snis_module.MIN_ESS_FRACTION, first_order.get("update"),
+                                comparison)
     with shards.atomic_path(plot_path, suffix=".png") as tmp:
         report.plot(rows, tmp, unit)
     shards.write_json(json_path, {
         "rows": rows, "columns": report.COLUMNS, "entropy": entropy, "first_order": first_order,
         "delta_h_snis": measured, "delta_h_sampler": sampler, "u_jackknife": jackknife, "exact": exact,
-        "u_batch": u_batch, "unit": unit, "model_fingerprint": fingerprint, "config": config,
+        "u_batch": u_batch, "unit": unit, "model_fingerprint": fingerprint, "update": first_order.get("update"),
+        "step_comparison": comparison, "config": config,
         **report.provenance(),
     })
     with shards.atomic_path(table_path) as tmp:
@@ -62,27 +72,18 @@ def _defining_only(config: dict) -> dict:
     return {section: {k: config[section][k] for k in keys} for section, keys in defining.items()}
 
 
-if "snakemake" in globals():
-    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
-        inputs, outputs = snakemake.input, snakemake.output  # noqa: F821
-        main(_defining_only(rule_config(snakemake)), inputs.delta_h1, inputs.delta_h_snis,  # noqa: F821
-             inputs.u_jackknife, inputs.u_objective, outputs.json, outputs.table, outputs.plot,
-             list(inputs.directional), list(inputs.snis), inputs.get("exact"), inputs.get("delta_h_sampler"))
-elif __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("delta_h1")
-    parser.add_argument("delta_h_snis")
-    parser.add_argument("u_jackknife")
-    parser.add_argument("u_objective")
-    parser.add_argument("out_dir")
-    parser.add_argument("--directional", nargs="+", required=True, help="the directional shards, in E-shard order")
-    parser.add_argument("--snis", nargs="+", required=True, help="the SNIS shards, in E-shard order")
-    parser.add_argument("--sampler", help="delta_h_sampler JSON (fresh rollouts)")
-    parser.add_argument("--exact", help="exact_reference JSON (embedded policy only)")
-    args = parser.parse_args()
-    with stage_run():
-        out = Path(args.out_dir)
-        main(_defining_only(config_for(args.config, "summary")), args.delta_h1, args.delta_h_snis, args.u_jackknife,
-             args.u_objective, out / "summary.json", out / "summary.txt", out / "plot.png", args.directional,
-             args.snis, args.exact, args.sampler)
+run_stage(globals(), main, ["delta_h1_path", "snis_path", "json_path", "table_path", "plot_path",
+                            ("--directional", "the directional shards, in E-shard order", {"nargs": "+", "required": True}),
+                            ("--snis", "the SNIS shards, in E-shard order", {"nargs": "+", "required": True}),
+                            ("--jackknife_path", "u_jackknife JSON (v from a U batch)"),
+                            ("--objective_path", "u_objective shard (v from a U batch)"),
+                            ("--exact_path", "exact_reference JSON (embedded policy only)"),
+                            ("--comparison_path", "step_comparison JSON (checkpoint_diff with an optimizer state)"),
+                            ("--sampler_path", "delta_h_sampler JSON (fresh rollouts)")],
+          lambda smk: {"delta_h1_path": smk.input.delta_h1, "snis_path": smk.input.delta_h_snis,
+                       "directional": list(smk.input.directional), "snis": list(smk.input.snis),
+                       "jackknife_path": smk.input.get("u_jackknife"), "objective_path": smk.input.get("u_objective"),
+                       "json_path": smk.output.json, "table_path": smk.output.table, "plot_path": smk.output.plot,
+                       "exact_path": smk.input.get("exact"), "comparison_path": smk.input.get("step_comparison"),
+                       "sampler_path": smk.input.get("delta_h_sampler")},
+          stage="summary")

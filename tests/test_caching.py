@@ -92,8 +92,9 @@ def test_a_generation_key_reruns_everything_from_the_rollouts(cache_dir):
                     "reduce_gradients": 2, "u_jackknife": 1} | AFTER_V
 
 
-EXECUTION = {"generation.tf_chunk_tokens": 5, "generation.tf_batch_size": 7, "generation.gen_batch_size": 8,
-             "batch_config.rollout_batch_size": 3, "model.device": "cpu"}
+# other layouts than the defaults (1024, 64, 64, 16, auto), not so small that the forced run is slow
+EXECUTION = {"generation.tf_chunk_tokens": 100, "generation.tf_batch_size": 48, "generation.gen_batch_size": 24,
+             "batch_config.rollout_batch_size": 5, "model.device": "cpu"}
 
 
 @pytest.mark.parametrize("key", sorted(EXECUTION))
@@ -144,8 +145,23 @@ def test_a_run_forced_through_with_other_execution_knobs_reports_the_same_number
     old, new = _numbers({k: v for k, v in before.items() if k != "config"}), _numbers(after)
     assert old.keys() == {k for k in new if not k.startswith("/config")}
     for key, value in old.items():
-        if key.endswith("_relative_difference"):  # itself a measure of rounding (X·v two ways, ~1e-7)
-            assert new[key] < 1e-5, key
+        if key.endswith("relative_difference"):  # itself a measure of rounding (X·v two ways, ~1e-7)
+            assert new[key] < 1e-4, key
             continue
         # fp32 teacher forcing in other batch and chunk shapes: rounding, far below any SE
         assert new[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+
+
+DEFAULT_DAG = {"build_policy": 1, "prepare_data": 1, "plan": 2, "rollout": 4, "e_stats": 1, "u_objective": 1,
+               "teacher_force_x": 2, "teacher_force_y": 2, "reduce_gradients": 2, "u_jackknife": 1, "update_vector": 1,
+               "directional": 2, "snis_shard": 2, "delta_h1": 1, "delta_h_snis": 1, "exact_reference": 1, "summary": 1,
+               "all": 1}
+
+
+def test_the_default_config_runs_no_checkpoint_rule(tmp_path):
+    """Trainer checkpoints add rules (step_comparison, trajectory, results/pairs/): the default
+    config's DAG has none of them, its layout is unchanged."""
+    from conftest import write_run_config
+
+    write_run_config(tmp_path)
+    assert dry_run_jobs(tmp_path, RUN_CONFIG) == DEFAULT_DAG

@@ -36,6 +36,7 @@ if FRESH_ETAS:
                 shard=[
                     f"{i:03d}" for i in range(config["batch_config"]["E_num_shards"])
                 ],
+                allow_missing=True,
             ),
         output:
             f"{RESULTS}/delta_h_sampler.json",

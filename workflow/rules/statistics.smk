@@ -104,16 +104,7 @@ if EXACT_REFERENCE:
 
 rule summary:
     input:
-        unpack(
-            lambda wc: (
-                {"exact": rules.exact_reference.output[0]} if EXACT_REFERENCE else {}
-            )
-            | (
-                {"delta_h_sampler": rules.delta_h_sampler.output[0]}
-                if FRESH_ETAS
-                else {}
-            )
-        ),
+        unpack(summary_inputs),
         delta_h1=rules.delta_h1.output.json,
         delta_h_snis=rules.delta_h_snis.output[0],
         # per-group contributions of δH₁ and of the SNIS ΔH: the linearity ratio's error bar
@@ -121,8 +112,6 @@ rule summary:
             f"{RESULTS}/directional/shard_{{shard}}.safetensors", "E"
         ),
         snis=shard_paths(f"{RESULTS}/snis/shard_{{shard}}.safetensors", "E"),
-        u_jackknife=rules.u_jackknife.output[0],
-        u_objective=U_OBJECTIVE,
     output:
         json=f"{RESULTS}/summary.json",
         table=report(
