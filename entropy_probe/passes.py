@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from . import estimators, precision, teacher_force, tf_layout
+from . import estimators, precision, rollout as rollouts, teacher_force, tf_layout
 
 log = logging.getLogger(__name__)
 
@@ -18,18 +18,21 @@ TOKEN_PREFIX = "token/"  # per-token tensors stored beside a directional shard's
 
 def x_gradient(model, params, rollout, *, pad_token_id, temperature, top_p, H_bar, normalization,
                baseline, rb_requires_grad, tf_batch_size, chunk_tokens=None,
-               autocast_dtype=None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+               autocast_dtype=None, entropy="sampler") -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """∇ Σ_{i∈shard} Σ_k [c^h_ik h_ik + c^q_ik log q_ik] with the coefficients of
     :func:`estimators.x_coefficients` (unnormalized, float64, keyed by parameter name) and the
-    per-sequence teacher-forced S_i and T_i.
+    per-sequence teacher-forced S_i and T_i. h is the per-prefix entropy ``entropy``
+    (``estimator.entropy``, :data:`measure.ENTROPIES`): its sampling-time values weight the score
+    term (entropy-to-go), its teacher-forced values and closed-form gradient give S and the
+    pathwise term.
 
     Evaluated by :func:`teacher_force.surrogate`: ``tf_batch_size`` sequences per forward pass,
     the output embedding ``chunk_tokens`` response tokens at a time (memory: one ``[chunk, V]``
     fp32 block). ``autocast_dtype`` ("bfloat16" or a torch dtype; None/"float32" = fp32) runs the
     forward under autocast (DESIGN §2 "Precision": only where the user asks)."""
     batch = tf_layout.from_rollout(rollout, pad_token_id)
-    coefs = estimators.x_coefficients(rollout["rb_entropies"], rollout["response_lens"], H_bar, normalization,
-                                      baseline, rb_requires_grad)
+    coefs = estimators.x_coefficients(rollouts.sampled_entropies(rollout, entropy), rollout["response_lens"], H_bar,
+                                      normalization, baseline, rb_requires_grad)
     scorer = teacher_force.ResponseLogits(model)
     n = batch.input_ids.shape[0]
     S = torch.zeros(n, dtype=torch.float64)
@@ -43,7 +46,7 @@ def x_gradient(model, params, rollout, *, pad_token_id, temperature, top_p, H_ba
         c_q = coefs.log_q[rows, :width].float() * valid
         value, scores = teacher_force.surrogate(
             scorer, sub, temperature, top_p, coef_entropy=c_h, coef_log_q=c_q,
-            chunk_tokens=chunk_tokens, autocast_dtype=dtype,
+            chunk_tokens=chunk_tokens, autocast_dtype=dtype, entropy=entropy,
         )
         S[rows] = scores.entropy.double().sum(-1).cpu()
         return value
@@ -98,23 +101,25 @@ def _jvp_batches(model, direction: dict[str, Tensor], batch, tf_batch_size: int,
 
 def directional_tokens(model, direction: dict[str, Tensor], rollout, *, pad_token_id, temperature, top_p,
                        normalization, baseline, rb_requires_grad, tf_batch_size,
-                       chunk_tokens=None) -> dict[str, Tensor]:
+                       chunk_tokens=None, entropy="sampler") -> dict[str, Tensor]:
     """Per-token quantities of the X surrogate along ``direction`` on one E shard, float64
     ``[B*G, T]`` (prompt-major rows, zero past each response's end): ``d_entropy`` = ∂_u h_k
     (zero without ``rb_requires_grad``), ``d_log_q`` = ∂_u log q_k(y_k), the teacher-forced
     ``entropy`` h_k and ``log_q``, and the score-weight parts ``weight_a``, ``weight_beta``
     (:func:`estimators.score_weight_parts`: w_k = a_k − H̄ β_k). Forward-mode AD, one JVP pass;
-    the output embedding ``chunk_tokens`` response tokens at a time."""
+    the output embedding ``chunk_tokens`` response tokens at a time. h is the per-prefix entropy
+    ``entropy``, as in :func:`x_gradient`."""
     batch = tf_layout.from_rollout(rollout, pad_token_id)
-    B, G, T = rollout["rb_entropies"].shape
-    entropy = rollout["rb_entropies"].double()
+    sampled = rollouts.sampled_entropies(rollout, entropy).double()
+    B, G, T = sampled.shape
     mask = estimators.response_mask(rollout["response_lens"], T)
-    a, beta = (x.reshape(B * G, T) for x in estimators.score_weight_parts(entropy, mask, normalization, baseline))
+    a, beta = (x.reshape(B * G, T) for x in estimators.score_weight_parts(sampled, mask, normalization, baseline))
     scorer = teacher_force.ResponseLogits(model)
     out = {name: torch.zeros(B * G, T, dtype=torch.float64) for name in ("d_entropy", "d_log_q", "entropy", "log_q")}
 
     def fn(sub, p):
-        s = teacher_force.score(scorer, sub, temperature, top_p, params=p, chunk_tokens=chunk_tokens)
+        s = teacher_force.score(scorer, sub, temperature, top_p, params=p, chunk_tokens=chunk_tokens,
+                                entropy=entropy)
         return s.entropy, s.token_log_q
 
     for rows, sub, (h, lq), (dh, dlq) in _jvp_batches(model, direction, batch, tf_batch_size, fn, "directional"):

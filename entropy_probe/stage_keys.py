@@ -24,14 +24,15 @@ SAMPLING = ("generation.temperature", "generation.top_p", "generation.max_new_to
 ROLLOUT_PROVENANCE = SAMPLING + ("batch_config.seed", "batch_config.G")
 REWARD = ("reward.name", "reward.function", "reward.format_weight")
 PASS_NUMERICS = ("model.dtype", "model.trainable", "generation.autocast_dtype", "estimator.param_filter")
-X_ESTIMATOR = ("estimator.normalization", "estimator.baseline", "generation.rb_requires_grad")
+X_ESTIMATOR = ("estimator.normalization", "estimator.baseline", "generation.rb_requires_grad", "estimator.entropy")
 UPDATE_RULE = ("update.optimizer", "update.optimizer_state", "update.optimizer_param_names", "update.max_grad_norm",
-               "model.name_or_path", "model.dtype")
+               "model.name_or_path", "model.dtype", "model.checkpoint", "model.trainable", "update.next_checkpoint",
+               "estimator.param_filter")
 ETA_SWEEP = ("estimator.eta_list", "estimator.central_difference")
 
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "build_policy": ("toy.seed", "toy.max_operand", "toy.target_accuracy", "toy.max_steps"),
-    "policy_spec": ("model.name_or_path", "model.adapter_path", "model.trust_remote_code"),
+    "policy_spec": ("model.name_or_path", "model.adapter_path", "model.trust_remote_code", "model.checkpoint"),
     "prepare_data": ("data.source", "data.config_name", "data.prompt_field", "data.answer_field",
                      "data.answer_pattern", "data.prompt_template", "data.use_chat_template", "data.system_prompt",
                      "data.max_prompt_tokens"),
@@ -39,7 +40,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
                "batch_config.E_sampling_mode", "batch_config.E_num_shards"),
     "plan_U": ("batch_config.seed", "batch_config.B_U", "batch_config.U_num_shards"),
     "rollout": ROLLOUT_PROVENANCE + REWARD + ("model.dtype",),
-    "e_stats": ROLLOUT_PROVENANCE,
+    "e_stats": ROLLOUT_PROVENANCE + ("estimator.entropy",),
     "u_objective": ROLLOUT_PROVENANCE + ("batch_config.scale_rewards", "update.loss_type",
                                          "update.max_completion_length", "update.loss_scale_factor",
                                          "update.micro_batch_size"),
@@ -50,11 +51,19 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "directional": ROLLOUT_PROVENANCE + PASS_NUMERICS + X_ESTIMATOR,
     "delta_h1": ("estimator.eta_list", "batch_config.G"),
     "snis_shard": ROLLOUT_PROVENANCE + ETA_SWEEP + ("model.dtype", "generation.autocast_dtype"),
-    "delta_h_snis": ("estimator.normalization", "batch_config.G"),
-    "exact_reference": SAMPLING + ETA_SWEEP + ("estimator.normalization", "model.dtype"),
+    "delta_h_snis": ("estimator.normalization", "estimator.entropy", "batch_config.G"),
+    # one job per (η, E shard): the η is the job's wildcard (results/fresh/eta_<η>/), not a param,
+    # so a new η runs only its own jobs; both entropies are recorded, the reduction chooses
+    "fresh_rollout": ROLLOUT_PROVENANCE + ("model.dtype",),
+    "delta_h_sampler": ("estimator.fresh_etas", "estimator.normalization", "estimator.entropy", "batch_config.G"),
+    "exact_reference": SAMPLING + ETA_SWEEP + ("estimator.fresh_etas", "estimator.normalization",
+                                              "estimator.entropy", "model.dtype"),
+    # the probe's own AdamW step (checkpoint's state, U batch's Y) against the trainer's step
+    "step_comparison": ("model.checkpoint", "model.trainable", "model.dtype", "update.max_grad_norm"),
+    "trajectory": (),  # reads the pairs' summaries only
     # where δH₁ comes from (issue 15): the forward pass over the U shards along J·X (J = ∂v/∂Y),
     # the token shares of both batches, the U-batch SE and the covariance view
-    "attribution": ROLLOUT_PROVENANCE + PASS_NUMERICS + UPDATE_RULE + ("estimator.normalization",),
+    "attribution": ROLLOUT_PROVENANCE + PASS_NUMERICS + UPDATE_RULE + X_ESTIMATOR,
 }
 # The per-variant stages (entropy_probe.variants; wildcard {variant}, or {objective} for the Y of
 # a loss that differs from the main one). Their keys are looked up in the variant's effective
@@ -76,18 +85,19 @@ STAGE_KEYS.update(VARIANT_STAGE_KEYS)
 EXECUTION_KEYS = ("model.device", "batch_config.rollout_batch_size", "generation.gen_batch_size",
                   "generation.tf_batch_size", "generation.tf_chunk_tokens")
 # Decide which files exist (the DAG), not what a file holds: no stage reads them as values.
-STRUCTURE_KEYS = ("data.split", "data.E_split", "data.U_split")
+STRUCTURE_KEYS = ("data.split", "data.E_split", "data.U_split", "model.checkpoints")
 
 # The two batches: a stage of one side never depends on the other side's keys.
 U_ONLY_KEYS = ("batch_config.B_U", "batch_config.U_num_shards", "batch_config.scale_rewards", "data.U_split",
                "update.loss_type", "update.max_completion_length", "update.loss_scale_factor",
                "update.micro_batch_size", "update.optimizer", "update.optimizer_state",
-               "update.optimizer_param_names", "update.max_grad_norm", "update.variants")
+               "update.optimizer_param_names", "update.max_grad_norm", "update.next_checkpoint", "update.variants")
 E_ONLY_KEYS = ("batch_config.E_total_sequences", "batch_config.E_sampling_mode", "batch_config.E_num_shards",
-               "data.E_split", "estimator.normalization", "estimator.baseline", "generation.rb_requires_grad")
-E_SIDE_STAGES = ("plan_E", "e_stats", "teacher_force_x")
-U_SIDE_STAGES = ("plan_U", "u_objective", "teacher_force_y", "update_vector", "u_jackknife", "variant_u_objective",
-                 "variant_teacher_force_y", "variant_update_vector")
+               "data.E_split", "estimator.normalization", "estimator.baseline", "generation.rb_requires_grad",
+               "estimator.entropy", "estimator.fresh_etas")
+E_SIDE_STAGES = ("plan_E", "e_stats", "teacher_force_x", "fresh_rollout", "delta_h_sampler")
+U_SIDE_STAGES = ("plan_U", "u_objective", "teacher_force_y", "update_vector", "u_jackknife", "step_comparison",
+                 "variant_u_objective", "variant_teacher_force_y", "variant_update_vector")
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -109,6 +119,23 @@ def _number_keys() -> frozenset[str]:
 def lookup(config: dict, dotted: str):
     section, key = dotted.split(".", 1)
     return config[section][key]
+
+
+def fresh_etas(estimator: dict) -> list[float]:
+    """The η of the fresh rollouts (``estimator.fresh_etas``): the listed values, or ``eta_list``
+    when it is null (the default); sorted, distinct. Torch-free (the Snakefile's DAG uses it)."""
+    etas = estimator.get("fresh_etas")
+    return sorted({float(e) for e in (estimator["eta_list"] if etas is None else etas)})
+
+
+def eta_tag(eta) -> str:
+    """The η in a file name (results/fresh/eta_<tag>/): Python's shortest repr, which float()
+    reads back exactly ("1e-05", "0.0003", "-0.001")."""
+    return repr(float(eta))
+
+
+# keys whose defining value is derived from the config (a null resolved), not the raw value
+_DERIVED = {"estimator.fresh_etas": lambda config: fresh_etas(config["estimator"])}
 
 
 # values spelled in two ways (entropy_probe.losses.scale_mode reads both)
@@ -135,7 +162,8 @@ def _canonical(dotted: str, value):
 
 def defining_values(config: dict, stage: str) -> dict:
     """{dotted key: value} of the keys that define ``stage``'s output, canonical."""
-    return {key: _canonical(key, lookup(config, key)) for key in STAGE_KEYS[stage]}
+    return {key: _canonical(key, _DERIVED[key](config) if key in _DERIVED else lookup(config, key))
+            for key in STAGE_KEYS[stage]}
 
 
 def rule_params(config: dict, stage: str) -> str:

@@ -6,15 +6,13 @@ results/attribution/{E,U}_tokens.safetensors (one row per token: group, prompt i
 position, token id, share and its parts, entropy or log-prob), attribution.json (summaries,
 decoded top responses and prompts) and attribution.txt.
 
-By hand:  python scripts/attribution.py CONFIG.yaml POLICY X Y V U_OBJECTIVE OUT_DIR --e-rollouts ... --directional ...
-              --u-rollouts ...
+By hand:  python scripts/attribution.py CONFIG.yaml POLICY X Y V U_OBJECTIVE E_TOKENS_OUT U_TOKENS_OUT JSON_OUT TABLE_OUT
+              --e_rollout_paths E_SHARD... --directional_paths DIRECTIONAL_SHARD... --u_rollout_paths U_SHARD...
 """
-import argparse
 import logging
-from pathlib import Path
 
 from entropy_probe import attribution_report, gradients, guards, normalization, passes, shards, stage_inputs
-from entropy_probe.stage import config_for, rule_config, stage_run
+from entropy_probe.stage import run_stage
 from entropy_probe.update_builder import UpdateBuilder
 
 log = logging.getLogger("attribution")
@@ -61,20 +59,12 @@ def main(cfg: dict, policy: str, x_path: str, y_path: str, v_path: str, objectiv
     print(text)
 
 
-if "snakemake" in globals():
-    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
-        i, o = snakemake.input, snakemake.output  # noqa: F821
-        main(rule_config(snakemake), i.policy, i.X, i.Y, i.v, i.u_objective, list(i.e_rollouts),  # noqa: F821
-             list(i.directional), list(i.u_rollouts), o.e_tokens, o.u_tokens, o.json, o.table)
-elif __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name in ("config", "policy", "x", "y", "v", "u_objective", "out_dir"):
-        parser.add_argument(name)
-    for name in ("--e-rollouts", "--directional", "--u-rollouts"):
-        parser.add_argument(name, nargs="+", required=True)
-    args = parser.parse_args()
-    out = Path(args.out_dir)
-    with stage_run():
-        main(config_for(args.config, "attribution"), args.policy, args.x, args.y, args.v, args.u_objective,
-             args.e_rollouts, args.directional, args.u_rollouts, out / "E_tokens.safetensors",
-             out / "U_tokens.safetensors", out / "attribution.json", out / "attribution.txt")
+run_stage(globals(), main,
+          ["policy", "x_path", "y_path", "v_path", "objective_path", "e_tokens_path", "u_tokens_path", "json_path",
+           "table_path", *[(f"--{name}", None, {"nargs": "+", "required": True})
+                           for name in ("e_rollout_paths", "directional_paths", "u_rollout_paths")]],
+          lambda smk: {"policy": smk.input.policy, "x_path": smk.input.X, "y_path": smk.input.Y, "v_path": smk.input.v,
+                       "objective_path": smk.input.u_objective, "e_rollout_paths": list(smk.input.e_rollouts),
+                       "directional_paths": list(smk.input.directional), "u_rollout_paths": list(smk.input.u_rollouts),
+                       "e_tokens_path": smk.output.e_tokens, "u_tokens_path": smk.output.u_tokens,
+                       "json_path": smk.output.json, "table_path": smk.output.table}, stage="attribution")

@@ -1,19 +1,26 @@
 """Stage: the final report: summary.json (every number, the config values that define them,
 version, git commit, model fingerprint), summary.txt (the table, also printed) and plot.png; with
 update variants (update.variants) also variants.txt and variants.png, which compare them.
+The columns: δH₁ (first order), ΔH with θ's nucleus (SNIS), ΔH of the sampler (fresh rollouts,
+when estimator.fresh_etas is not []) and, on the embedded policy, the exact values of both ΔH.
 
 The U-batch SE of δH₁ comes from the attribution stage (influence over U prompt groups); the
 delete-one-U-shard jackknife stays in summary.json as a check (and, for AdamW, as the check of the
-linearized step).
+linearized step). With update.optimizer checkpoint_diff there is no U batch behind v (no U SE,
+jackknife, U objective or attribution); where the checkpoint has its optimizer state, the probe's
+own AdamW step is compared with the trainer's (step_comparison.json).
 
-By hand:  python scripts/summary.py CONFIG.yaml DELTA_H1.json DELTA_H_SNIS.json U_JACKKNIFE.json U_OBJECTIVE.safetensors
-              ATTRIBUTION.json OUT_DIR [--exact EXACT.json] [--x X.safetensors --variant NAME V DIRECTIONAL... -- SNIS...]
+By hand:  python scripts/summary.py CONFIG.yaml DELTA_H1.json DELTA_H_SNIS.json SUMMARY.json SUMMARY.txt PLOT.png
+          --directional DIRECTIONAL_SHARD... --snis SNIS_SHARD... [--jackknife_path U_JACKKNIFE.json]
+          [--objective_path U_OBJECTIVE.safetensors] [--attribution_path ATTRIBUTION.json]
+          [--comparison_path STEP_COMPARISON.json] [--sampler_path DELTA_H_SAMPLER.json] [--exact_path EXACT.json]
+          (update variants: through Snakemake)
 """
-import argparse
-from pathlib import Path
 
-from entropy_probe import attribution, first_order, gradients, normalization, report, shards, snis, variants
-from entropy_probe.stage import config_for, rule_config, stage_run
+from entropy_probe import (attribution, first_order, gradients, linearity, normalization, report, shards, variant_report,
+                           variants)
+from entropy_probe import snis as snis_module
+from entropy_probe.stage import run_stage
 from entropy_probe.stage_keys import STAGE_KEYS, nest
 
 
@@ -49,54 +56,80 @@ def compare_variants(config: dict, first_order_main: dict, snis_main: dict, main
     """The main update and each variant (name, v, directional shards, SNIS shards): X·v ± SE, |v|,
     and δH₁ beside the SNIS ΔH per η."""
     G, norm, etas = config["batch_config"]["G"], config["estimator"]["normalization"], config["estimator"]["eta_list"]
+    entropy = config["estimator"]["entropy"]
     x_tensors, x_meta = shards.read_shard(x_path, {"kind": "X"})
     X, _ = gradients.unpack(x_tensors)
     upd = config["update"]
-    results = [report.variant_result("main", f"loss_type={upd['loss_type']}, optimizer={upd['optimizer']}",
+    results = [variant_report.variant_result("main", f"loss_type={upd['loss_type']}, optimizer={upd['optimizer']}",
                                      first_order_main, snis_main, main_v_meta)]
     for name, v_path, directional_paths, snis_paths in variant_inputs:
         v, v_meta = shards.read_shard(v_path, {"kind": "v", "model_fingerprint": x_meta["model_fingerprint"]})
-        expect = {"kind": "directional", "model_fingerprint": x_meta["model_fingerprint"], "normalization": norm}
+        expect = {"kind": "directional", "model_fingerprint": x_meta["model_fingerprint"], "normalization": norm,
+                  "entropy": entropy}
         directional = [shards.read_shard(p, expect)[0] for p in directional_paths]
         fo = first_order.first_order_report(X, v, directional, G, norm, etas)
-        measured = snis.delta_h_sweep([shards.read_shard(p, {"kind": "snis"}) for p in snis_paths], G, norm)
-        results.append(report.variant_result(name, variants.describe(config, name), fo, measured, v_meta))
+        measured = snis_module.delta_h_sweep([shards.read_shard(p, {"kind": "snis"}) for p in snis_paths], G, norm,
+                                             entropy)
+        results.append(variant_report.variant_result(name, variants.describe(config, name), fo, measured, v_meta))
     return results
 
 
-def main(config: dict, delta_h1_path: str, snis_path: str, jackknife_path: str, objective_path: str,
-         attribution_path: str, json_path: str, table_path: str, plot_path: str, exact_path: str | None = None,
-         x_path: str | None = None, main_v_path: str | None = None, variant_inputs=(),
-         variants_table_path: str | None = None, variants_plot_path: str | None = None) -> None:
+def main(cfg: dict, delta_h1_path: str, snis_path: str, json_path: str, table_path: str, plot_path: str,
+         directional: list[str], snis: list[str], jackknife_path: str | None = None,
+         objective_path: str | None = None, exact_path: str | None = None, comparison_path: str | None = None,
+         sampler_path: str | None = None, attribution_path: str | None = None, x_path: str | None = None,
+         main_v_path: str | None = None, variant_paths=([], [], []), variants_table_path: str | None = None,
+         variants_plot_path: str | None = None) -> None:
+    config = _defining_only(cfg)
     first_order_main, measured = shards.read_json(delta_h1_path), shards.read_json(snis_path)
-    jackknife = shards.read_json(jackknife_path)
-    attributed = shards.read_json(attribution_path)
-    objective = shards.read_metadata(objective_path)
+    attributed = shards.read_json(attribution_path) if attribution_path else None
+    jackknife = shards.read_json(jackknife_path) if jackknife_path else None
+    objective = shards.read_metadata(objective_path) if objective_path else None
     exact = shards.read_json(exact_path) if exact_path else None
-    fingerprints = {first_order_main["model_fingerprint"], measured["model_fingerprint"], attributed["model_fingerprint"]}
-    if len(fingerprints) != 1:
-        raise shards.ShardError(f"{delta_h1_path}, {snis_path} and {attribution_path} come from different models")
-    exact_by_eta = {r["eta"]: r["exact_delta_h"] for r in exact["delta_h"]} if exact else None
-    rows = report.combine(first_order_main, measured, attributed["U"]["se_u"], exact_by_eta)
-    u_batch = {"informative_groups": objective["informative_groups"], "num_groups": objective["num_groups"],
-               "loss_type": objective["loss_type"], "loss_formula": objective["loss_formula"]}
+    sampler = shards.read_json(sampler_path) if sampler_path else None
+    comparison = shards.read_json(comparison_path) if comparison_path else None
+    fingerprint = first_order_main["model_fingerprint"]
+    for path, other in ((snis_path, measured), (sampler_path, sampler), (attribution_path, attributed)):
+        if other is not None and other["model_fingerprint"] != fingerprint:
+            raise shards.ShardError(f"{delta_h1_path} and {path} come from different models")
+    entropy = config["estimator"]["entropy"]
+    for path, other in ((snis_path, measured), (sampler_path, sampler), (exact_path, exact)):
+        if other is not None and other.get("entropy", "sampler") != entropy:
+            raise shards.ShardError(f"{path}: the {other.get('entropy')!r} entropy, expected {entropy!r}")
+    directional_sums = [shards.read_shard(p, {"kind": "directional", "model_fingerprint": fingerprint})[0]
+                        for p in directional]
+    snis_tensors = [shards.read_shard(p, {"kind": "snis", "model_fingerprint": fingerprint})[0]
+                    for p in snis]
+    ratios = linearity.linearity(directional_sums, snis_tensors, [r["eta"] for r in measured["rows"]],
+                                 config["batch_config"]["G"], first_order_main["normalization"], entropy)
+    exact_by_eta = {r["eta"]: r for r in exact["delta_h"]} if exact else None
+    se_u = attributed["U"]["se_u"] if attributed else None
+    rows = report.combine(first_order_main, measured, se_u, exact_by_eta, sampler, ratios)
+    u_batch = None if objective is None else {
+        "informative_groups": objective["informative_groups"], "num_groups": objective["num_groups"],
+        "loss_type": objective["loss_type"], "loss_formula": objective["loss_formula"]}
     unit = normalization.get(first_order_main["normalization"]).unit
-    table = report.format_table(rows, unit, u_batch)
+    table = report.format_table(rows, unit, u_batch, entropy, snis_module.MIN_ESS_FRACTION,
+                                first_order_main.get("update"),
+                                comparison)
     with shards.atomic_path(plot_path, suffix=".png") as tmp:
         report.plot(rows, tmp, unit)
     compared = None
+    variant_inputs = _variant_inputs(variants.names(config), *variant_paths)
     if variant_inputs:
         main_v_meta = shards.read_metadata(main_v_path)
         compared = compare_variants(config, first_order_main, measured, main_v_meta, x_path, variant_inputs)
         with shards.atomic_path(variants_table_path) as tmp:
-            tmp.write_text(report.format_variants(compared, unit))
+            tmp.write_text(variant_report.format_variants(compared, unit))
         with shards.atomic_path(variants_plot_path, suffix=".png") as tmp:
-            report.plot_variants(compared, tmp, unit)
+            variant_report.plot_variants(compared, tmp, unit)
     shards.write_json(json_path, {
-        "rows": rows, "first_order": first_order_main, "delta_h_snis": measured, "u_jackknife": jackknife,
-        "u_noise": u_noise_check(attributed, jackknife), "attribution": robust_attribution(attributed),
-        "variants": compared, "exact": exact, "u_batch": u_batch, "unit": unit,
-        "model_fingerprint": first_order_main["model_fingerprint"], "config": config,
+        "rows": rows, "columns": report.COLUMNS, "entropy": entropy, "first_order": first_order_main,
+        "delta_h_snis": measured, "delta_h_sampler": sampler, "u_jackknife": jackknife,
+        "u_noise": u_noise_check(attributed, jackknife) if attributed else None,
+        "attribution": robust_attribution(attributed) if attributed else None, "variants": compared,
+        "exact": exact, "u_batch": u_batch, "unit": unit, "model_fingerprint": fingerprint,
+        "update": first_order_main.get("update"), "step_comparison": comparison, "config": config,
         **report.provenance(),
     })
     with shards.atomic_path(table_path) as tmp:
@@ -125,30 +158,26 @@ def _variant_inputs(names: list[str], v_paths: list[str], directional: list[str]
     return grouped
 
 
-if "snakemake" in globals():
-    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
-        inputs, outputs = snakemake.input, snakemake.output  # noqa: F821
-        config = _defining_only(rule_config(snakemake))  # noqa: F821
-        names = variants.names(config)
-        main(config, inputs.delta_h1, inputs.delta_h_snis, inputs.u_jackknife, inputs.u_objective, inputs.attribution,
-             outputs.json, outputs.table, outputs.plot, inputs.get("exact"), inputs.get("X"), inputs.get("v"),
-             _variant_inputs(names, list(inputs.get("variant_v", [])), list(inputs.get("variant_directional", [])),
-                             list(inputs.get("variant_snis", []))),
-             outputs.get("variants_table"), outputs.get("variants_plot"))
-elif __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name in ("config", "delta_h1", "delta_h_snis", "u_jackknife", "u_objective", "attribution", "out_dir"):
-        parser.add_argument(name)
-    parser.add_argument("--exact", help="exact_reference JSON (embedded policy only)")
-    parser.add_argument("--x", help="the reduced X (needed with --variant)")
-    parser.add_argument("--v", help="the main v (needed with --variant)")
-    parser.add_argument("--variant", nargs="+", action="append", default=[],
-                        help="NAME V_PATH then its directional and SNIS shards, as d:PATH and s:PATH")
-    args = parser.parse_args()
-    variant_inputs = [(v[0], v[1], [p[2:] for p in v[2:] if p.startswith("d:")], [p[2:] for p in v[2:] if p.startswith("s:")])
-                      for v in args.variant]
-    with stage_run():
-        out = Path(args.out_dir)
-        main(_defining_only(config_for(args.config, "summary")), args.delta_h1, args.delta_h_snis, args.u_jackknife,
-             args.u_objective, args.attribution, out / "summary.json", out / "summary.txt", out / "plot.png",
-             args.exact, args.x, args.v, variant_inputs, out / "variants.txt", out / "variants.png")
+run_stage(globals(), main, ["delta_h1_path", "snis_path", "json_path", "table_path", "plot_path",
+                            ("--directional", "the directional shards, in E-shard order", {"nargs": "+", "required": True}),
+                            ("--snis", "the SNIS shards, in E-shard order", {"nargs": "+", "required": True}),
+                            ("--jackknife_path", "u_jackknife JSON (v from a U batch)"),
+                            ("--objective_path", "u_objective shard (v from a U batch)"),
+                            ("--exact_path", "exact_reference JSON (embedded policy only)"),
+                            ("--comparison_path", "step_comparison JSON (checkpoint_diff with an optimizer state)"),
+                            ("--sampler_path", "delta_h_sampler JSON (fresh rollouts)"),
+                            ("--attribution_path", "attribution JSON (the U-batch SE of δH₁)")],
+          lambda smk: {"delta_h1_path": smk.input.delta_h1, "snis_path": smk.input.delta_h_snis,
+                       "directional": list(smk.input.directional), "snis": list(smk.input.snis),
+                       "jackknife_path": smk.input.get("u_jackknife"), "objective_path": smk.input.get("u_objective"),
+                       "json_path": smk.output.json, "table_path": smk.output.table, "plot_path": smk.output.plot,
+                       "exact_path": smk.input.get("exact"), "comparison_path": smk.input.get("step_comparison"),
+                       "sampler_path": smk.input.get("delta_h_sampler"),
+                       "attribution_path": smk.input.get("attribution"), "x_path": smk.input.get("X"),
+                       "main_v_path": smk.input.get("v"),
+                       "variant_paths": (list(smk.input.get("variant_v", [])),
+                                         list(smk.input.get("variant_directional", [])),
+                                         list(smk.input.get("variant_snis", []))),
+                       "variants_table_path": smk.output.get("variants_table"),
+                       "variants_plot_path": smk.output.get("variants_plot")},
+          stage="summary")

@@ -1,23 +1,35 @@
 """Stage: the update vector v = Δθ/η of one optimizer step from the reduced Y gradient
 (DESIGN §2 "Y and v"). sgd: v = Y; adamw: one torch AdamW step from the checkpoint's optimizer
-state (update.optimizer_state) or, with none, from a fresh optimizer. Optional clipping of the
-gradient by global norm (update.max_grad_norm). v is keyed like Y, in float64. For a variant of the
-update (update.variants, its rule variant_update_vector) v is also scaled by its lr_factor.
+state (update.optimizer_state, or model.checkpoint's optimizer.pt) or, with none, from a fresh
+optimizer. Optional clipping of the gradient by global norm (update.max_grad_norm). v is keyed
+like Y, in float64. checkpoint_diff: v = θ(update.next_checkpoint) − θ(model.checkpoint) over the
+probe's parameters (no Y), η = 1 the trainer's step. For a variant of the update
+(update.variants, its rule variant_update_vector) v is also scaled by its lr_factor.
 
 By hand:  python scripts/update_vector.py CONFIG.yaml Y.safetensors POLICY_DIR OUT.safetensors
+          python scripts/update_vector.py CONFIG.yaml - POLICY OUT.safetensors   (checkpoint_diff)
 """
-import argparse
 import logging
 
-from entropy_probe import gradients, guards, losses, shards
-from entropy_probe.stage import config_for, rule_config, stage_run
+from entropy_probe import checkpoint_step, gradients, guards, losses, shards
+from entropy_probe.stage import run_stage
 from entropy_probe.update_builder import UpdateBuilder
 
 log = logging.getLogger("update_vector")
 
 
-def main(cfg: dict, y_path: str, policy_dir: str, out_path: str, lr_factor: float = 1.0,
-         variant: str | None = None) -> None:
+def main(cfg: dict, y_path: str | None, policy_dir: str, out_path: str, lr_factor: float = 1.0) -> None:
+    variant = cfg.get("variant", {}).get("name")  # a variant's rule only (update.variants)
+    lr_factor = cfg["variant"]["lr_factor"] if variant else lr_factor
+    y_path = None if y_path == "-" else y_path
+    if cfg["update"]["optimizer"] == checkpoint_step.CHECKPOINT_DIFF:
+        following = cfg["update"]["next_checkpoint"]
+        v, meta = checkpoint_step.step_vector(cfg, policy_dir, following)
+        guards.check_parameters(v, "update vector v", following)
+        shards.write_shard(out_path, v, meta | {"kind": "v", "param_filter": cfg["estimator"]["param_filter"]})
+        log.info("v = θ(%s) − θ(policy): |v| = %.6g over %d tensors (global steps %s -> %s)", following,
+                 meta["step_norm"], len(v), (meta.get("checkpoint") or {}).get("global_step"), meta["next_global_step"])
+        return
     tensors, y_meta = shards.read_shard(y_path, {"kind": "Y"})
     Y, _ = gradients.unpack(tensors)
     if cfg["update"]["optimizer"] == "sgd" and gradients.global_norm(Y) == 0:
@@ -39,19 +51,7 @@ def main(cfg: dict, y_path: str, policy_dir: str, out_path: str, lr_factor: floa
              gradients.global_norm(v), len(v), meta["grad_norm"], meta["clip_coef"])
 
 
-if "snakemake" in globals():
-    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
-        cfg = rule_config(snakemake)  # noqa: F821
-        variant = cfg.get("variant")  # a variant's rule only (update.variants)
-        main(cfg, snakemake.input.Y, snakemake.input.policy, snakemake.output[0],  # noqa: F821
-             variant["lr_factor"] if variant else 1.0, variant["name"] if variant else None)
-elif __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("y")
-    parser.add_argument("policy_dir")
-    parser.add_argument("out")
-    parser.add_argument("--lr-factor", type=float, default=1.0, help="scale v (a variant's lr_factor)")
-    args = parser.parse_args()
-    with stage_run():
-        main(config_for(args.config, "update_vector"), args.y, args.policy_dir, args.out, args.lr_factor)
+run_stage(globals(), main, [("y_path", "Y gradient ('-' for checkpoint_diff)"), "policy_dir", "out_path",
+                            ("--lr_factor", "scale v (a variant's lr_factor)", {"type": float, "default": 1.0})],
+          lambda smk: {"y_path": smk.input.get("Y"), "policy_dir": smk.input.policy, "out_path": smk.output[0]},
+          stage="update_vector")

@@ -1,5 +1,5 @@
-# δH₁(η) = η·X·v with its error bars, ΔH(η) by SNIS, the exact reference where the policy can be
-# enumerated, and the report.
+# δH₁(η) = η·X·v with its error bars, ΔH(η) with θ's nucleus by SNIS, the exact reference where
+# the policy can be enumerated, and the report (with the sampler's own ΔH of fresh.smk).
 rule directional:
     input:
         rollout=f"{RESULTS}/rollouts/E/shard_{{shard}}.safetensors",
@@ -104,37 +104,14 @@ if EXACT_REFERENCE:
 
 rule summary:
     input:
-        unpack(
-            lambda wc: (
-                {"exact": rules.exact_reference.output[0]} if EXACT_REFERENCE else {}
-            )
-        ),
-        unpack(
-            lambda wc: (
-                {
-                    "X": f"{RESULTS}/gradients/X.safetensors",
-                    "v": rules.update_vector.output[0],
-                    "variant_v": variant_files(
-                        f"{RESULTS}/variants/{{variant}}/v.safetensors"
-                    ),
-                    "variant_directional": variant_files(
-                        f"{RESULTS}/variants/{{variant}}/directional/shard_{{shard}}.safetensors",
-                        "E",
-                    ),
-                    "variant_snis": variant_files(
-                        f"{RESULTS}/variants/{{variant}}/snis/shard_{{shard}}.safetensors",
-                        "E",
-                    ),
-                }
-                if VARIANTS
-                else {}
-            )
-        ),
+        unpack(summary_inputs),
         delta_h1=rules.delta_h1.output.json,
         delta_h_snis=rules.delta_h_snis.output[0],
-        u_jackknife=rules.u_jackknife.output[0],
-        u_objective=U_OBJECTIVE,
-        attribution=rules.attribution.output.json,
+        # per-group contributions of δH₁ and of the SNIS ΔH: the linearity ratio's error bar
+        directional=shard_paths(
+            f"{RESULTS}/directional/shard_{{shard}}.safetensors", "E"
+        ),
+        snis=shard_paths(f"{RESULTS}/snis/shard_{{shard}}.safetensors", "E"),
     output:
         **(
             {
