@@ -1,10 +1,13 @@
-# Entropy probe: predicts (δH₁ = η·X·v) and measures (ΔH by SNIS) how one policy-gradient step
-# changes a policy's entropy. See README.md and the shared DESIGN notes for the math.
+# Entropy probe: predicts (δH₁ = η·X·v) and measures (ΔH with θ's nucleus by SNIS, and the
+# sampler's own ΔH by coupled fresh rollouts) how one policy-gradient step changes a policy's
+# entropy. See README.md and the shared DESIGN notes for the math.
 #
 #   snakemake --cores 2                       the default target (all stages)
 #   snakemake --cores 2 rollouts              up to the rollout shards
 #   snakemake --cores 2 --configfile my.yaml  another config (validated first)
 #   snakemake --report report.html            the report (its landing page: the table and the plot)
+# With model.checkpoints (a trainer's run) the default target is the report over training
+# (results/trajectory.*), one probe per pair of checkpoints under results/pairs/<pair>/.
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -22,16 +25,20 @@ include: "workflow/rules/plan.smk"
 include: "workflow/rules/rollout.smk"
 include: "workflow/rules/teacher_force.smk"
 include: "workflow/rules/update.smk"
+include: "workflow/rules/fresh.smk"
+include: "workflow/rules/attribution.smk"
+include: "workflow/rules/variants.smk"
 include: "workflow/rules/statistics.smk"
+include: "workflow/rules/checkpoint.smk"
 
 
 rule rollouts:
     input:
-        shard_paths(f"{RESULTS}/rollouts/E/shard_{{shard}}.safetensors", "E"),
-        shard_paths(f"{RESULTS}/rollouts/U/shard_{{shard}}.safetensors", "U"),
+        every_run(shard_paths(f"{RESULTS}/rollouts/E/shard_{{shard}}.safetensors", "E")),
+        every_run(shard_paths(f"{RESULTS}/rollouts/U/shard_{{shard}}.safetensors", "U")),
 
 
 rule all:
     default_target: True
     input:
-        rules.summary.output,
+        rules.trajectory.output if PAIR_CONFIGS else rules.summary.output,

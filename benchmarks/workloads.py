@@ -132,7 +132,6 @@ def synthetic_rollout(model, *, B: int, G: int, P: int, T: int, seed: int = 0, t
     token lies in its nucleus) and then cut to the drawn lengths."""
     V = model.config.vocab_size
     pad = V - 2 if pad_token_id is None else pad_token_id
-    eos = V - 1 if eos_token_id is None else eos_token_id
     g = torch.Generator().manual_seed(seed)
     prompt_lens = torch.randint(int(min_fraction * P), P + 1, (B,), generator=g)
     response_lens = torch.randint(int(min_fraction * T), T + 1, (B, G), generator=g)

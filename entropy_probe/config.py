@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .data import DataError, kind_splits, local_file, raw_size, source_kind
 from .errors import ProbeError
+from .checkpoint_config import check_checkpoint_config, is_embedded
 from .input_files import EMBEDDED, looks_like_hub_id
 
 
@@ -68,8 +69,9 @@ def _check_data(config: dict) -> None:
                 local_file(data["source"], split)
     except DataError as err:
         raise ConfigError(str(err)) from err
-    if kind == "embedded" and config["model"]["name_or_path"] != EMBEDDED:
-        raise ConfigError("data.source: 'embedded' prompts only go with model.name_or_path: embedded")
+    if kind == "embedded" and not is_embedded(config["model"]):
+        raise ConfigError("data.source: 'embedded' prompts only go with the embedded policy (model.name_or_path: "
+                          "embedded, no model.checkpoint); give the prompt file")
     if data.get("config_name") and kind != "hub":
         raise ConfigError("data.config_name: only hub datasets have configurations")
     if data.get("system_prompt") and not data.get("use_chat_template"):
@@ -165,7 +167,7 @@ def _check_optimizer_state(config: dict) -> None:
 
     update = config["update"]
     try:
-        paths = resolve_state_paths(update, "", config["model"]["name_or_path"] == EMBEDDED)
+        paths = resolve_state_paths(update, "", is_embedded(config["model"]))
     except ValueError as err:
         raise ConfigError(str(err)) from err
     if paths is None or update["optimizer_state"] == EMBEDDED_STATE:
@@ -230,10 +232,29 @@ def _check_loss(config: dict) -> None:
         raise ConfigError(f"update.{key}: must be > 0 for update.loss_type {upd['loss_type']!r}")
 
 
+def _check_variants(config: dict) -> None:
+    """update.variants: names, and each variant's effective update passes the main update's checks."""
+    from . import variants
+
+    if config["update"].get("variants") and config["update"]["optimizer"] == "checkpoint_diff":
+        raise ConfigError("update.variants: a variant is another update rule on the U batch, and with "
+                          "update.optimizer checkpoint_diff there is none (v is the trainer's step): drop the variants")
+
+    def check_update(effective: dict) -> None:
+        _check_loss(effective)
+        _check_optimizer_state(effective)
+
+    try:
+        variants.check(config, check_update)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
 def check_config(config: dict) -> None:
     """Raise ConfigError on the first inconsistent value."""
     batch, gen, model = config["batch_config"], config["generation"], config["model"]
     _check_loss(config)
+    check_checkpoint_config(config)
     if model["name_or_path"] != EMBEDDED:
         _check_checkpoint(model["name_or_path"], "model.name_or_path", adapter=False)
     if model.get("adapter_path"):
@@ -241,11 +262,13 @@ def check_config(config: dict) -> None:
             raise ConfigError("model.adapter_path: an adapter needs a checkpoint in model.name_or_path (the embedded "
                               "policy is built by the run; to put an adapter on it, give its directory)")
         _check_checkpoint(model["adapter_path"], "model.adapter_path", adapter=True)
-    if model.get("trainable", "auto") == "adapters" and not model.get("adapter_path"):
+    checkpoint = model.get("checkpoint") or model.get("checkpoints")  # checked by check_checkpoint_config
+    if model.get("trainable", "auto") == "adapters" and not model.get("adapter_path") and not checkpoint:
         raise ConfigError("model.trainable: 'adapters' needs model.adapter_path")
     _check_data(config)
     _check_reward(config["reward"])
     _check_optimizer_state(config)
+    _check_variants(config)
     if any(not s for s in gen.get("stop_strings", [])):
         raise ConfigError("generation.stop_strings: empty stop string")
     if batch["E_total_sequences"] < batch["G"]:
@@ -303,10 +326,19 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     return config
 
 
-def sweep_etas(estimator: dict) -> list[float]:
-    """The η values the SNIS pass evaluates: eta_list, plus −η for each when central differences
-    are asked for, sorted."""
-    etas = {float(e) for e in estimator["eta_list"]}
+def with_training_eta(etas: list[float], training_eta: float | None) -> list[float]:
+    """``etas`` with the η of the trainer's step (v's ``training_eta``: a checkpoint's learning
+    rate, or 1 for a checkpoint difference) added in order when no η of the list is it."""
+    etas = [float(e) for e in etas]
+    if training_eta is None or any(math.isclose(e, training_eta, rel_tol=1e-9) for e in etas):
+        return etas
+    return sorted(etas + [float(training_eta)])
+
+
+def sweep_etas(estimator: dict, training_eta: float | None = None) -> list[float]:
+    """The η values the SNIS pass evaluates: eta_list (and the training η, if any), plus −η for
+    each when central differences are asked for, sorted."""
+    etas = set(with_training_eta(estimator["eta_list"], training_eta))
     if estimator["central_difference"]:
         etas |= {-e for e in etas}
     return sorted(etas)

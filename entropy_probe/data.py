@@ -328,24 +328,3 @@ def load_prepared(path: str | Path, sha256: str | None = None) -> list[dict]:
         raise DataError(f"{path}: the prepared prompts changed since the plan was made (rerun the plan)")
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def load_examples(path: str | Path, prompt_field: str, answer_field: str) -> list[dict]:
-    """Records ``{"prompt", "answer"}`` of a raw jsonl file in file order (the index is the prompt
-    id). A record without the prompt field, or with an empty prompt, is an error naming the line."""
-    examples = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            prompt = record.get(prompt_field)
-            if not isinstance(prompt, str) or not prompt:
-                raise ValueError(f"{path}:{line_no}: field {prompt_field!r} (data.prompt_field) is missing or empty")
-            examples.append({"prompt": prompt, "answer": record.get(answer_field)})
-    return examples
-
-
-def dataset_path(data: dict, policy_dir: str | Path) -> Path:
-    """The raw jsonl of the embedded set, or the configured file (a single local file)."""
-    return Path(policy_dir) / PROMPTS_FILE if data["source"] == EMBEDDED else Path(data["source"])

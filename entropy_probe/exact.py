@@ -11,7 +11,10 @@ Quantities (DESIGN §2), all accumulated in float64 from the model's fp32 logits
 
 - p_k = softmax(z_k/τ); S_k = :func:`entropy_probe.measure.nucleus_mask` (fp32, the contract's
   one function); q_k = p_k renormalized on S_k (log-softmax of the masked z_k/τ, float64);
-- h_k = −Σ_{v∈S_k} q_k(v) log q_k(v); S(y) = Σ_k h_k; log q(y|x) = Σ_k log q_k(y_k);
+- h_k = −Σ_{v∈S_k} q_k(v) log q_k(v) (``entropy="sampler"``), or the full-vocabulary tempered
+  entropy −Σ_{v∈V} p_k(v) log p_k(v) (``"tempered_full"``, DESIGN §2b "Which entropy"; the same
+  arithmetic with the whole vocabulary as the nucleus, so with top_p = 1 the two are identical);
+  S(y) = Σ_k h_k; log q(y|x) = Σ_k log q_k(y_k);
 - H = mean_x E_q[S] / mean_x E_q[T] (``token``) or mean_x E_q[S] (``sequence``);
 - ∇H by autograd through the enumeration (q's dependence gives the score term, h's the pathwise
   term; the nucleus is held fixed, it is locally constant).
@@ -95,6 +98,7 @@ def enumerate_responses(
     max_new_tokens: int,
     params: dict[str, Tensor] | None = None,
     nucleus: str = "own",
+    entropy: str = "sampler",
 ) -> Enumeration:
     """Every response with q(y|x) > 0 for every prompt, with its exact log q, S and tempered log-probs.
 
@@ -103,6 +107,7 @@ def enumerate_responses(
     ``nucleus``: ``"own"`` (default) computes S_k from the logits of the parameters being evaluated;
     ``"base"`` computes S_k from the model's own parameters (θ) while q_k is computed from
     ``params`` (θ') — the measure q_θ' the SNIS target of DESIGN §2 uses with top_p < 1.
+    ``entropy``: which per-prefix entropy S(y) sums (:data:`measure.ENTROPIES`).
     Gradients flow to the model parameters (or to ``params``) when torch grad mode is on.
     One batched forward pass per depth over all live prefixes of all prompts.
     """
@@ -110,6 +115,7 @@ def enumerate_responses(
         raise ValueError("max_new_tokens must be >= 1")
     if nucleus not in ("own", "base"):
         raise ValueError(f"nucleus must be 'own' or 'base', not {nucleus!r}")
+    full_entropy = measure.check_entropy(entropy) == "tempered_full"
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     table, plen = _prompt_table(tokenizer, prompts, device)
@@ -146,8 +152,9 @@ def enumerate_responses(
         scaled = logits.to(torch.float64) / temperature
         log_q_k = torch.log_softmax(scaled.masked_fill(~mask, float("-inf")), dim=-1)
         finite = log_q_k.masked_fill(~mask, 0.0)
-        h_k = -(finite.exp() * finite).sum(-1)  # [rows]
         log_p_k = torch.log_softmax(scaled, dim=-1)
+        h_from = log_p_k if full_entropy else finite
+        h_k = -(h_from.exp() * h_from).sum(-1)  # [rows]
 
         row, token = mask.nonzero(as_tuple=True)  # every child (prefix, v ∈ S_k)
         child_prompt = live_prompt[row]
@@ -213,14 +220,15 @@ def _grads(output: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def exact_entropy_and_grad(
     model, tokenizer, prompts: list[str], *, temperature: float, top_p: float, max_new_tokens: int,
-    normalization: str = "token",
+    normalization: str = "token", entropy: str = "sampler",
 ) -> tuple[float, dict[str, Tensor]]:
     """(H(θ), ∇H(θ)) exactly; ∇H keyed by trainable parameter name, float64 (fp32 model arithmetic),
     by autograd through the enumeration with the nucleus held fixed. Leaves no ``.grad``."""
     params = parameters.select(model)
     with torch.enable_grad():
         enum = enumerate_responses(
-            model, tokenizer, prompts, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens
+            model, tokenizer, prompts, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+            entropy=entropy,
         )
         entropy = exact_entropy(enum, normalization)
         return entropy.item(), _grads(entropy, params)
@@ -228,18 +236,19 @@ def exact_entropy_and_grad(
 
 def exact_entropy_grad(
     model, tokenizer, prompts: list[str], *, temperature: float, top_p: float, max_new_tokens: int,
-    normalization: str = "token",
+    normalization: str = "token", entropy: str = "sampler",
 ) -> dict[str, Tensor]:
     """Exact ∇H(θ) (DESIGN §2): name -> float64 tensor for every trainable parameter."""
     return exact_entropy_and_grad(
         model, tokenizer, prompts, temperature=temperature, top_p=top_p,
-        max_new_tokens=max_new_tokens, normalization=normalization,
+        max_new_tokens=max_new_tokens, normalization=normalization, entropy=entropy,
     )[1]
 
 
 def exact_entropy_at(
     model, tokenizer, prompts: list[str], *, temperature: float, top_p: float, max_new_tokens: int,
     normalization: str = "token", direction: dict[str, Tensor], eta: float, nucleus: str = "own",
+    entropy: str = "sampler",
 ) -> float:
     """Exact H(θ + η·direction) via ``functional_call`` (the model is not modified).
 
@@ -250,9 +259,52 @@ def exact_entropy_at(
     with torch.no_grad():
         enum = enumerate_responses(
             model, tokenizer, prompts, temperature=temperature, top_p=top_p,
-            max_new_tokens=max_new_tokens, params=params, nucleus=nucleus,
+            max_new_tokens=max_new_tokens, params=params, nucleus=nucleus, entropy=entropy,
         )
         return exact_entropy(enum, normalization).item()
+
+
+def exact_prompt_contributions(
+    model, tokenizer, prompts: list[str], direction: dict[str, Tensor], *, temperature: float, top_p: float,
+    max_new_tokens: int, normalization: str = "token",
+) -> dict[str, Tensor | float]:
+    """Each prompt's exact term of ∇H·u (u = ``direction``), prompts uniform, float64.
+
+    With s_x = E_q[S|x], d_x = E_q[D|x] (D = T for ``token``, 1 for ``sequence``), their
+    derivatives ∂s_x, ∂d_x along u, C = mean_x d_x, H = mean_x s_x / C, B = mean_x ∂d_x:
+
+    - ``term`` c_x = (∂s_x − H ∂d_x)/C: ∇H·u = mean_x c_x (the quotient rule, H and C fixed);
+    - ``influence_form`` φ_x = c_x − (B/C²)(s_x − H d_x) + (∇H·u)(1 − d_x/C): also how prompt x
+      moves H and C (its influence function plus ∇H·u), mean_x φ_x = ∇H·u. An E prompt group of
+      prompt x has expected influence contribution φ_x (:mod:`entropy_probe.attribution`).
+
+    Also ``grad_H_dot_u``. By autograd through the enumeration, one backward pass per prompt and
+    quantity (tiny policies only)."""
+    params = parameters.select(model)
+    names = list(params)
+    per_token = norm.get(normalization).per_token
+    with torch.enable_grad():
+        enum = enumerate_responses(model, tokenizer, prompts, temperature=temperature, top_p=top_p,
+                                   max_new_tokens=max_new_tokens)
+        s = enum.per_prompt(enum.entropy_sum)
+        d = enum.per_prompt(enum.lengths) if per_token else torch.ones_like(s)
+
+        def along(value: Tensor) -> float:
+            grads = torch.autograd.grad(value, [params[k] for k in names], retain_graph=True, allow_unused=True)
+            return sum(float((g.double().cpu() * direction[k].double().cpu()).sum())
+                       for k, g in zip(names, grads) if g is not None and k in direction)
+
+        ds = torch.tensor([along(s[i]) for i in range(len(prompts))], dtype=torch.float64)
+        dd = (torch.tensor([along(d[i]) for i in range(len(prompts))], dtype=torch.float64) if per_token
+              else torch.zeros(len(prompts), dtype=torch.float64))
+    s, d = s.detach().cpu(), d.detach().cpu()
+    C = d.mean()
+    H = s.mean() / C
+    B = dd.mean()
+    term = (ds - H * dd) / C
+    total = term.mean()
+    influence_form = term - B / C**2 * (s - H * d) + total * (1 - d / C)
+    return {"term": term, "influence_form": influence_form, "grad_H_dot_u": float(total), "H": float(H)}
 
 
 def exact_match_rewards(enum: Enumeration, tokenizer, golds: list[str]) -> Tensor:

@@ -33,7 +33,7 @@ class _FusedHeadSurrogate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, tokens, coef_entropy, coef_log_q, coef_tempered, options):
-        temperature, top_p, chunk_tokens, compute_dtype, keep_tokens = options
+        temperature, top_p, chunk_tokens, compute_dtype, keep_tokens, entropy = options
         want_q = coef_entropy is not None or coef_log_q is not None
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
@@ -64,6 +64,7 @@ class _FusedHeadSurrogate(torch.autograd.Function):
                 logits, tokens[sl], temperature, top_p, want_q=want_q,
                 want_tempered=coef_tempered is not None, coef_entropy=coefs[0], coef_log_q=coefs[1],
                 coef_tempered=coefs[2], overwrite=True, workspace=workspace, keep_tokens=keep_tokens,
+                entropy=entropy,
             )
             for key, val in scores.items():
                 stats.setdefault(key, []).append(val)
@@ -100,7 +101,7 @@ class _FusedHeadSurrogate(torch.autograd.Function):
 
 
 def _checkpointed_surrogate(hidden, head, tokens, coefs, temperature, top_p, chunk_tokens, device, autocast_dtype,
-                            keep_tokens=False):
+                            keep_tokens=False, entropy="sampler"):
     """The fallback of :func:`surrogate` for an output embedding that is not a plain nn.Linear:
     autograd through each chunk, checkpointed (the backward recomputes the chunk's logits)."""
     want_q = coefs[0] is not None or coefs[1] is not None
@@ -111,10 +112,11 @@ def _checkpointed_surrogate(hidden, head, tokens, coefs, temperature, top_p, chu
         value = torch.zeros((), dtype=torch.float32, device=h.device)
         columns = []
         if want_q:
-            token_log_q, entropy, in_nucleus = measure.score_tokens(logits, y, temperature, top_p, keep_tokens)
-            columns += [token_log_q.detach(), entropy.detach(), in_nucleus]
+            token_log_q, h, in_nucleus = measure.score_tokens(logits, y, temperature, top_p,
+                                                              keep_tokens=keep_tokens, entropy=entropy)
+            columns += [token_log_q.detach(), h.detach(), in_nucleus]
             if c_h is not None:
-                value = value + (c_h * entropy).sum()
+                value = value + (c_h * h).sum()
             if c_q is not None:
                 value = value + (c_q * token_log_q).sum()
         if c_p is not None:
@@ -135,9 +137,10 @@ def _checkpointed_surrogate(hidden, head, tokens, coefs, temperature, top_p, chu
 
 def head_surrogate(hidden: Tensor, head: nn.Module, tokens: Tensor, coefs: tuple, temperature: float, top_p: float,
                    chunk_tokens: int | None, device, autocast_dtype,
-                   keep_tokens: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+                   keep_tokens: bool = False, entropy: str = "sampler") -> tuple[Tensor, dict[str, Tensor]]:
     """(F, per-token scores) for response tokens with final hidden states ``hidden`` ``[R, d]``,
-    tokens ``[R]`` and coefficients (c_h, c_q, c_p) ``[R]`` each (None = 0). A plain ``nn.Linear``
+    tokens ``[R]`` and coefficients (c_h, c_q, c_p) ``[R]`` each (None = 0); h is the per-prefix
+    entropy ``entropy`` (:data:`measure.ENTROPIES`). A plain ``nn.Linear``
     head goes through :class:`_FusedHeadSurrogate` (two ``[chunk, V]`` fp32 buffers, head matmul
     once); any other head (an adapter on it) through autograd, each chunk checkpointed.
     ``keep_tokens``: the nucleus is S ∪ {y} (:func:`measure.score_tokens`)."""
@@ -145,8 +148,8 @@ def head_surrogate(hidden: Tensor, head: nn.Module, tokens: Tensor, coefs: tuple
     want_q = coef_entropy is not None or coef_log_q is not None
     if type(head) is not nn.Linear:
         return _checkpointed_surrogate(hidden, head, tokens, coefs, temperature, top_p, chunk_tokens, device,
-                                       autocast_dtype, keep_tokens)
+                                       autocast_dtype, keep_tokens, entropy)
     compute_dtype = autocast_dtype if autocast_dtype not in (None, torch.float32) else head.weight.dtype
     value, *columns = _FusedHeadSurrogate.apply(hidden, head.weight, head.bias, tokens, *coefs,
-                                                (temperature, top_p, chunk_tokens, compute_dtype, keep_tokens))
+                                                (temperature, top_p, chunk_tokens, compute_dtype, keep_tokens, entropy))
     return value, dict(zip(_score_names(want_q, coef_tempered is not None), columns))

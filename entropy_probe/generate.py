@@ -31,9 +31,10 @@ _SPARSE_RATIO = 8
 
 class SamplingMeasureProcessor(LogitsProcessor):
     """Turns the raw logits into the Gumbel-perturbed log q, ``log q + g`` (float64, −inf outside
-    the nucleus), whose argmax is a draw from q, and records, per step, the RB entropy h_k and the
-    log q (without noise) of the token drawn at that step (read back one step later from
-    ``input_ids``; the last step's token is read by :meth:`finish`).
+    the nucleus), whose argmax is a draw from q, and records, per step, the RB entropy h_k, the
+    full-vocabulary tempered entropy (:func:`measure.full_entropy`; the same tensor when
+    top_p = 1) and the log q (without noise) of the token drawn at that step (read back one step
+    later from ``input_ids``; the last step's token is read by :meth:`finish`).
 
     Row r of the batch is response ``responses[r]`` of prompt slot ``slots[r]``; its noise at
     response position k (= number of response tokens before it: ``input_ids`` width minus
@@ -46,6 +47,7 @@ class SamplingMeasureProcessor(LogitsProcessor):
                  responses: Tensor, prompt_width: int):
         self.temperature, self.top_p, self.prompt_width = temperature, top_p, prompt_width
         self.entropies: list[Tensor] = []
+        self.tempered_entropies: list[Tensor] = []
         self.token_log_q: list[Tensor] = []
         self._previous_log_q: Tensor | None = None
         self._slot_state = noise.slot_state(noise_key, slots, responses)
@@ -60,6 +62,8 @@ class SamplingMeasureProcessor(LogitsProcessor):
         mask = measure.nucleus_mask(scores, self.temperature, self.top_p)
         lq = measure.log_q(scores, mask, self.temperature)
         self.entropies.append(measure.rb_entropy(lq, mask))
+        self.tempered_entropies.append(self.entropies[-1] if self.top_p >= 1.0
+                                       else measure.full_entropy(scores, self.temperature))
         self._previous_log_q = lq
         return self.perturbed_log_q(lq, mask, input_ids.shape[1] - self.prompt_width)
 
@@ -91,10 +95,11 @@ class SamplingMeasureProcessor(LogitsProcessor):
             buffer = self._buffers[name] = torch.empty(shape, dtype=dtype, device=device)
         return buffer
 
-    def finish(self, sequences: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-step (token log q, entropy), each ``[B, steps]``."""
+    def finish(self, sequences: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-step (token log q, RB entropy, full tempered entropy), each ``[B, steps]``."""
         self._record_previous(sequences[:, -1])
-        return torch.stack(self.token_log_q, 1), torch.stack(self.entropies, 1)
+        return (torch.stack(self.token_log_q, 1), torch.stack(self.entropies, 1),
+                torch.stack(self.tempered_entropies, 1))
 
 
 class StopStringCriterion(StoppingCriteria):
@@ -140,7 +145,8 @@ class Rollouts:
     stopped_at_eos: Tensor  # [B*G] bool
     stop_reason: Tensor  # [B*G] int8: STOP_EOS, STOP_STRING or STOP_MAX_TOKENS
     token_log_q: Tensor  # [B*G, T] fp32, 0 past the end
-    entropies: Tensor  # [B*G, T] fp32, 0 past the end
+    entropies: Tensor  # [B*G, T] fp32, 0 past the end: RB entropy of q (estimator.entropy: sampler)
+    tempered_entropies: Tensor  # [B*G, T] fp32, 0 past the end: full tempered entropy (tempered_full)
 
 
 def response_lengths(tokens: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor]:
@@ -239,7 +245,7 @@ def sample(
     finally:
         model.generation_config = checkpoint_config
     tokens = sequences[:, ids.shape[1]:]
-    token_log_q, entropies = processor.finish(sequences)
+    token_log_q, entropies, tempered_entropies = processor.finish(sequences)
     lens, stopped, reason = response_ends(tokens, eos_token_id, None if stop is None else stop.stop_index)
     valid = torch.arange(tokens.shape[1], device=device)[None, :] < lens[:, None]
     return Rollouts(
@@ -249,4 +255,5 @@ def sample(
         stop_reason=reason.cpu(),
         token_log_q=torch.where(valid, token_log_q, 0.0).float().cpu(),
         entropies=torch.where(valid, entropies, 0.0).float().cpu(),
+        tempered_entropies=torch.where(valid, tempered_entropies, 0.0).float().cpu(),
     )

@@ -11,6 +11,20 @@ from torch import Tensor
 
 _FIRST_TOPK = 64  # nucleus candidates looked at first; rows whose nucleus is larger look again
 
+# Which per-prefix entropy h_k the probe measures (``estimator.entropy``, DESIGN §2b "Which entropy"):
+#   sampler        the RB entropy of q_k (nucleus, renormalised): −Σ_{v∈S_k} q_k(v) log q_k(v)
+#   tempered_full  the full-vocabulary entropy of p_k = softmax(z_k/τ): −Σ_{v∈V} p_k(v) log p_k(v),
+#                  what TRL and verl log as `entropy` (no top-p on the training side)
+# Responses are drawn from q either way. With top_p = 1 the two are the same number: every function
+# below computes tempered_full as the sampler entropy with the whole vocabulary as the nucleus.
+ENTROPIES = ("sampler", "tempered_full")
+
+
+def check_entropy(entropy: str) -> str:
+    if entropy not in ENTROPIES:
+        raise ValueError(f"estimator.entropy: unknown entropy {entropy!r} ({' | '.join(ENTROPIES)})")
+    return entropy
+
 
 def nucleus_mask(logits: Tensor, temperature: float, top_p: float) -> Tensor:
     """The nucleus S_k as a bool mask, ``[..., V] -> [..., V]``.
@@ -88,11 +102,21 @@ def rb_entropy(log_probs: Tensor, mask: Tensor) -> Tensor:
     return -(finite_log_q.exp() * finite_log_q).sum(dim=-1)
 
 
-def score_tokens(logits: Tensor, tokens: Tensor, temperature: float, top_p: float, keep_tokens: bool = False):
-    """Per-token log q_k(y_k), RB entropy h_k and nucleus membership of y_k.
+def full_entropy(logits: Tensor, temperature: float) -> Tensor:
+    """The full-vocabulary tempered entropy −Σ_{v∈V} p(v) log p(v), p = softmax(z/τ),
+    ``[..., V] -> [...]`` fp32, differentiable: :func:`rb_entropy` of :func:`log_q` with the whole
+    vocabulary as the nucleus (so with top_p = 1 it is the sampler's RB entropy, bit for bit)."""
+    everything = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
+    return rb_entropy(log_q(logits, everything, temperature), everything)
+
+
+def score_tokens(logits: Tensor, tokens: Tensor, temperature: float, top_p: float, *, keep_tokens: bool = False,
+                 entropy: str = "sampler"):
+    """Per-token log q_k(y_k), entropy h_k and nucleus membership of y_k.
 
     logits ``[..., V]``, tokens ``[...]`` (long) -> three tensors of shape ``[...]``:
-    ``token_log_q`` (fp32, differentiable), ``entropy`` (fp32, differentiable with S_k fixed),
+    ``token_log_q`` (fp32, differentiable), ``entropy`` (fp32, differentiable with S_k fixed: the
+    RB entropy of q for ``entropy="sampler"``, :func:`full_entropy` for ``"tempered_full"``),
     ``in_nucleus`` (bool). A token outside its nucleus has log q = −inf: callers must check
     ``in_nucleus`` (a sampled token always lies in S_k). With ``keep_tokens`` (the bf16 passes:
     :func:`entropy_probe.precision.keeps_sampled_tokens`) the nucleus is S_k ∪ {y_k};
@@ -105,7 +129,8 @@ def score_tokens(logits: Tensor, tokens: Tensor, temperature: float, top_p: floa
         mask = mask.scatter(-1, index, True)
     lq = log_q(logits, mask, temperature)
     token_log_q = lq.gather(-1, index).squeeze(-1)
-    return token_log_q, rb_entropy(lq, mask), in_nucleus
+    h = rb_entropy(lq, mask) if check_entropy(entropy) == "sampler" else full_entropy(logits, temperature)
+    return token_log_q, h, in_nucleus
 
 
 def tempered_token_log_prob(logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
@@ -119,7 +144,7 @@ def scores_with_logit_gradient(
     logits: Tensor, tokens: Tensor, temperature: float, top_p: float, *, want_q: bool = True,
     want_tempered: bool = False, coef_entropy: Tensor | None = None, coef_log_q: Tensor | None = None,
     coef_tempered: Tensor | None = None, overwrite: bool = False, workspace: Tensor | None = None,
-    keep_tokens: bool = False,
+    keep_tokens: bool = False, entropy: str = "sampler",
 ) -> tuple[dict[str, Tensor], Tensor | None]:
     """Per-row scores of :func:`score_tokens` / :func:`tempered_token_log_prob` and, when any
     coefficient is given, the gradient of  F = Σ_r [c_h h_r + c_q log q_r(y_r) + c_p log p_r(y_r)]
@@ -132,6 +157,9 @@ def scores_with_logit_gradient(
 
         ∂ log q(y)/∂z_v = (1[v=y] − q_v)/τ,   ∂h/∂z_v = −q_v (log q_v + h)/τ   (v ∈ S, else 0),
         ∂ log p(y)/∂z_v = (1[v=y] − p_v)/τ.
+
+    ``entropy="tempered_full"``: h is the full-vocabulary entropy of p (:func:`full_entropy`), with
+    ∂h/∂z_v = −p_v (log p_v + h)/τ for every v; with top_p = 1 this is the sampler branch itself.
 
     Memory and passes: two ``[R, V]`` fp32 buffers, no other allocation of that size — ``logits``
     itself when ``overwrite`` (and it is fp32) and ``workspace`` (a preallocated fp32 tensor of
@@ -169,6 +197,9 @@ def scores_with_logit_gradient(
             grad = p.mul_((-c_p * inv_tau)[:, None])  # −c_p p / τ
             grad.scatter_add_(-1, index, (c_p * inv_tau)[:, None].to(grad.dtype))
             return out, grad
+        if check_entropy(entropy) == "tempered_full" and top_p < 1.0:
+            return _tempered_full_scores(z, p, index, token_z, lse_all, out, top_p, inv_tau, c_h, c_q, c_p,
+                                         grad_wanted, keep_tokens)
         separate_p = None
         if top_p < 1.0:
             mask = _nucleus_from_probs(p, top_p)
@@ -211,3 +242,48 @@ def scores_with_logit_gradient(
             grad.sub_(separate_p.mul_((c_p * inv_tau)[:, None]))
             grad.scatter_add_(-1, index, (c_p * inv_tau)[:, None].to(grad.dtype))
         return out, grad
+
+
+def _tempered_full_scores(z: Tensor, p: Tensor, index: Tensor, token_z: Tensor, lse_all: Tensor,
+                          out: dict[str, Tensor], top_p: float, inv_tau: float, c_h: Tensor | None,
+                          c_q: Tensor | None, c_p: Tensor | None, grad_wanted: bool, keep_tokens: bool = False):
+    """The ``tempered_full`` branch of :func:`scores_with_logit_gradient` with top_p < 1, in its two
+    ``[R, V]`` buffers: ``z`` (s = z/τ) and ``p`` (softmax(s)); ``lse_all`` = log Σ exp(s). With
+    h = −Σ_V p log p (all tokens) and q = p renormalized on the nucleus S, the logit gradient of
+    F = Σ_r [c_h h_r + c_q log q_r(y_r) + c_p log p_r(y_r)] is
+
+        ∂F/∂z_v = [−c_h p_v (log p_v + h) − c_q q_v − c_p p_v + (c_q + c_p) 1[v=y]] / τ.
+
+    ``keep_tokens``: S ∪ {y} as the nucleus of q (:func:`score_tokens`).
+    """
+    rows = z.shape[0]
+    mask = _nucleus_from_probs(p, top_p)
+    in_nucleus = mask.gather(-1, index).squeeze(-1)
+    if keep_tokens:
+        mask.scatter_(-1, index, True)
+    log_p = z.sub_(lse_all[:, None])
+    entropy = -torch.bmm(p.unsqueeze(1), log_p.unsqueeze(2)).view(rows)
+    out["entropy"] = entropy
+    grad = None
+    if grad_wanted:
+        if c_h is not None:  # −c_h p (log p + h) / τ, in log p's buffer
+            grad = log_p.add_(entropy[:, None]).mul_(p).mul_((-c_h * inv_tau)[:, None])
+        else:
+            grad = log_p.zero_()
+        if c_p is not None:
+            grad.addcmul_(p, (-c_p * inv_tau)[:, None])
+    q = p.masked_fill_(~mask, 0.0)
+    mass = q.sum(-1)
+    lse = lse_all + mass.log()
+    out["token_log_q"] = torch.where(in_nucleus | keep_tokens, token_z - lse, float("-inf"))
+    out["in_nucleus"] = in_nucleus
+    if not grad_wanted:
+        return out, None
+    on_y = torch.zeros(rows, dtype=z.dtype, device=z.device)
+    if c_q is not None:
+        grad.addcmul_(q, (-c_q * inv_tau / mass)[:, None])
+        on_y = on_y + c_q
+    if c_p is not None:
+        on_y = on_y + c_p
+    grad.scatter_add_(-1, index, (on_y * inv_tau)[:, None])
+    return out, grad

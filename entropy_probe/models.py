@@ -157,21 +157,50 @@ def _stats(entries: list[tuple[str, Path]]) -> list[list]:
     return [[label, str(path), path.stat().st_size, path.stat().st_mtime_ns] for label, path in entries]
 
 
+def _trainer_checkpoint(model_cfg: dict) -> tuple[str, str, str, dict]:
+    """(model source, adapter source, its config key, the spec's ``checkpoint`` entry) of
+    ``model.checkpoint``: a full model is the checkpoint itself; an adapter goes on
+    ``model.name_or_path`` when that is set, else on adapter_config.json's base model. The entry
+    records the global step and the learning rate of the next step (entropy_probe.trainer_checkpoint)."""
+    from .input_files import EMBEDDED
+    from .trainer_checkpoint import inspect_checkpoint
+
+    files = inspect_checkpoint(model_cfg["checkpoint"], require_optimizer=False)
+    entry = {"path": str(files.path.resolve()), "kind": files.kind, "global_step": files.global_step,
+             "learning_rate": files.learning_rate, "learning_rate_source": files.learning_rate_source,
+             "optimizer": str(files.optimizer.resolve()) if files.optimizer else ""}
+    if files.kind == "model":
+        return str(files.path), "", "model.checkpoint", entry
+    if model_cfg["name_or_path"] != EMBEDDED:
+        return model_cfg["name_or_path"], str(files.path), "model.name_or_path", entry
+    if not files.base_model:
+        raise PolicyLoadError(f"model.checkpoint: {files.path}/adapter_config.json names no base model; set "
+                              "model.name_or_path")
+    return files.base_model, str(files.path), "model.checkpoint (adapter_config.json's base_model_name_or_path)", entry
+
+
 def write_spec(model_cfg: dict, out_path: str | Path) -> dict:
-    """Resolve the configured model (and adapter), fingerprint their files and write the spec."""
+    """Resolve the configured model (and adapter), or the trainer checkpoint ``model.checkpoint``,
+    fingerprint their files and write the spec."""
     from .shards import write_json
 
-    model_dir = resolve_checkpoint(model_cfg["name_or_path"], "model.name_or_path").resolve()
+    if model_cfg.get("checkpoint"):
+        model_source, adapter_source, model_key, trained = _trainer_checkpoint(model_cfg)
+    else:
+        model_source, adapter_source, trained = model_cfg["name_or_path"], model_cfg.get("adapter_path", ""), None
+        model_key = "model.name_or_path"
+    model_dir = resolve_checkpoint(model_source, model_key).resolve()
     adapter_dir = None
-    if model_cfg.get("adapter_path"):
-        adapter_dir = resolve_checkpoint(model_cfg["adapter_path"], "model.adapter_path", adapter=True).resolve()
+    if adapter_source:
+        adapter_dir = resolve_checkpoint(adapter_source, "model.adapter_path", adapter=True).resolve()
         if not (adapter_dir / "adapter_config.json").is_file():
             raise PolicyLoadError(f"model.adapter_path: {adapter_dir} has no adapter_config.json (not a PEFT adapter)")
     entries = _entries(model_dir, adapter_dir)
     spec = {
         "kind": SPEC_KIND,
-        "name_or_path": model_cfg["name_or_path"],
-        "adapter_path": model_cfg.get("adapter_path", ""),
+        "name_or_path": model_source,
+        "adapter_path": adapter_source,
+        "checkpoint": trained,
         "model_dir": str(model_dir),
         "adapter_dir": str(adapter_dir) if adapter_dir else "",
         "trust_remote_code": bool(model_cfg.get("trust_remote_code", False)),
@@ -195,7 +224,9 @@ def trainable_mode(mode: str, has_adapter: bool) -> str:
 
 def read_spec(policy: str | Path) -> dict:
     """The spec of a policy argument (a checkpoint directory, or a hub id when running a stage by
-    hand, reads as a spec without adapter)."""
+    hand, reads as a spec without adapter; a spec dict is itself)."""
+    if isinstance(policy, dict):
+        return policy
     if not Path(policy).exists() and looks_like_hub_id(str(policy)):
         policy = resolve_checkpoint(str(policy), "policy")
     policy = Path(policy)
@@ -250,7 +281,7 @@ def load_tokenizer(policy: str | Path):
     return tokenizer
 
 
-def _set_trainable(model, mode: str, where: str) -> None:
+def set_trainable(model, mode: str, where: str) -> None:
     """requires_grad per ``mode`` (after PEFT marked its own trainable parameters)."""
     if mode == "all":
         for name, param in model.named_parameters():
@@ -294,6 +325,6 @@ def load_policy(policy: str | Path, dtype: str = "float32", device: str = "auto"
                                   f"{spec['model_dir']} ({type(err).__name__}: {err})") from err
         if dtype != "bfloat16":
             model = model.to(_DTYPES[dtype])  # bf16: PEFT keeps the adapter in fp32, as trainers do
-    _set_trainable(model, trainable_mode(trainable, bool(spec["adapter_dir"])), str(policy))
+    set_trainable(model, trainable_mode(trainable, bool(spec["adapter_dir"])), str(policy))
     model.eval()
     return model.to(pick_device(device))

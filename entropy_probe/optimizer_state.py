@@ -121,10 +121,14 @@ def _group_hyper(path: str, i: int, group: dict) -> AdamWHyper:
     return AdamWHyper(betas=betas, eps=float(group["eps"]), weight_decay=float(group["weight_decay"]))
 
 
-def read_state_dict(path: str | Path) -> dict:
-    """A torch optimizer ``state_dict`` (``torch.load(weights_only=True)``: no pickled code runs)."""
+def read_state_dict(path: str | Path, mmap: bool = False) -> dict:
+    """A torch optimizer ``state_dict`` (``torch.load(weights_only=True)``: no pickled code runs);
+    ``mmap``: the tensors memory-mapped, read only when used (zip-format files; shapes are free)."""
+    import zipfile
+
     try:
-        saved = torch.load(str(path), map_location="cpu", weights_only=True)
+        saved = torch.load(str(path), map_location="cpu", weights_only=True,
+                           mmap=mmap and zipfile.is_zipfile(str(path)))
     except Exception as err:  # unpickling errors come in many types; all mean "not loadable"
         raise OptimizerStateError(f"{path}: cannot load the optimizer state ({type(err).__name__}: {err})") from err
     if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict)

@@ -35,3 +35,23 @@ def shifted(model: nn.Module, direction: dict[str, Tensor], eta: float) -> dict[
         raise KeyError(f"the direction names parameters the policy lacks: {unknown[:3]}")
     return {name: (own[name].detach().double() + eta * d.detach().to(own[name].device, torch.float64)).to(own[name].dtype)
             for name, d in direction.items()}
+
+
+class _Holder(nn.Module):
+    """Runs a function while ``functional_call`` has put other parameters into the model it holds."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn):
+        return fn()
+
+
+def call_at(model: nn.Module, params: dict[str, Tensor], fn):
+    """``fn()`` with the model's parameters named in ``params`` replaced by those tensors (e.g.
+    :func:`shifted`) for the duration of the call, via ``torch.func.functional_call``: anything
+    ``fn`` runs on ``model`` — ``generate`` included, not only ``forward`` — sees θ', and the
+    model itself is never written (its own tensors are back in place when the call returns or
+    raises). Tied parameters follow the one named."""
+    return torch.func.functional_call(_Holder(model), {f"model.{k}": t for k, t in params.items()}, (fn,))

@@ -1,6 +1,8 @@
 """Rollout shards: G responses for each prompt of one shard, their rewards (and reward outcome
-codes, stop reasons), and the per-token log q and RB entropies recorded at sampling time
-(DESIGN §3). The advantages are the update's business (:mod:`entropy_probe.losses`)."""
+codes, stop reasons), and the per-token log q and both per-prefix entropies recorded at sampling
+time (DESIGN §3, §2b "Which entropy": ``rb_entropies`` and ``tempered_entropies``, so that a change
+of ``estimator.entropy`` never regenerates rollouts). The advantages are the update's business
+(:mod:`entropy_probe.losses`)."""
 from __future__ import annotations
 
 import logging
@@ -9,9 +11,23 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from . import generate, noise, rewards
+from . import generate, measure, noise, rewards
+from .shards import ShardError
 
 log = logging.getLogger(__name__)
+
+# the shard field holding each per-prefix entropy of measure.ENTROPIES, recorded at sampling time
+ENTROPY_FIELDS = {"sampler": "rb_entropies", "tempered_full": "tempered_entropies"}
+
+
+def sampled_entropies(tensors: dict[str, Tensor], entropy: str) -> Tensor:
+    """The sampling-time per-token entropies ``[B, G, T]`` of kind ``entropy`` (``estimator.entropy``)
+    of a rollout (or fresh-rollout) shard's tensors."""
+    field = ENTROPY_FIELDS[measure.check_entropy(entropy)]
+    if field not in tensors:
+        raise ShardError(f"the shard holds no {field!r} (written before both entropies were recorded: "
+                         "regenerate the rollouts, e.g. snakemake --forcerun rollout)")
+    return tensors[field]
 
 def response_texts(tokenizer, tokens: Tensor, lens: Tensor, stopped_at_eos: Tensor) -> list[str]:
     """Decoded responses without their final EOS. Other special tokens stay in the text: a
@@ -89,7 +105,7 @@ def rollout_shard(
         responses = {
             field: torch.cat([_pad_to(getattr(p, field), width, pad if field == "response_tokens" else 0, left=False)
                               for p in parts])
-            for field in ("response_tokens", "token_log_q", "entropies")
+            for field in ("response_tokens", "token_log_q", "entropies", "tempered_entropies")
         }
         responses["response_lens"] = torch.cat([p.response_lens for p in parts])
         responses["stopped_at_eos"] = torch.cat([p.stopped_at_eos for p in parts])
@@ -137,6 +153,7 @@ def _assemble(chunks: list[dict], prompt_ids: list[int], G: int, pad: int) -> di
         "rewards": rewards_bg,
         "token_log_q": cat("token_log_q", T).view(B, G, T),
         "rb_entropies": cat("entropies", T).view(B, G, T),
+        "tempered_entropies": cat("tempered_entropies", T).view(B, G, T),
     }
 
 
@@ -147,6 +164,7 @@ def check_shapes(tensors: dict[str, Tensor]) -> tuple[int, int, int]:
     expected = {
         "attention_masks": (B, G, L), "rewards": (B, G), "response_lens": (B, G),
         "prompt_lens": (B,), "max_lengths": (B,), "prompt_ids": (B,), "rb_entropies": (B, G, T),
+        "tempered_entropies": (B, G, T),
     }
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:

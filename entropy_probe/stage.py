@@ -1,7 +1,9 @@
-"""Small helpers shared by the stage scripts: logging to the rule's log file, one-line errors,
-config hashing."""
+"""What every stage script shares: its entry point (run by Snakemake or by hand), the stage's view
+of the config, logging to the rule's log file, torch's thread pool sized by the rule's
+``threads``, one-line errors, config hashing."""
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -99,3 +101,35 @@ def config_hash(values: dict) -> str:
     """A short stable hash of a stage's defining values (recorded in shard headers)."""
     blob = json.dumps(values, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def run_stage(namespace: dict, main, cli: list, from_snakemake, stage=None) -> None:
+    """The entry point of a stage script, called at its end with ``globals()``.
+
+    Under Snakemake (a ``snakemake`` object in ``namespace``): ``main(**from_snakemake(smk))``, with
+    ``cfg`` = :func:`rule_config` first when the stage reads the config (``stage`` set). By hand
+    (``__name__ == "__main__"``): the script's docstring is the help, ``cli`` lists the arguments —
+    a name, or (name, help), or (name, help, argparse keywords); names with ``--`` are options —
+    and the config file comes first when ``stage`` is set (a stage name, or a function of the
+    parsed arguments giving it). Both run inside :func:`stage_run`; ``main``'s parameters are the
+    argument names."""
+    smk = namespace.get("snakemake")
+    if smk is not None:
+        with stage_run(smk.log[0], smk.threads):
+            main(**({"cfg": rule_config(smk)} if stage else {}), **from_snakemake(smk))
+        return
+    if namespace.get("__name__") != "__main__":
+        return
+    parser = argparse.ArgumentParser(description=namespace.get("__doc__"),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    if stage:
+        parser.add_argument("config", help="the run's config file (config/config.yaml format)")
+    for spec in cli:
+        name, help_text, extra = (spec, None, {}) if isinstance(spec, str) else (*spec, {})[:3]
+        parser.add_argument(name, help=help_text, **extra)
+    values = vars(parser.parse_args())
+    with stage_run():
+        if stage:
+            path = values.pop("config")
+            values["cfg"] = config_for(path, stage(values) if callable(stage) else stage)
+        main(**values)

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from . import guards, models, normalization, parameters, shards
+from . import guards, models, normalization, parameters, rollout, shards
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +50,24 @@ def read_rollouts(paths: list[str], cfg: dict, kind: str, fingerprint: str) -> l
     for path in paths:
         tensors, _ = shards.read_shard(path, rollout_expectations(cfg, kind, fingerprint))
         B, G, T = tensors["token_log_q"].shape
-        for name in ("token_log_q", "rb_entropies", "rewards"):
+        missing = [f for f in rollout.ENTROPY_FIELDS.values() if f not in tensors]
+        if missing:
+            raise shards.ShardError(f"{path}: no {missing[0]!r} (written before both per-prefix entropies were "
+                                    "recorded at sampling time): regenerate it (snakemake --forcerun rollout)")
+        for name in ("token_log_q", *rollout.ENTROPY_FIELDS.values(), "rewards"):
             guards.check_sequences(tensors[name].reshape(B * G, -1), name, str(path))
         out.append(tensors)
     return out
 
 
-def e_batch_stats(rollouts: list[dict]) -> dict:
-    """Whole-E-batch plug-ins (:func:`normalization.batch_plugins`) from the sampling-time RB
-    entropies of every E shard, never per shard; also the number of prompt groups."""
-    S = torch.cat([r["rb_entropies"].double().sum(-1).reshape(-1) for r in rollouts])
+def e_batch_stats(rollouts: list[dict], entropy: str = "sampler") -> dict:
+    """Whole-E-batch plug-ins (:func:`normalization.batch_plugins`) from the sampling-time
+    per-prefix entropies of kind ``entropy`` (``estimator.entropy``) of every E shard, never per
+    shard; also the number of prompt groups and the entropy's name."""
+    S = torch.cat([rollout.sampled_entropies(r, entropy).double().sum(-1).reshape(-1) for r in rollouts])
     T = torch.cat([r["response_lens"].reshape(-1) for r in rollouts])
-    return normalization.batch_plugins(S, T) | {"num_groups": sum(r["response_lens"].shape[0] for r in rollouts)}
+    return normalization.batch_plugins(S, T) | {"num_groups": sum(r["response_lens"].shape[0] for r in rollouts),
+                                                "entropy": entropy}
 
 
 def rows_of_shard(batch_table: dict, rollout: dict, where: str) -> torch.Tensor:

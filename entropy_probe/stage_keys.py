@@ -24,14 +24,15 @@ SAMPLING = ("generation.temperature", "generation.top_p", "generation.max_new_to
 ROLLOUT_PROVENANCE = SAMPLING + ("batch_config.seed", "batch_config.G", "model.precision")
 REWARD = ("reward.name", "reward.function", "reward.format_weight")
 PASS_NUMERICS = ("model.dtype", "model.trainable", "estimator.param_filter")  # + model.precision (provenance)
-X_ESTIMATOR = ("estimator.normalization", "estimator.baseline", "generation.rb_requires_grad")
+X_ESTIMATOR = ("estimator.normalization", "estimator.baseline", "generation.rb_requires_grad", "estimator.entropy")
 UPDATE_RULE = ("update.optimizer", "update.optimizer_state", "update.optimizer_param_names", "update.max_grad_norm",
-               "model.name_or_path", "model.dtype")
+               "model.name_or_path", "model.dtype", "model.checkpoint", "model.trainable", "update.next_checkpoint",
+               "estimator.param_filter")
 ETA_SWEEP = ("estimator.eta_list", "estimator.central_difference")
 
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "build_policy": ("toy.seed", "toy.max_operand", "toy.target_accuracy", "toy.max_steps"),
-    "policy_spec": ("model.name_or_path", "model.adapter_path", "model.trust_remote_code"),
+    "policy_spec": ("model.name_or_path", "model.adapter_path", "model.trust_remote_code", "model.checkpoint"),
     "prepare_data": ("data.source", "data.config_name", "data.prompt_field", "data.answer_field",
                      "data.answer_pattern", "data.prompt_template", "data.use_chat_template", "data.system_prompt",
                      "data.max_prompt_tokens"),
@@ -39,7 +40,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
                "batch_config.E_sampling_mode", "batch_config.E_num_shards"),
     "plan_U": ("batch_config.seed", "batch_config.B_U", "batch_config.U_num_shards"),
     "rollout": ROLLOUT_PROVENANCE + REWARD + ("model.dtype",),
-    "e_stats": ROLLOUT_PROVENANCE,
+    "e_stats": ROLLOUT_PROVENANCE + ("estimator.entropy",),
     "u_objective": ROLLOUT_PROVENANCE + ("batch_config.scale_rewards", "update.loss_type",
                                          "update.max_completion_length", "update.loss_scale_factor",
                                          "update.micro_batch_size"),
@@ -50,28 +51,54 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "directional": ROLLOUT_PROVENANCE + PASS_NUMERICS + X_ESTIMATOR,
     "delta_h1": ("estimator.eta_list", "batch_config.G"),
     "snis_shard": ROLLOUT_PROVENANCE + ETA_SWEEP + ("model.dtype",),
-    "delta_h_snis": ("estimator.normalization", "batch_config.G"),
-    "exact_reference": SAMPLING + ETA_SWEEP + ("estimator.normalization", "model.dtype"),
+    "delta_h_snis": ("estimator.normalization", "estimator.entropy", "batch_config.G"),
+    # one job per (η, E shard): the η is the job's wildcard (results/fresh/eta_<η>/), not a param,
+    # so a new η runs only its own jobs; both entropies are recorded, the reduction chooses
+    "fresh_rollout": ROLLOUT_PROVENANCE + ("model.dtype",),
+    "delta_h_sampler": ("estimator.fresh_etas", "estimator.normalization", "estimator.entropy", "batch_config.G"),
+    "exact_reference": SAMPLING + ETA_SWEEP + ("estimator.fresh_etas", "estimator.normalization",
+                                              "estimator.entropy", "model.dtype"),
+    # the probe's own AdamW step (checkpoint's state, U batch's Y) against the trainer's step
+    "step_comparison": ("model.checkpoint", "model.trainable", "model.dtype", "update.max_grad_norm"),
+    "trajectory": (),  # reads the pairs' summaries only
+    # where δH₁ comes from (issue 15): the forward pass over the U shards along J·X (J = ∂v/∂Y),
+    # the token shares of both batches, the U-batch SE and the covariance view
+    "attribution": ROLLOUT_PROVENANCE + PASS_NUMERICS + UPDATE_RULE + X_ESTIMATOR,
 }
-# The summary records every defining value (its params: the union of all stages' keys).
-STAGE_KEYS["summary"] = tuple(sorted({key for keys in STAGE_KEYS.values() for key in keys}))
+# The per-variant stages (entropy_probe.variants; wildcard {variant}, or {objective} for the Y of
+# a loss that differs from the main one). Their keys are looked up in the variant's effective
+# config (the overrides applied, plus its section `variant`), so each rule's params are exactly
+# that variant's defining values; the scripts are the main stages' own.
+VARIANT_STAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "variant_u_objective": STAGE_KEYS["u_objective"],
+    "variant_teacher_force_y": STAGE_KEYS["teacher_force_y"],
+    "variant_update_vector": UPDATE_RULE + ("variant.name", "variant.lr_factor"),  # the name: in v's header
+    # the directional sums and the SNIS pass of one E shard along the variant's v, in one job
+    "variant_e_pass": tuple(dict.fromkeys(STAGE_KEYS["directional"] + STAGE_KEYS["snis_shard"])),
+}
+# The summary records every defining value (its params: the union of all main stages' keys, and
+# the variants it compares).
+STAGE_KEYS["summary"] = tuple(sorted({key for keys in STAGE_KEYS.values() for key in keys} | {"update.variants"}))
+STAGE_KEYS.update(VARIANT_STAGE_KEYS)
 
 # Change no stored number beyond float rounding (tests hold the summary to that): read, not tracked.
 EXECUTION_KEYS = ("model.device", "batch_config.rollout_batch_size", "generation.gen_batch_size",
                   "generation.tf_batch_size", "generation.tf_chunk_tokens", "generation.gradient_checkpointing",
                   "generation.kv_cache")
 # Decide which files exist (the DAG), not what a file holds: no stage reads them as values.
-STRUCTURE_KEYS = ("data.split", "data.E_split", "data.U_split")
+STRUCTURE_KEYS = ("data.split", "data.E_split", "data.U_split", "model.checkpoints")
 
 # The two batches: a stage of one side never depends on the other side's keys.
 U_ONLY_KEYS = ("batch_config.B_U", "batch_config.U_num_shards", "batch_config.scale_rewards", "data.U_split",
                "update.loss_type", "update.max_completion_length", "update.loss_scale_factor",
                "update.micro_batch_size", "update.optimizer", "update.optimizer_state",
-               "update.optimizer_param_names", "update.max_grad_norm")
+               "update.optimizer_param_names", "update.max_grad_norm", "update.next_checkpoint", "update.variants")
 E_ONLY_KEYS = ("batch_config.E_total_sequences", "batch_config.E_sampling_mode", "batch_config.E_num_shards",
-               "data.E_split", "estimator.normalization", "estimator.baseline", "generation.rb_requires_grad")
-E_SIDE_STAGES = ("plan_E", "e_stats", "teacher_force_x")
-U_SIDE_STAGES = ("plan_U", "u_objective", "teacher_force_y", "update_vector", "u_jackknife")
+               "data.E_split", "estimator.normalization", "estimator.baseline", "generation.rb_requires_grad",
+               "estimator.entropy", "estimator.fresh_etas")
+E_SIDE_STAGES = ("plan_E", "e_stats", "teacher_force_x", "fresh_rollout", "delta_h_sampler")
+U_SIDE_STAGES = ("plan_U", "u_objective", "teacher_force_y", "update_vector", "u_jackknife", "step_comparison",
+                 "variant_u_objective", "variant_teacher_force_y", "variant_update_vector")
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -95,11 +122,36 @@ def lookup(config: dict, dotted: str):
     return config[section][key]
 
 
+def fresh_etas(estimator: dict) -> list[float]:
+    """The η of the fresh rollouts (``estimator.fresh_etas``): the listed values, or ``eta_list``
+    when it is null (the default); sorted, distinct. Torch-free (the Snakefile's DAG uses it)."""
+    etas = estimator.get("fresh_etas")
+    return sorted({float(e) for e in (estimator["eta_list"] if etas is None else etas)})
+
+
+def eta_tag(eta) -> str:
+    """The η in a file name (results/fresh/eta_<tag>/): Python's shortest repr, which float()
+    reads back exactly ("1e-05", "0.0003", "-0.001")."""
+    return repr(float(eta))
+
+
+# keys whose defining value is derived from the config (a null resolved), not the raw value
+_DERIVED = {"estimator.fresh_etas": lambda config: fresh_etas(config["estimator"])}
+
+
 # values spelled in two ways (entropy_probe.losses.scale_mode reads both)
 _SYNONYMS = {"batch_config.scale_rewards": {True: "group", False: "none"}}
 
 
+# numbers inside the variants map (update.variants.<name>.<key>): 1 and 1.0 are one value
+_VARIANT_NUMBERS = ("lr_factor", "max_grad_norm", "loss_scale_factor")
+
+
 def _canonical(dotted: str, value):
+    if dotted == "update.variants":
+        return {name: {k: (float(v) if k in _VARIANT_NUMBERS else
+                           _canonical("batch_config.scale_rewards", v) if k == "scale_rewards" else v)
+                       for k, v in (overrides or {}).items()} for name, overrides in (value or {}).items()}
     if dotted in _SYNONYMS and not isinstance(value, (list, dict)):
         return _SYNONYMS[dotted].get(value, value)
     if dotted in _number_keys():
@@ -111,7 +163,8 @@ def _canonical(dotted: str, value):
 
 def defining_values(config: dict, stage: str) -> dict:
     """{dotted key: value} of the keys that define ``stage``'s output, canonical."""
-    return {key: _canonical(key, lookup(config, key)) for key in STAGE_KEYS[stage]}
+    return {key: _canonical(key, _DERIVED[key](config) if key in _DERIVED else lookup(config, key))
+            for key in STAGE_KEYS[stage]}
 
 
 def rule_params(config: dict, stage: str) -> str:

@@ -106,7 +106,7 @@ class Scores:
     """Per-token quantities of a batch, ``[n, T]``, zero past each response's end."""
 
     token_log_q: Tensor | None = None  # log q_k(y_k)
-    entropy: Tensor | None = None  # h_k (RB)
+    entropy: Tensor | None = None  # h_k (the RB entropy of q, or the full tempered one: measure.ENTROPIES)
     tempered_log_p: Tensor | None = None  # log softmax(z_k/τ)(y_k)
     outside_nucleus: Tensor | None = None  # [n] per sequence: tokens kept outside their recomputed S_k (bf16)
 
@@ -134,6 +134,7 @@ def score(
     scorer: ResponseLogits, batch: TokenBatch, temperature: float, top_p: float, *,
     want_q: bool = True, want_tempered: bool = False, params: dict | None = None,
     chunk_tokens: int | None = None, autocast_dtype: torch.dtype | None = None, keep_tokens: bool = False,
+    entropy: str = "sampler",
 ) -> Scores:
     """Score a batch (graph kept when grad mode is on). With ``params``, evaluate at those
     parameters via ``functional_call`` (the model is not modified). A stored response token
@@ -145,7 +146,8 @@ def score(
     storing them. ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the decoder and the output
     embedding under autocast; the measure is always computed on fp32 logits. With ``keep_tokens``
     (:func:`entropy_probe.precision.keeps_sampled_tokens`) a token outside its recomputed nucleus
-    is kept in it and counted (``Scores.outside_nucleus``) instead of being an error.
+    is kept in it and counted (``Scores.outside_nucleus``) instead of being an error. ``entropy``: which
+    per-prefix entropy the ``entropy`` column holds (:data:`measure.ENTROPIES`).
     """
     device = next(scorer.parameters()).device
     rows, cols, tokens = valid_pairs(batch, device)
@@ -161,8 +163,9 @@ def score(
                 logits = F.linear(h, *head_params) if head_params else head(h)
             out = []
             if want_q:
-                token_log_q, entropy, in_nucleus = measure.score_tokens(logits, y, temperature, top_p, keep_tokens)
-                out += [token_log_q, entropy, in_nucleus]
+                token_log_q, h, in_nucleus = measure.score_tokens(logits, y, temperature, top_p,
+                                                                  keep_tokens=keep_tokens, entropy=entropy)
+                out += [token_log_q, h, in_nucleus]
             if want_tempered:
                 out.append(measure.tempered_token_log_prob(logits, y, temperature))
             return tuple(out)
@@ -185,10 +188,10 @@ def score(
     columns = _call_at(scorer, params, run)
     out = Scores()
     if want_q:
-        token_log_q, entropy, in_nucleus = columns[:3]
+        token_log_q, h, in_nucleus = columns[:3]
         out.outside_nucleus = _outside(in_nucleus, tokens, rows, cols, temperature, top_p, keep_tokens, shape[0])
         out.token_log_q = scatter_tokens(token_log_q, rows, cols, shape)
-        out.entropy = scatter_tokens(entropy, rows, cols, shape)
+        out.entropy = scatter_tokens(h, rows, cols, shape)
     if want_tempered:
         out.tempered_log_p = scatter_tokens(columns[-1], rows, cols, shape)
     return out
@@ -199,10 +202,12 @@ def surrogate(
     scorer: ResponseLogits, batch: TokenBatch, temperature: float, top_p: float, *,
     coef_entropy: Tensor | None = None, coef_log_q: Tensor | None = None, coef_tempered: Tensor | None = None,
     chunk_tokens: int | None = None, autocast_dtype: torch.dtype | None = None, keep_tokens: bool = False,
+    entropy: str = "sampler",
 ) -> tuple[Tensor, Scores]:
     """F = Σ_ik [c^h_ik h_ik + c^q_ik log q_ik(y_ik) + c^p_ik log p_ik(y_ik)] (p: tempered, no
     nucleus) over the valid response tokens, differentiable in the parameters (the nucleus held
-    fixed), and the detached per-token :class:`Scores`. Coefficients ``[n, T]`` (None = 0).
+    fixed), and the detached per-token :class:`Scores`. Coefficients ``[n, T]`` (None = 0); h is
+    the per-prefix entropy ``entropy`` (:data:`measure.ENTROPIES`).
 
     The X and Y passes' objective; the output embedding and its backward go through
     :func:`entropy_probe.fused_head.head_surrogate` (two ``[chunk, V]`` fp32 buffers).
@@ -218,7 +223,7 @@ def surrogate(
     with autocast(device, autocast_dtype):
         hidden = scorer.response_hidden(batch.input_ids.to(device), batch.prompt_lens.to(device), rows, cols)
     value, stats = head_surrogate(hidden, scorer.output_embedding, tokens, (coef_entropy, coef_log_q, coef_tempered),
-                                  temperature, top_p, chunk_tokens, device, autocast_dtype, keep_tokens)
+                                  temperature, top_p, chunk_tokens, device, autocast_dtype, keep_tokens, entropy)
     out = Scores()
     if want_q:
         out.outside_nucleus = _outside(stats["in_nucleus"], tokens, rows, cols, temperature, top_p, keep_tokens,

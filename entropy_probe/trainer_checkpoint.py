@@ -23,8 +23,6 @@ step N used (the same only under a constant schedule); ``learning_rate_source`` 
 """
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,16 +30,11 @@ import torch
 from torch import Tensor, nn
 
 from .optimizer_state import LoadedState, OptimizerStateError, load_adamw_state, read_state_dict
-
-OPTIMIZER_FILE = "optimizer.pt"
-SCHEDULER_FILE = "scheduler.pt"
-TRAINER_STATE_FILE = "trainer_state.json"
-ADAPTER_CONFIG = "adapter_config.json"
-MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
+from .trainer_files import (SCHEDULER_FILE, TRAINER_STATE_FILE, CheckpointFilesError,
+                            logged_learning_rates, read_layout)
 
 
-class TrainerCheckpointError(OptimizerStateError):
+class TrainerCheckpointError(OptimizerStateError, CheckpointFilesError):
     """A Trainer checkpoint that cannot be read, or whose optimizer state does not fit the model."""
 
 
@@ -52,7 +45,7 @@ class CheckpointFiles:
     path: Path
     kind: str  # "model" (config.json + weights) or "adapter" (PEFT)
     base_model: str | None  # adapter: adapter_config.json's base_model_name_or_path
-    optimizer: Path
+    optimizer: Path | None
     global_step: int
     learning_rate: float | None
     learning_rate_source: str
@@ -69,14 +62,7 @@ def _error(path: Path, message: str) -> TrainerCheckpointError:
     return TrainerCheckpointError(f"{path}: {message}")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise _error(path, f"cannot read ({err})") from err
-
-
-def _learning_rate(directory: Path, step: int, state: dict | None) -> tuple[float | None, str]:
+def _learning_rate(directory: Path, step: int, logged: dict[int, float]) -> tuple[float | None, str]:
     """(rate of step N + 1 from scheduler.pt, or step N's from the log history; its source)."""
     scheduler = directory / SCHEDULER_FILE
     if scheduler.is_file():
@@ -88,38 +74,25 @@ def _learning_rate(directory: Path, step: int, state: dict | None) -> tuple[floa
         if len(rates) != 1:
             raise _error(scheduler, f"expected one learning rate in _last_lr, found {sorted(rates)}")
         return rates.pop(), f"{SCHEDULER_FILE} _last_lr (the rate of step {step + 1}, the next step)"
-    logged = [e for e in (state or {}).get("log_history", []) if e.get("step") == step and "learning_rate" in e]
-    if logged:
-        return float(logged[-1]["learning_rate"]), (
+    if step in logged:
+        return logged[step], (
             f"{TRAINER_STATE_FILE} log_history (the rate step {step} used; step {step + 1}'s only under a constant "
             "schedule)")
     return None, "none: no scheduler.pt and no learning_rate logged at this step"
 
 
-def inspect_checkpoint(checkpoint_dir: str | Path) -> CheckpointFiles:
-    """Model or adapter, the optimizer file, the global step and the learning rate of a checkpoint."""
-    directory = Path(checkpoint_dir)
-    if not directory.is_dir():
-        raise _error(directory, "not a directory")
-    if (directory / ADAPTER_CONFIG).is_file():
-        kind, base = "adapter", _read_json(directory / ADAPTER_CONFIG).get("base_model_name_or_path")
-    elif (directory / "config.json").is_file() and any((directory / f).is_file() for f in MODEL_WEIGHTS):
-        kind, base = "model", None
-    else:
-        raise _error(directory, f"neither a PEFT adapter ({ADAPTER_CONFIG}) nor a model (config.json and weights)")
-    optimizer = directory / OPTIMIZER_FILE
-    if not optimizer.is_file():
-        raise _error(directory, f"no {OPTIMIZER_FILE} (was the checkpoint saved with save_only_model?)")
-    state = _read_json(directory / TRAINER_STATE_FILE) if (directory / TRAINER_STATE_FILE).is_file() else None
-    named = re.fullmatch(r"checkpoint-(\d+)", directory.name)
-    step = state.get("global_step") if state else None
-    if step is None and named is None:
-        raise _error(directory, f"no {TRAINER_STATE_FILE} and not named checkpoint-N: the global step is unknown")
-    if step is not None and named is not None and int(named.group(1)) != int(step):
-        raise _error(directory / TRAINER_STATE_FILE, f"global_step {step} differs from the directory name")
-    step = int(step if step is not None else named.group(1))
-    rate, source = _learning_rate(directory, step, state)
-    return CheckpointFiles(directory, kind, base, optimizer, step, rate, source)
+def inspect_checkpoint(checkpoint_dir: str | Path, require_optimizer: bool = True) -> CheckpointFiles:
+    """Model or adapter, the optimizer file, the global step and the learning rate of a checkpoint
+    (:func:`entropy_probe.trainer_files.read_layout`; ``optimizer`` is None when there is no
+    optimizer.pt and ``require_optimizer`` is False)."""
+    try:
+        layout = read_layout(checkpoint_dir, require_optimizer)
+        logged = logged_learning_rates(layout)
+    except CheckpointFilesError as err:
+        raise TrainerCheckpointError(str(err)) from err
+    rate, source = _learning_rate(layout.path, layout.global_step, logged)
+    return CheckpointFiles(layout.path, layout.kind, layout.base_model, layout.optimizer, layout.global_step, rate,
+                           source)
 
 
 def trainer_param_groups(model: nn.Module) -> list[list[str]]:
@@ -171,3 +144,72 @@ def load_trainer_checkpoint(checkpoint_dir: str | Path, model: nn.Module) -> Tra
     names = match_parameter_order(saved, files.optimizer, model)
     state = load_adamw_state(str(files.optimizer), names, dict(model.named_parameters()), state_dict=saved)
     return TrainerCheckpoint(files, names, state)
+
+
+def skeleton_model(checkpoint_dir: str | Path, trainable: str = "auto", base_model: str | None = None,
+                   trust_remote_code: bool = False) -> nn.Module:
+    """The checkpoint's model with no weights (``meta`` tensors: names, shapes, module types and
+    ``requires_grad`` only), with the trainable parameters of ``model.trainable``: enough for the
+    Trainer's grouping and the shape checks, in seconds whatever the model's size. An adapter
+    checkpoint is put on its base (``base_model``, default adapter_config.json's) as PEFT does."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import models
+
+    files = inspect_checkpoint(checkpoint_dir, require_optimizer=False)
+    source = str(files.path) if files.kind == "model" else (base_model or files.base_model)
+    if not source:
+        raise _error(files.path, "adapter_config.json names no base_model_name_or_path; set model.name_or_path")
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            if files.kind == "adapter":
+                from peft import PeftConfig, get_peft_model
+
+                adapter = PeftConfig.from_pretrained(str(files.path))
+                adapter.inference_mode = False
+                model = get_peft_model(model, adapter)
+    except Exception as err:  # config or remote-code errors come in many types
+        raise _error(files.path, f"cannot build the model of this checkpoint ({type(err).__name__}: {err})") from err
+    models.set_trainable(model, models.trainable_mode(trainable, files.kind == "adapter"), str(files.path))
+    return model
+
+
+def check_state_fits(checkpoint_dir: str | Path, trainable: str = "auto", base_model: str | None = None,
+                     trust_remote_code: bool = False) -> list[list[str]]:
+    """Check, before any job runs, that the checkpoint's optimizer.pt is an AdamW state that fits
+    its model with ``model.trainable``'s parameters (the checks of :func:`load_trainer_checkpoint`,
+    on a weightless model, the state memory-mapped). Returns the Trainer's name groups."""
+    files = inspect_checkpoint(checkpoint_dir)
+    model = skeleton_model(files.path, trainable, base_model, trust_remote_code)
+    saved = read_state_dict(files.optimizer, mmap=True)
+    names = match_parameter_order(saved, files.optimizer, model)
+    load_adamw_state(str(files.optimizer), names, dict(model.named_parameters()), state_dict=saved)
+    return names
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m entropy_probe.trainer_checkpoint [--trainable MODE] [--base PATH] CHECKPOINT...``:
+    :func:`check_state_fits` for each checkpoint (the workflow's check before any job runs); one
+    ``ERROR:`` line and exit status 1 at the first that does not fit."""
+    import argparse
+    import logging
+
+    from .stage import stage_run
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--trainable", default="auto")
+    parser.add_argument("--base", default=None, help="the base model of adapter checkpoints (model.name_or_path)")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("checkpoints", nargs="+")
+    args = parser.parse_args(argv)
+    with stage_run():
+        logging.getLogger().setLevel(logging.WARNING)  # one line: the error, if any
+        torch.set_num_threads(1)
+        for checkpoint in args.checkpoints:
+            check_state_fits(checkpoint, args.trainable, args.base, args.trust_remote_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,12 @@ Y is the ascent direction of the GRPO objective; the trainer's loss gradient is 
 Gradient clipping (``max_grad_norm`` > 0) scales g as ``torch.nn.utils.clip_grad_norm_`` does,
 over the parameters that have a gradient (the keys of Y): coef = min(1, max_norm/(‖g‖ + 1e-6)).
 A parameter without a gradient (in ``params`` but not in Y) gets v = 0: torch skips it.
+
+The linearization of the step in Y (:func:`update_jacobian`, for the attribution of v to the U
+batch and its U-batch noise): both rules act elementwise once the clip coefficient κ is fixed, so
+J = ∂v/∂Y is diagonal. SGD: J = κ. AdamW, with g = −κY, A = m'/(1−β1^t'), r = sqrt(s'/(1−β2^t')),
+d = r + eps:  ∂v/∂Y = κ [ (1−β1)/((1−β1^t') d) − A (1−β2) g / ((1−β2^t') r d²) ]  (second term 0
+where r = 0). Held fixed: κ (its dependence on ‖Y‖ is not linearized).
 """
 from __future__ import annotations
 
@@ -109,20 +115,61 @@ def adamw_direction(
     return v
 
 
-def _adamw_param_direction(name: str, theta: Tensor, g: Tensor, st: AdamWParamState) -> Tensor:
+def _adamw_moments(name: str, g: Tensor, st: AdamWParamState) -> tuple[Tensor, Tensor, float, float]:
+    """(m', s', 1 − β1^t', sqrt(1 − β2^t')) of one parameter after a step with gradient g."""
     beta1, beta2 = (float(b) for b in st.hyper.betas)
     m = torch.zeros_like(g) if st.exp_avg is None else st.exp_avg.detach().double().cpu()
     s = torch.zeros_like(g) if st.exp_avg_sq is None else st.exp_avg_sq.detach().double().cpu()
     for label, x in (("exp_avg", m), ("exp_avg_sq", s)):
-        if x.shape != theta.shape:
-            raise ValueError(f"{name}: {label} shape {tuple(x.shape)} != parameter shape {tuple(theta.shape)}")
+        if x.shape != g.shape:
+            raise ValueError(f"{name}: {label} shape {tuple(x.shape)} != parameter shape {tuple(g.shape)}")
     t = float(st.step) + 1.0
     m = beta1 * m + (1.0 - beta1) * g
     s = beta2 * s + (1.0 - beta2) * g * g
-    bias1 = 1.0 - beta1**t
-    bias2_sqrt = math.sqrt(1.0 - beta2**t)
+    return m, s, 1.0 - beta1**t, math.sqrt(1.0 - beta2**t)
+
+
+def _adamw_param_direction(name: str, theta: Tensor, g: Tensor, st: AdamWParamState) -> Tensor:
+    m, s, bias1, bias2_sqrt = _adamw_moments(name, g, st)
     denom = s.sqrt() / bias2_sqrt + float(st.hyper.eps)
     return -(m / bias1) / denom - float(st.hyper.weight_decay) * theta
+
+
+def _adamw_param_jacobian(name: str, g: Tensor, st: AdamWParamState, coef: float) -> Tensor:
+    """∂v/∂Y of one parameter (module docstring), g = −κY the clipped loss gradient."""
+    beta1, beta2 = (float(b) for b in st.hyper.betas)
+    m, s, bias1, bias2_sqrt = _adamw_moments(name, g, st)
+    r = s.sqrt() / bias2_sqrt
+    d = r + float(st.hyper.eps)
+    through_s = torch.where(r > 0, (m / bias1) * (1.0 - beta2) * g / (bias2_sqrt**2 * r.clamp(min=1e-300) * d * d), 0.0)
+    return coef * ((1.0 - beta1) / (bias1 * d) - through_s)
+
+
+def _check_rule(optimizer: str) -> None:
+    if optimizer not in UPDATE_RULES:
+        raise ValueError(f"update.optimizer: unknown optimizer {optimizer!r} ({' | '.join(UPDATE_RULES)})")
+
+
+def update_jacobian(
+    optimizer: str,
+    Y: dict[str, Tensor],
+    params: dict[str, Tensor] | None = None,
+    state: dict[str, AdamWParamState] | None = None,
+    max_grad_norm: float = 0.0,
+) -> dict[str, Tensor]:
+    """The diagonal of J = ∂v/∂Y at this Y (module docstring: the clip coefficient held fixed),
+    float64, keyed like Y. X·J·Y is the part of X·v that is linear in the batch gradient."""
+    _check_rule(optimizer)
+    if optimizer == "sgd":
+        coef = clip_coefficient(Y, max_grad_norm)
+        return {name: torch.full_like(g, coef, dtype=torch.float64) for name, g in Y.items()}
+    grads = {name: -g.double() for name, g in Y.items()}
+    coef = clip_coefficient(grads, max_grad_norm)
+    out = {}
+    for name, g in grads.items():
+        st = AdamWParamState(hyper=FRESH_HYPER) if state is None else state[name]
+        out[name] = _adamw_param_jacobian(name, g * coef, st, coef)
+    return out
 
 
 def _sgd_rule(Y, params, state, max_grad_norm):
@@ -149,6 +196,5 @@ def update_direction(
     max_grad_norm: float = 0.0,
 ) -> dict[str, Tensor]:
     """v of the update rule ``optimizer`` (:data:`UPDATE_RULES`)."""
-    if optimizer not in UPDATE_RULES:
-        raise ValueError(f"update.optimizer: unknown optimizer {optimizer!r} ({' | '.join(UPDATE_RULES)})")
+    _check_rule(optimizer)
     return UPDATE_RULES[optimizer](Y, params, state, max_grad_norm)

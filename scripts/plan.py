@@ -5,13 +5,12 @@ keys leaves the other batch's plan untouched.
 
 By hand:  python scripts/plan.py CONFIG.yaml {E,U} PREPARED_SPLIT.json OUT.json
 """
-import argparse
 import logging
 
 from entropy_probe.config import ConfigError
 from entropy_probe.plan import num_prompts, plan_batch
 from entropy_probe.shards import read_json, write_json
-from entropy_probe.stage import config_for, rule_config, stage_run
+from entropy_probe.stage import run_stage
 
 
 def check_size(kind: str, batch: dict, prepared: dict) -> None:
@@ -39,15 +38,7 @@ def main(cfg: dict, kind: str, prepared_path: str, out_path: str) -> None:
         len(plan["shards"]))
 
 
-if "snakemake" in globals():
-    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
-        main(rule_config(snakemake), snakemake.wildcards.kind, snakemake.input.prepared, snakemake.output[0])  # noqa: F821
-elif __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("kind", choices=["E", "U"])
-    parser.add_argument("prepared", help="results/data/<split>.json (prepare_data)")
-    parser.add_argument("out_path")
-    args = parser.parse_args()
-    with stage_run():
-        main(config_for(args.config, f"plan_{args.kind}"), args.kind, args.prepared, args.out_path)
+run_stage(globals(), main, [("kind", "E or U", {"choices": ["E", "U"]}),
+                            ("prepared_path", "results/data/<split>.json (prepare_data)"), "out_path"],
+          lambda smk: {"kind": smk.wildcards.kind, "prepared_path": smk.input.prepared, "out_path": smk.output[0]},
+          stage=lambda args: f"plan_{args['kind']}")

@@ -6,17 +6,17 @@ the file's hash. The E and the U batch each read the split they are configured w
 
 By hand:  python scripts/prepare_data.py CONFIG.yaml POLICY SPLIT OUT.jsonl OUT.json
 """
-import argparse
 import logging
 
 from entropy_probe import data, models
 from entropy_probe.shards import write_json
-from entropy_probe.stage import config_for, rule_config, stage_run
+from entropy_probe.stage import run_stage
 
 log = logging.getLogger("prepare_data")
 
 
-def main(data_cfg: dict, policy: str, split: str, jsonl_path: str, report_path: str) -> None:
+def main(cfg: dict, policy: str, split: str, jsonl_path: str, report_path: str) -> None:
+    data_cfg = cfg["data"]
     tokenizer = models.load_tokenizer(policy)
     rows = data.load_rows(data_cfg, split, policy)
     records, report = data.prepare_split(rows, data_cfg, tokenizer, split)
@@ -28,17 +28,7 @@ def main(data_cfg: dict, policy: str, split: str, jsonl_path: str, report_path: 
              report["num_kept"], report["num_dropped_too_long"])
 
 
-if "snakemake" in globals():
-    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
-        main(rule_config(snakemake)["data"], snakemake.input.policy, snakemake.params.split,  # noqa: F821
-             snakemake.output.prompts, snakemake.output.report)  # noqa: F821
-elif __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("policy", help="policy directory or policy spec (results/policy.json)")
-    parser.add_argument("split", help="datasets split syntax, e.g. train or test[:500]")
-    parser.add_argument("out_jsonl")
-    parser.add_argument("out_json")
-    args = parser.parse_args()
-    with stage_run():
-        main(config_for(args.config, "prepare_data")["data"], args.policy, args.split, args.out_jsonl, args.out_json)
+run_stage(globals(), main, [("policy", "policy directory or policy spec (results/policy.json)"),
+                            ("split", "datasets split syntax, e.g. train or test[:500]"), "jsonl_path", "report_path"],
+          lambda smk: {"policy": smk.input.policy, "split": smk.params.split, "jsonl_path": smk.output.prompts,
+                       "report_path": smk.output.report}, stage="prepare_data")

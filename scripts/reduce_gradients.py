@@ -2,14 +2,14 @@
 
 By hand:  python scripts/reduce_gradients.py {X,Y} OUT.safetensors SHARD...
 """
-import argparse
 import logging
 
 from entropy_probe import gradients, shards
-from entropy_probe.stage import stage_run
+from entropy_probe.stage import run_stage
 
 log = logging.getLogger("reduce_gradients")
-SHARED_KEYS = ("model_fingerprint", "param_filter", "normalization", "baseline", "H_bar", "loss_type", "precision")
+SHARED_KEYS = ("model_fingerprint", "param_filter", "normalization", "baseline", "H_bar", "loss_type", "precision",
+               "entropy")
 
 
 def main(kind: str, shard_paths: list[str], out_path: str) -> None:
@@ -28,14 +28,5 @@ def main(kind: str, shard_paths: list[str], out_path: str) -> None:
     log.info("%s = Σ of %d shards / %.6g; |%s| = %.6g", kind, len(metas), normalizer, kind, gradients.global_norm(reduced))
 
 
-if "snakemake" in globals():
-    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
-        main(snakemake.wildcards.kind, list(snakemake.input), snakemake.output[0])  # noqa: F821
-elif __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["X", "Y"])
-    parser.add_argument("out")
-    parser.add_argument("shards", nargs="+")
-    args = parser.parse_args()
-    with stage_run():
-        main(args.kind, args.shards, args.out)
+run_stage(globals(), main, [("kind", "X or Y", {"choices": ["X", "Y"]}), "out_path", ("shard_paths", "gradient shards", {"nargs": "+"})],
+          lambda smk: {"kind": smk.wildcards.kind, "shard_paths": list(smk.input), "out_path": smk.output[0]})

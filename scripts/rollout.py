@@ -5,14 +5,13 @@ of batch_config.scale_rewards or of the loss type does not regenerate rollouts).
 
 By hand:  python scripts/rollout.py CONFIG.yaml PLAN_KIND.json POLICY_DIR {E,U} SHARD_INDEX OUT.safetensors
 """
-import argparse
 import logging
 
 from entropy_probe import data, generate, losses, models, noise, rewards
 from entropy_probe.plan import shard_slots
 from entropy_probe.rollout import check_shapes, rollout_shard
 from entropy_probe.shards import read_json, write_shard
-from entropy_probe.stage import config_for, config_hash, rule_config, stage_run
+from entropy_probe.stage import config_hash, run_stage
 from entropy_probe.stage_keys import defining_values
 
 log = logging.getLogger("rollout")
@@ -71,18 +70,7 @@ def _counts(codes, legend: dict) -> str:
     return ", ".join(f"{name} {int((codes == code).sum())}" for code, name in legend.items() if (codes == code).any())
 
 
-if "snakemake" in globals():
-    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
-        main(rule_config(snakemake), snakemake.input.plan, snakemake.input.policy,  # noqa: F821
-             snakemake.wildcards.kind, int(snakemake.wildcards.shard), snakemake.output[0])  # noqa: F821
-elif __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("plan")
-    parser.add_argument("policy_dir")
-    parser.add_argument("kind", choices=["E", "U"])
-    parser.add_argument("shard", type=int)
-    parser.add_argument("out")
-    args = parser.parse_args()
-    with stage_run():
-        main(config_for(args.config, "rollout"), args.plan, args.policy_dir, args.kind, args.shard, args.out)
+run_stage(globals(), main, [("plan_path", "results/plan/<kind>.json"), "policy_dir",
+                            ("kind", "E or U", {"choices": ["E", "U"]}), ("shard_index", None, {"type": int}), "out_path"],
+          lambda smk: {"plan_path": smk.input.plan, "policy_dir": smk.input.policy, "kind": smk.wildcards.kind,
+                       "shard_index": int(smk.wildcards.shard), "out_path": smk.output[0]}, stage="rollout")

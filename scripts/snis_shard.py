@@ -1,24 +1,24 @@
 """Stage: per-sequence importance log-weights and shifted entropies of one E shard at every
-θ' = θ + ηv of the sweep (θ's nucleus kept), for the SNIS estimate of ΔH(η).
+θ' = θ + ηv of the sweep (θ's nucleus kept), for the SNIS estimate of ΔH(η). The sweep is
+estimator.eta_list plus the η of the trainer's step when v records one (a trainer checkpoint).
 
 By hand:  python scripts/snis_shard.py CONFIG.yaml ROLLOUT.safetensors POLICY_DIR V.safetensors OUT.safetensors
 """
-import argparse
 import logging
 
 import torch
 
 from entropy_probe import guards, shards, snis, stage_inputs
 from entropy_probe.config import sweep_etas
-from entropy_probe.stage import config_for, rule_config, stage_run
+from entropy_probe.stage import run_stage
 
 
 def main(cfg: dict, rollout_path: str, policy_dir: str, v_path: str, out_path: str) -> None:
     gen = cfg["generation"]
     model, tokenizer, fingerprint = stage_inputs.load_policy(cfg, policy_dir)
     [rollout] = stage_inputs.read_rollouts([rollout_path], cfg, "E", fingerprint)
-    v, _ = shards.read_shard(v_path, {"kind": "v", "model_fingerprint": fingerprint})
-    etas = sweep_etas(cfg["estimator"])
+    v, v_meta = shards.read_shard(v_path, {"kind": "v", "model_fingerprint": fingerprint})
+    etas = sweep_etas(cfg["estimator"], v_meta.get("training_eta"))
     out = snis.snis_pass(model, v, rollout, etas, pad_token_id=tokenizer.pad_token_id,
                          temperature=gen["temperature"], top_p=gen["top_p"], tf_batch_size=gen["tf_batch_size"],
                          chunk_tokens=gen["tf_chunk_tokens"], autocast_dtype=cfg["model"]["precision"])
@@ -30,17 +30,6 @@ def main(cfg: dict, rollout_path: str, policy_dir: str, v_path: str, out_path: s
     logging.getLogger("snis_shard").info("wrote %s: %d sequences x %d etas", out_path, out["S"].numel(), len(etas))
 
 
-if "snakemake" in globals():
-    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
-        main(rule_config(snakemake), snakemake.input.rollout, snakemake.input.policy, snakemake.input.v,  # noqa: F821
-             snakemake.output[0])  # noqa: F821
-elif __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("rollout")
-    parser.add_argument("policy_dir")
-    parser.add_argument("v")
-    parser.add_argument("out")
-    args = parser.parse_args()
-    with stage_run():
-        main(config_for(args.config, "snis_shard"), args.rollout, args.policy_dir, args.v, args.out)
+run_stage(globals(), main, ["rollout_path", "policy_dir", "v_path", "out_path"],
+          lambda smk: {"rollout_path": smk.input.rollout, "policy_dir": smk.input.policy, "v_path": smk.input.v,
+                       "out_path": smk.output[0]}, stage="snis_shard")

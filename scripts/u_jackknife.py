@@ -3,11 +3,10 @@ out). With a single U shard it records that the jackknife is not available.
 
 By hand:  python scripts/u_jackknife.py CONFIG.yaml X.safetensors POLICY_DIR OUT.json Y_SHARD...
 """
-import argparse
 import logging
 
 from entropy_probe import first_order, gradients, shards
-from entropy_probe.stage import config_for, rule_config, stage_run
+from entropy_probe.stage import run_stage
 from entropy_probe.update_builder import UpdateBuilder
 
 
@@ -23,17 +22,6 @@ def main(cfg: dict, x_path: str, policy_dir: str, y_paths: list[str], out_path: 
     logging.getLogger("u_jackknife").info("%s", result)
 
 
-if "snakemake" in globals():
-    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
-        main(rule_config(snakemake), snakemake.input.X, snakemake.input.policy, list(snakemake.input.Y),  # noqa: F821
-             snakemake.output[0])  # noqa: F821
-elif __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("x")
-    parser.add_argument("policy_dir")
-    parser.add_argument("out")
-    parser.add_argument("y_shards", nargs="+")
-    args = parser.parse_args()
-    with stage_run():
-        main(config_for(args.config, "u_jackknife"), args.x, args.policy_dir, args.y_shards, args.out)
+run_stage(globals(), main, ["x_path", "policy_dir", "out_path", ("y_paths", "Y gradient shards", {"nargs": "+"})],
+          lambda smk: {"x_path": smk.input.X, "policy_dir": smk.input.policy, "y_paths": list(smk.input.Y),
+                       "out_path": smk.output[0]}, stage="u_jackknife")

@@ -5,15 +5,14 @@ update.loss_type (entropy_probe.losses) — and how many prompt groups carry a g
 With update.optimizer: sgd and no prompt group with a non-zero advantage, v = 0 and every later
 stage would be wasted: the stage stops the run here, before any teacher forcing, saying so.
 
-By hand:  python scripts/u_objective.py CONFIG.yaml POLICY OUT.safetensors U_SHARD...
+By hand:  python scripts/u_objective.py CONFIG.yaml POLICY OUT.safetensors U_SHARD... [--optimizer sgd]
 """
-import argparse
 import logging
 
 import torch
 
 from entropy_probe import losses, models, shards, stage_inputs
-from entropy_probe.stage import config_for, rule_config, stage_run
+from entropy_probe.stage import run_stage
 
 log = logging.getLogger("u_objective")
 
@@ -46,20 +45,9 @@ def main(cfg: dict, policy: str, rollout_paths: list[str], out_path: str, optimi
         "informative_groups": informative, "num_groups": B})
 
 
-if "snakemake" in globals():
-    with stage_run(snakemake.log[0], snakemake.threads):  # noqa: F821
-        # update.optimizer only decides whether a batch without signal is an error: not tracked
-        main(rule_config(snakemake), snakemake.input.policy, list(snakemake.input.rollouts),  # noqa: F821
-             snakemake.output[0], snakemake.config["update"]["optimizer"])  # noqa: F821
-elif __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("policy")
-    parser.add_argument("out")
-    parser.add_argument("rollouts", nargs="+")
-    args = parser.parse_args()
-    with stage_run():
-        from entropy_probe.config import load_config
-
-        main(config_for(args.config, "u_objective"), args.policy, args.rollouts, args.out,
-             load_config(args.config)["update"]["optimizer"])
+# update.optimizer only decides whether a batch without signal is an error: read, not tracked
+run_stage(globals(), main, ["policy", "out_path", ("rollout_paths", "U rollout shards", {"nargs": "+"}),
+                            ("--optimizer", "update.optimizer (sgd: a batch without signal is an error)",
+                             {"default": "sgd", "choices": ["sgd", "adamw"]})],
+          lambda smk: {"policy": smk.input.policy, "rollout_paths": list(smk.input.rollouts), "out_path": smk.output[0],
+                       "optimizer": smk.config["update"]["optimizer"]}, stage="u_objective")

@@ -3,7 +3,9 @@ nothing half-written under results/ (issue 7).
 
 One table: every case is a config (the default one, made tiny, on a local checkpoint and a local
 jsonl file, plus the case's overrides) run through Snakemake's default target. Config mistakes
-fail while the Snakefile is parsed ("Invalid config: <key>: ...", no results/ at all); bad rows,
+fail while the Snakefile is parsed ("Invalid config: <key>: ...", no results/ at all), a trainer
+checkpoint's optimizer state that does not fit its model when the run starts, before any job
+("ERROR: <file>: ...", no results/ either: workflow/rules/checkpoint.smk); bad rows,
 tokenizers and rewards fail in the first cheap stage that reads them (prepare_data, rollout) with
 "ERROR: <message>" on the console and in the rule's log, no traceback, and no output of the failed
 job. The cases run concurrently (a few Snakemake processes at once), started when the first test
@@ -40,6 +42,7 @@ class Case:
 
 
 ADAMW = {"optimizer": "adamw"}
+TRAINER = {"name_or_path": "embedded"}  # model.checkpoint: a full-model checkpoint is the policy itself
 CUSTOM = {"name": "custom"}
 CASES = [
     # ---------------------------------------------------------------- schema (types, ranges, keys)
@@ -51,6 +54,10 @@ CASES = [
          r"Invalid config: \(top level\): Additional properties are not allowed \('bogus_section' was unexpected\)"),
     Case("unknown_nested_key", {"generation": {"bogus_key": 1}},
          r"Invalid config: generation: Additional properties are not allowed \('bogus_key' was unexpected\)"),
+    Case("unknown_entropy", {"estimator": {"entropy": "shannon"}},
+         r"Invalid config: estimator\.entropy: 'shannon' is not one of \['sampler', 'tempered_full'\]"),
+    Case("fresh_etas_not_a_list", {"estimator": {"fresh_etas": "all"}},
+         r"Invalid config: estimator\.fresh_etas: 'all' is not of type 'array', 'null'"),
     # ------------------------------------------------------------------------ inconsistent sizes
     Case("E_total_sequences_below_G", {"batch_config": {"E_total_sequences": 2, "G": 4}},
          r"Invalid config: batch_config\.E_total_sequences: 2 is smaller than batch_config\.G = 4"),
@@ -74,6 +81,21 @@ CASES = [
     Case("optimizer_names_missing", {"update": ADAMW | {"optimizer_state": "{inp}/unnamed/optimizer.pt"}},
          r"Invalid config: update\.optimizer_param_names: '[^']*/unnamed/optimizer_param_names\.json' does not "
          r"exist \(the default"),
+    # ---------------------------------------- trainer checkpoints (checked before any job: nothing written)
+    Case("checkpoint_state_of_another_model",
+         {"model": TRAINER | {"checkpoint": "{inp}/trainer_other/checkpoint-2"}, "update": ADAMW},
+         r"^ERROR: [^ ]*/trainer_other/checkpoint-2/optimizer\.pt: state tensor 0 \(param group 0, position 0\) has "
+         r"shape \(14, 32\), but the Trainer's order puts 'model\.embed_tokens\.weight' of shape \(14, 48\) there"),
+    Case("checkpoint_trained_with_a_frozen_parameter",
+         {"model": TRAINER | {"checkpoint": "{inp}/trainer_frozen/checkpoint-2"}, "update": ADAMW},
+         r"^ERROR: [^ ]*/trainer_frozen/checkpoint-2/optimizer\.pt: state tensor 0 \(param group 0, position 0\) has "
+         r"shape \(48, 48\), but the Trainer's order puts 'model\.embed_tokens\.weight' of shape \(14, 48\) there"),
+    Case("next_checkpoint_of_another_model",
+         {"model": TRAINER | {"checkpoint": "{inp}/trainer_frozen/checkpoint-2"},
+          "update": {"optimizer": "checkpoint_diff", "next_checkpoint": "{inp}/trainer_other/checkpoint-3",
+                     "variants": {}}},
+         r"Invalid config: update\.next_checkpoint: does not fit model\.checkpoint: tensor 'lm_head\.weight' "
+         r"has shape \(14, 32\) in [^ ]*/trainer_other/checkpoint-3, \(14, 48\) in [^ ]*/trainer_frozen/checkpoint-2"),
     # ------------------------------------------------------------------------------------ dataset
     Case("dataset_missing", {"data": {"source": "{inp}/no_such_prompts.jsonl"}},
          r"Invalid config: data\.source: '[^']*/no_such_prompts\.jsonl' does not exist"),
@@ -156,9 +178,23 @@ def inputs(tmp_path_factory) -> Path:
     (inp / "corrupt" / "optimizer_param_names.json").write_text("[]")
     (inp / "unnamed").mkdir()
     torch.save({"state": {}, "param_groups": []}, inp / "unnamed" / "optimizer.pt")
+    _trainer_checkpoint(inp / "checkpoint", inp / "trainer_other" / "checkpoint-2", hidden_size=32)
+    _trainer_checkpoint(inp / "checkpoint", inp / "trainer_frozen" / "checkpoint-2", frozen="model.embed_tokens.weight")
+    shutil.copytree(inp / "trainer_other" / "checkpoint-2", inp / "trainer_other" / "checkpoint-3")
+    build_model(1, hidden_size=32).save_pretrained(inp / "trainer_other" / "checkpoint-3")
     (inp / "adapter_without_config").mkdir()
     (inp / "adapter_without_config" / "adapter_model.safetensors").write_bytes(b"")
     return inp
+
+
+def _trainer_checkpoint(model_dir: Path, out: Path, hidden_size: int = 48, frozen: str = "") -> None:
+    """A Trainer checkpoint directory: the model of ``model_dir`` with an optimizer.pt in the
+    Trainer's grouping, of a toy model with ``hidden_size`` trained with ``frozen`` frozen."""
+    import torch
+    from trl_harness import toy_trainer_state
+
+    shutil.copytree(model_dir, out)
+    torch.save(toy_trainer_state(hidden_size, (frozen,) if frozen else ()), out / "optimizer.pt")
 
 
 def _config(case: Case, inp: Path) -> dict:

@@ -1,8 +1,10 @@
 """Cached means cached (issue 12): after the default run, each kind of config change schedules
-exactly the jobs whose output it can change — an η sweep only the η stages, a U-only key only the
-U side and what follows it, an E-only key only the E side, a generation key everything from the
-rollouts, an execution knob or a reordered config nothing — and a run forced through with other
-execution knobs reports the same numbers.
+exactly the jobs whose output it can change — an η sweep only the η stages (the fresh rollouts of
+the new η included: one job per η and E shard), a U-only key only the U side and what follows it,
+an E-only key only the E side, the entropy choice only the X side and the reductions (no
+rollout, SNIS or fresh-rollout pass), a generation key everything from the rollouts, an execution
+knob or a reordered config nothing — and a run forced through with other execution knobs reports
+the same numbers.
 
 Works on a copy of the session's uninterrupted run (conftest.default_run).
 """
@@ -21,9 +23,20 @@ from workflow_util import dry_run_jobs, run_snakemake
 
 pytestmark = pytest.mark.workflow
 
-# the jobs that follow a new v (two E shards): its uses on the E side and the report
+# the jobs that follow a new v (two E shards, three η): its uses on the E side, the attribution
+# and the report
 AFTER_V = {"update_vector": 1, "directional": 2, "snis_shard": 2, "delta_h1": 1, "delta_h_snis": 1,
-           "exact_reference": 1, "summary": 1, "all": 1}
+           "fresh_rollout": 6, "delta_h_sampler": 1, "exact_reference": 1, "attribution": 1, "summary": 1, "all": 1}
+# the default config's two update variants (dapo: its own objective and Y; adamw: the main Y), two
+# E shards each: a variant's E passes, and what a new U batch reruns on the variants' side
+VARIANT_E = {"variant_e_pass": 4}
+VARIANT_V = {"variant_update_vector": 2} | VARIANT_E
+VARIANT_U = {"variant_u_objective": 1, "variant_teacher_force_y": 2, "variant_reduce_y": 1} | VARIANT_V
+# a new η sweep: the SNIS passes (all η in one job per shard; a variant's E pass holds its
+# directional sums too), the fresh rollouts of the new η only (two η x two E shards), the
+# reductions, the exact reference and the report
+NEW_ETAS = {"snis_shard": 2, "delta_h_snis": 1, "delta_h1": 1, "fresh_rollout": 4, "delta_h_sampler": 1,
+            "exact_reference": 1, "summary": 1, "all": 1} | VARIANT_E
 
 
 @pytest.fixture(scope="module")
@@ -44,30 +57,70 @@ def jobs_after(work, change: dict, name: str) -> dict[str, int]:
 
 def test_eta_sweep_reruns_only_the_eta_stages(cache_dir):
     jobs = jobs_after(cache_dir, {"estimator.eta_list": [2e-5, 2e-4]}, "eta.yaml")
-    assert jobs == {"snis_shard": 2, "delta_h_snis": 1, "delta_h1": 1, "exact_reference": 1, "summary": 1, "all": 1}
+    assert jobs == NEW_ETAS
+
+
+def test_fresh_etas_rerun_only_what_they_define(cache_dir):
+    """estimator.fresh_etas: a subset of the η already redrawn needs no fresh rollout (one file per
+    η and shard), only the reduction, the exact reference and the report; [] drops the fresh
+    stages from the report."""
+    base = {"exact_reference": 1, "summary": 1, "all": 1}
+    assert jobs_after(cache_dir, {"estimator.fresh_etas": [1e-5]}, "fresh_subset.yaml") == base | {"delta_h_sampler": 1}
+    assert jobs_after(cache_dir, {"estimator.fresh_etas": [1e-5, 5e-5]}, "fresh_new.yaml") == base | {
+        "delta_h_sampler": 1, "fresh_rollout": 2}
+    assert jobs_after(cache_dir, {"estimator.fresh_etas": []}, "fresh_none.yaml") == base
+
+
+def test_the_entropy_choice_reruns_no_pass_over_the_rollouts_but_x(cache_dir):
+    """estimator.entropy: rollouts, SNIS and fresh-rollout shards hold both entropies; X, its
+    directional pass and every reduction change."""
+    jobs = jobs_after(cache_dir, {"estimator.entropy": "tempered_full"}, "entropy.yaml")
+    assert jobs == {"e_stats": 1, "teacher_force_x": 2, "reduce_gradients": 1, "u_jackknife": 1, "directional": 2,
+                    "delta_h1": 1, "delta_h_snis": 1, "delta_h_sampler": 1, "exact_reference": 1, "attribution": 1,
+                    "summary": 1, "all": 1} | VARIANT_E
 
 
 def test_a_u_only_key_leaves_the_e_side_alone(cache_dir):
     jobs = jobs_after(cache_dir, {"batch_config.B_U": 12}, "b_u.yaml")
     assert jobs == {"plan": 1, "rollout": 2, "u_objective": 1, "teacher_force_y": 2, "reduce_gradients": 1,
-                    "u_jackknife": 1} | AFTER_V
+                    "u_jackknife": 1} | AFTER_V | VARIANT_U
 
 
 def test_an_e_only_key_leaves_the_u_side_alone(cache_dir):
     jobs = jobs_after(cache_dir, {"batch_config.E_total_sequences": 1024}, "e_total.yaml")
     assert jobs == {"plan": 1, "rollout": 2, "e_stats": 1, "teacher_force_x": 2, "reduce_gradients": 1,
                     "u_jackknife": 1, "directional": 2, "snis_shard": 2, "delta_h1": 1, "delta_h_snis": 1,
-                    "summary": 1, "all": 1}
+                    "fresh_rollout": 6, "delta_h_sampler": 1, "summary": 1, "all": 1, "attribution": 1} | VARIANT_E
 
 
 def test_a_generation_key_reruns_everything_from_the_rollouts(cache_dir):
     jobs = jobs_after(cache_dir, {"generation.temperature": 0.9}, "temperature.yaml")
     assert jobs == {"rollout": 4, "e_stats": 1, "u_objective": 1, "teacher_force_x": 2, "teacher_force_y": 2,
-                    "reduce_gradients": 2, "u_jackknife": 1} | AFTER_V
+                    "reduce_gradients": 2, "u_jackknife": 1} | AFTER_V | VARIANT_U
 
 
-EXECUTION = {"generation.tf_chunk_tokens": 5, "generation.tf_batch_size": 7, "generation.gen_batch_size": 8,
-             "batch_config.rollout_batch_size": 3, "model.device": "cpu", "generation.gradient_checkpointing": True,
+def test_a_variant_change_reruns_only_that_variant(cache_dir):
+    config = yaml.safe_load((cache_dir / RUN_CONFIG).read_text())
+    variants = config["update"]["variants"]
+    assert set(variants) == {"dapo", "adamw"}  # the default config's variants (the sets below count them)
+    jobs = jobs_after(cache_dir, {"update.variants": variants | {"adamw": variants["adamw"] | {"lr_factor": 0.2}}},
+                      "variant_lr.yaml")
+    assert jobs == {"variant_update_vector": 1, "variant_e_pass": 2, "summary": 1, "all": 1}
+    # a new variant with a new loss: its own objective and Y; never X, never the main update
+    jobs = jobs_after(cache_dir, {"update.variants": variants | {"bnpo": {"loss_type": "bnpo", "micro_batch_size": 8}}},
+                      "variant_new.yaml")
+    assert jobs == {"variant_u_objective": 1, "variant_teacher_force_y": 2, "variant_reduce_y": 1,
+                    "variant_update_vector": 1, "variant_e_pass": 2, "summary": 1, "all": 1}
+    # a variant with the main objective and the main rule reuses the main Y: only its v and E passes
+    jobs = jobs_after(cache_dir, {"update.variants": variants | {"clip": {"max_grad_norm": 1.0}}}, "variant_clip.yaml")
+    assert jobs == {"variant_update_vector": 1, "variant_e_pass": 2, "summary": 1, "all": 1}
+    # dropping the variants: only the report
+    assert jobs_after(cache_dir, {"update.variants": {}}, "no_variants.yaml") == {"summary": 1, "all": 1}
+
+
+# other layouts than the defaults (1024, 64, 64, 16, auto), not so small that the forced run is slow
+EXECUTION = {"generation.tf_chunk_tokens": 100, "generation.tf_batch_size": 48, "generation.gen_batch_size": 24,
+             "batch_config.rollout_batch_size": 5, "model.device": "cpu", "generation.gradient_checkpointing": True,
              "generation.kv_cache": "static"}
 
 
@@ -112,12 +165,30 @@ def test_a_run_forced_through_with_other_execution_knobs_reports_the_same_number
     work = tmp_path / "knobs"
     shutil.copytree(default_run, work, symlinks=True)
     jobs_after(work, EXECUTION, "knobs.yaml")  # writes the config
-    run_snakemake(work, "knobs.yaml", "--cores", "2", "--forcerun", "rollout")
+    run_snakemake(work, "knobs.yaml", "--cores", "2", "--forcerun", "rollout", timeout=2400)  # every job again
     before = json.loads((default_run / "results" / "summary.json").read_text())
     after = json.loads((work / "results" / "summary.json").read_text())
     assert after["config"] == before["config"]  # the summary records defining values only
     old, new = _numbers({k: v for k, v in before.items() if k != "config"}), _numbers(after)
     assert old.keys() == {k for k in new if not k.startswith("/config")}
     for key, value in old.items():
+        if key.endswith("relative_difference"):  # itself a measure of rounding (X·v two ways, ~1e-7)
+            assert new[key] < 1e-4, key
+            continue
         # fp32 teacher forcing in other batch and chunk shapes: rounding, far below any SE
         assert new[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+
+
+DEFAULT_DAG = {"build_policy": 1, "prepare_data": 1, "plan": 2, "rollout": 4, "e_stats": 1, "u_objective": 1,
+               "teacher_force_x": 2, "teacher_force_y": 2, "reduce_gradients": 2, "u_jackknife": 1, "update_vector": 1,
+               "directional": 2, "snis_shard": 2, "delta_h1": 1, "delta_h_snis": 1, "exact_reference": 1, "summary": 1,
+               "all": 1}
+
+
+def test_the_default_config_runs_no_checkpoint_rule(tmp_path):
+    """Trainer checkpoints add rules (step_comparison, trajectory, results/pairs/): the default
+    config's DAG has none of them, its layout is unchanged."""
+    from conftest import write_run_config
+
+    write_run_config(tmp_path)
+    assert dry_run_jobs(tmp_path, RUN_CONFIG) == DEFAULT_DAG

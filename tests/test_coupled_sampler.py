@@ -14,7 +14,7 @@ import pytest
 import torch
 from scipy import stats
 
-from entropy_probe import data, exact, generate, noise, rewards
+from entropy_probe import exact, generate, noise, rewards, toy
 from entropy_probe.noise import STREAM_E, STREAM_U, NoiseKey
 from entropy_probe.plan import plan_batch, shard_slots
 from entropy_probe.rollout import rollout_shard
@@ -284,8 +284,8 @@ def test_gumbel_max_draws_are_exact_samples_from_q(toy_model, temperature, top_p
 
 
 @pytest.fixture(scope="module")
-def examples(toy_policy_dir):
-    return data.load_examples(toy_policy_dir / "prompts.jsonl", "prompt", "answer")
+def examples():
+    return toy.arithmetic_examples(19)  # the embedded prompt set, in its file order
 
 
 LAYOUT_G = 3

@@ -23,7 +23,7 @@ def test_non_finite_sequence_value_names_the_sequence():
 
 def _rollout_like(tmp_path, **overrides):
     tensors = {"token_log_q": torch.zeros(2, 2, 3), "rb_entropies": torch.zeros(2, 2, 3),
-               "rewards": torch.zeros(2, 2)}
+               "tempered_entropies": torch.zeros(2, 2, 3), "rewards": torch.zeros(2, 2)}
     tensors.update(overrides)
     cfg = {"generation": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 3}, "batch_config": {"seed": 0, "G": 2},
            "model": {"precision": "float32"}}
@@ -38,6 +38,16 @@ def test_rollout_with_nan_entropy_is_refused_on_read(tmp_path):
     bad[1, 0, 2] = float("nan")
     path, cfg = _rollout_like(tmp_path, rb_entropies=bad)
     with pytest.raises(guards.NonFiniteError, match=r"rb_entropies.*sequence 2"):
+        stage_inputs.read_rollouts([path], cfg, "E", "abc")
+
+
+def test_rollout_without_both_entropies_is_refused_on_read(tmp_path):
+    """A shard written before the full tempered entropies were recorded names the file and the fix."""
+    path, cfg = _rollout_like(tmp_path)
+    tensors, meta = shards.read_shard(path)
+    del tensors["tempered_entropies"]
+    shards.write_shard(path, tensors, {k: v for k, v in meta.items() if k != "schema_version"})
+    with pytest.raises(shards.ShardError, match=r"shard.safetensors.*'tempered_entropies'.*forcerun rollout"):
         stage_inputs.read_rollouts([path], cfg, "E", "abc")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from entropy_probe import data, measure, rewards
+from entropy_probe import measure, rewards, toy
 from entropy_probe.generate import response_lengths
 from entropy_probe.plan import plan_batch
 from entropy_probe.rollout import check_shapes, rollout_shard
@@ -16,8 +16,8 @@ PLAN = {kind: plan_batch(kind, SMOKE, 400) for kind in ("E", "U")}
 
 
 @pytest.fixture(scope="module")
-def examples(toy_policy_dir):
-    return data.load_examples(toy_policy_dir / "prompts.jsonl", "prompt", "answer")
+def examples():
+    return toy.arithmetic_examples(19)  # the embedded prompt set, in its file order
 
 
 def _rollout(toy_model, examples, *, kind="E", ids=None, slots=None, G=2, seed=0, temperature=1.0, top_p=0.95,

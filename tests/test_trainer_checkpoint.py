@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("trl")
 
 import trl_harness as H  # noqa: E402
-from entropy_probe import losses, toy, update  # noqa: E402
+from entropy_probe import losses, update  # noqa: E402
 from entropy_probe.trainer_checkpoint import (  # noqa: E402
     TrainerCheckpointError, inspect_checkpoint, load_trainer_checkpoint, trainer_param_groups)
 
@@ -115,16 +115,9 @@ def test_recorded_gradient_is_the_registry_objective(trl_run, step):
 def _another_models_state(tmp_path, source_dir):
     """A copy of ``source_dir`` whose optimizer.pt is a Trainer-grouped AdamW state of a toy model
     with another hidden size."""
-    other = toy.build_model(seed=1, hidden_size=32)
-    names = trainer_param_groups(other)
-    named = dict(other.named_parameters())
-    opt = torch.optim.AdamW([{"params": [named[n] for n in names[0]], "weight_decay": 0.1},
-                             {"params": [named[n] for n in names[1]], "weight_decay": 0.0}], lr=1e-3)
-    other(input_ids=torch.tensor([[0, 10, 1, 11]])).logits.sum().backward()
-    opt.step()
     copy = tmp_path / source_dir.name
     shutil.copytree(source_dir, copy)
-    torch.save(opt.state_dict(), copy / "optimizer.pt")
+    torch.save(H.toy_trainer_state(hidden_size=32), copy / "optimizer.pt")
     return copy
 
 

@@ -254,3 +254,22 @@ def run_training(policy_dir: str | Path, output_dir: str | Path, *, max_steps: i
     seconds = time.perf_counter() - start
     return TrainingRun(Path(output_dir), trainer.records, trainer.reward_log.calls, seconds,
                        list(trainer.state.log_history))
+
+
+def toy_trainer_state(hidden_size: int = 48, frozen: tuple[str, ...] = ()) -> dict:
+    """An AdamW ``state_dict`` as the HF Trainer saves it (its decay / no-decay param groups,
+    weight decay 0.1 / 0.0, one step taken) of a toy model with ``hidden_size``, trained with the
+    parameters ``frozen`` frozen: a state for another model, or for other trainable parameters."""
+    from entropy_probe.toy import build_model
+    from entropy_probe.trainer_checkpoint import trainer_param_groups
+
+    other = build_model(seed=1, hidden_size=hidden_size)
+    for name, param in other.named_parameters():
+        param.requires_grad_(name not in frozen)
+    decay, no_decay = trainer_param_groups(other)
+    named = dict(other.named_parameters())
+    optimizer = torch.optim.AdamW([{"params": [named[n] for n in decay], "weight_decay": 0.1},
+                                   {"params": [named[n] for n in no_decay], "weight_decay": 0.0}], lr=1e-3)
+    other(input_ids=torch.tensor([[0, 10, 1, 11]])).logits.sum().backward()
+    optimizer.step()
+    return optimizer.state_dict()

@@ -1,6 +1,7 @@
 # Config validation first (schema: types, ranges, defaults; then cross-field checks), so a bad
 # value fails before any job runs; then the paths and helpers every rule shares.
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -8,20 +9,33 @@ from snakemake.utils import validate
 
 # The entropy_probe package of this checkout, for the Snakefile and for every job's script (also
 # when it is not pip-installed, or another checkout is): jobs inherit the environment.
+# (set, not required from the user: no envvars directive)
 sys.path.insert(0, workflow.basedir)
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(
+        p for p in (workflow.basedir, os.getenv("PYTHONPATH")) if p
+    )
 )
 
 from entropy_probe.config import ConfigError, check_config, check_renamed
+from entropy_probe.checkpoint_config import (
+    CHECKPOINT_DIFF,
+    compares_steps,
+    is_embedded,
+    policy_layout,
+    state_checks,
+    trajectory_pairs,
+)
 from entropy_probe import data as probe_data
+from entropy_probe import variants as probe_variants
 from entropy_probe.input_files import (
     EMBEDDED,
     adapter_files,
     checkpoint_files,
     resolve_state_paths,
 )
-from entropy_probe.stage_keys import rule_params
+from entropy_probe.stage_keys import eta_tag, fresh_etas, rule_params
+from entropy_probe.trainer_files import read_layout
 
 try:
     check_renamed(config)
@@ -43,8 +57,19 @@ try:
 except ConfigError as err:
     raise WorkflowError(f"Invalid config: {err}")
 
-RESULTS = "results"
-EMBEDDED_MODEL = config["model"]["name_or_path"] == EMBEDDED
+RESULTS_ROOT = "results"
+# A trajectory (model.checkpoints): one probe per pair of consecutive checkpoints, every stage of
+# it under results/pairs/<pair>/ (the {pair} wildcard) with that pair's config; otherwise one
+# probe under results/.
+PAIR_CONFIGS = trajectory_pairs(config)
+RESULTS = f"{RESULTS_ROOT}/pairs/{{pair}}" if PAIR_CONFIGS else RESULTS_ROOT
+if PAIR_CONFIGS:
+
+    wildcard_constraints:
+        pair="|".join(re.escape(pair) for pair in PAIR_CONFIGS),
+
+
+EMBEDDED_MODEL = is_embedded(config["model"])
 # What every rule's `policy` input is: the embedded policy's directory, or the policy spec
 # (policy_spec rule: the resolved checkpoint, adapter and fingerprint) of a configured model.
 POLICY = f"{RESULTS}/policy" if EMBEDDED_MODEL else f"{RESULTS}/policy.json"
@@ -61,26 +86,57 @@ EXACT_REFERENCE = (
     and config["generation"]["max_new_tokens"] <= 4
     and not config["generation"]["stop_strings"]
 )
+# The η of the fresh rollouts (ΔH of the sampler itself); none: no fresh-rollout jobs.
+FRESH_ETAS = fresh_etas(config["estimator"])
 # Model stages: one GPU each with model.device: cuda (on a cluster the profile's set-resources
 # asks for it); `--set-threads RULE=N` (or a profile) changes a rule's threads.
 GPU = 1 if config["model"]["device"] == "cuda" else 0
 MODEL_THREADS = 2
 
 
-def params_of(stage):
-    """A rule's params: the values that define its output, canonical (entropy_probe.stage_keys)."""
-    return rule_params(config, stage)
+def config_of(wildcards):
+    """The config of a job: its pair's in a trajectory, else the config."""
+    return PAIR_CONFIGS[wildcards.pair] if PAIR_CONFIGS else config
 
 
-def local_model_files():
-    """The local checkpoint and adapter files the policy spec depends on (hub ids: none)."""
-    files = []
-    for key, lister in (
-        ("name_or_path", checkpoint_files),
-        ("adapter_path", adapter_files),
-    ):
-        path = Path(config["model"].get(key) or "").expanduser()
-        if config["model"].get(key) and path.is_dir():
+def params_of(stage, wildcards=None):
+    """A rule's params: the values that define its output, canonical (entropy_probe.stage_keys);
+    in a trajectory a function of the job's pair (or, given ``wildcards``, that job's values).
+    Always a function, so that Snakemake does not format the JSON text with the job's wildcards
+    (a data.source with {split} in it would be rewritten)."""
+    if wildcards is not None:
+        return rule_params(config_of(wildcards), stage)
+    if PAIR_CONFIGS:
+        return lambda wildcards: rule_params(PAIR_CONFIGS[wildcards.pair], stage)
+    values = rule_params(config, stage)
+    return lambda wildcards: values
+
+
+def every_run(paths):
+    """Paths of one probe (with {pair} in a trajectory) for each of its probes."""
+    return expand(paths, pair=list(PAIR_CONFIGS)) if PAIR_CONFIGS else paths
+
+
+def local_model_files(wildcards):
+    """The local checkpoint and adapter files the policy spec depends on (hub ids: none); of a
+    trainer checkpoint, its files (scheduler and trainer state included: the learning rate) and
+    an adapter's base model."""
+    model = config_of(wildcards)["model"]
+    layout = policy_layout(config_of(wildcards))
+    if layout is None:
+        files = []
+        sources = [
+            (model["name_or_path"], checkpoint_files),
+            (model.get("adapter_path"), adapter_files),
+        ]
+    else:
+        files = layout.input_files()
+        base = model["name_or_path"]
+        base = base if base != EMBEDDED else layout.base_model
+        sources = [(base, checkpoint_files)] if layout.kind == "adapter" else []
+    for value, lister in sources:
+        path = Path(value or "").expanduser()
+        if value and path.is_dir():
             files += [str(p) for p in lister(path)]
     return files
 
@@ -90,6 +146,7 @@ def shard_paths(template, kind):
     return expand(
         template,
         shard=[f"{i:03d}" for i in range(config["batch_config"][f"{kind}_num_shards"])],
+        allow_missing=True,
     )
 
 
@@ -105,7 +162,112 @@ UPDATE_STATE_PATHS = resolve_state_paths(config["update"], POLICY, EMBEDDED_MODE
 
 
 def update_state_inputs(wildcards):
+    layout = policy_layout(config_of(wildcards))
+    # a trainer checkpoint: its own optimizer.pt (check_config allows no other)
+    if layout is not None:
+        adamw = config_of(wildcards)["update"]["optimizer"] == "adamw"
+        return {"optimizer_state": str(layout.optimizer)} if adamw else {}
     if UPDATE_STATE_PATHS is None or config["update"]["optimizer_state"] == "embedded":
         return {}
     state, names = UPDATE_STATE_PATHS
     return {"optimizer_state": state, "optimizer_param_names": names}
+
+
+# What-if over update rules (update.variants, entropy_probe.variants): each variant's stages run
+# on its effective config (its params: rule_params of that config); a variant whose objective is
+# the main one reuses the main Y, variants sharing an objective share one Y ({objective} wildcard).
+VARIANTS = probe_variants.names(config)
+VARIANT_CONFIG = {
+    name: probe_variants.variant_config(config, name) for name in VARIANTS
+}
+MAIN_OBJECTIVE = probe_variants.objective_id(config)
+VARIANT_OBJECTIVE = {
+    name: probe_variants.objective_id(c) for name, c in VARIANT_CONFIG.items()
+}
+OBJECTIVE_CONFIG = {
+    oid: VARIANT_CONFIG[name]
+    for name, oid in VARIANT_OBJECTIVE.items()
+    if oid != MAIN_OBJECTIVE
+}
+
+
+def variant_params(stage):
+    """A variant rule's params: its stage's defining values in the variant's effective config."""
+    return lambda wc: rule_params(VARIANT_CONFIG[wc.variant], stage)
+
+
+def objective_params(stage):
+    return lambda wc: rule_params(OBJECTIVE_CONFIG[wc.objective], stage)
+
+
+def variant_y(wc):
+    """The Y of a variant: the main one when its objective is the main objective."""
+    oid = VARIANT_OBJECTIVE[wc.variant]
+    if oid == MAIN_OBJECTIVE:
+        return f"{RESULTS}/gradients/Y.safetensors"
+    return f"{RESULTS}/variants/objectives/{oid}/gradients/Y.safetensors"
+
+
+def variant_state_inputs(wc):
+    """The optimizer state files of a variant's update (as update_state_inputs for the main)."""
+    upd = VARIANT_CONFIG[wc.variant]["update"]
+    paths = resolve_state_paths(upd, POLICY, EMBEDDED_MODEL)
+    if paths is None or upd["optimizer_state"] == "embedded":
+        return {}
+    return {"optimizer_state": paths[0], "optimizer_param_names": paths[1]}
+
+
+def variant_files(template, kind=None):
+    """``template`` (with {variant}, and {shard} when ``kind`` names a batch) for every variant."""
+    out = []
+    for name in VARIANTS:
+        path = template.replace("{variant}", name)
+        out += shard_paths(path, kind) if kind else [path]
+    return out
+
+
+def update_vector_inputs(wildcards):
+    """v from the U batch's Y (and the optimizer state), or from the next checkpoint."""
+    update = config_of(wildcards)["update"]
+    if update["optimizer"] == CHECKPOINT_DIFF:
+        return {"next_checkpoint": read_layout(update["next_checkpoint"]).input_files()}
+    return update_state_inputs(wildcards) | {"Y": f"{RESULTS}/gradients/Y.safetensors"}
+
+
+# The probe's own AdamW step compared with the trainer's (checkpoint_diff with an optimizer state).
+STEP_COMPARISON = f"{RESULTS}/update/step_comparison.json"
+COMPARES_STEPS = any(compares_steps(c) for c in (PAIR_CONFIGS or {"": config}).values())
+
+
+def summary_inputs(wildcards):
+    """The exact reference (embedded policy); the U batch behind v (not for a checkpoint
+    difference), with the attribution of δH₁ to its tokens; the comparison of the probe's AdamW
+    step with the trainer's (where it is made); the sampler's ΔH (fresh rollouts, when
+    estimator.fresh_etas is not []); the update variants' v and E passes (update.variants).
+    """
+    cfg = config_of(wildcards)
+    inputs = {"exact": f"{RESULTS}/estimates/exact.json"} if EXACT_REFERENCE else {}
+    if cfg["update"]["optimizer"] != CHECKPOINT_DIFF:
+        inputs |= {
+            "u_jackknife": f"{RESULTS}/estimates/u_jackknife.json",
+            "u_objective": f"{RESULTS}/estimates/u_objective.safetensors",
+            "attribution": f"{RESULTS}/attribution/attribution.json",
+        }
+    if VARIANTS:
+        inputs |= {
+            "X": f"{RESULTS}/gradients/X.safetensors",
+            "v": f"{RESULTS}/update/v.safetensors",
+            "variant_v": variant_files(f"{RESULTS}/variants/{{variant}}/v.safetensors"),
+            "variant_directional": variant_files(
+                f"{RESULTS}/variants/{{variant}}/directional/shard_{{shard}}.safetensors",
+                "E",
+            ),
+            "variant_snis": variant_files(
+                f"{RESULTS}/variants/{{variant}}/snis/shard_{{shard}}.safetensors", "E"
+            ),
+        }
+    if compares_steps(cfg):
+        inputs["step_comparison"] = STEP_COMPARISON
+    if FRESH_ETAS:
+        inputs["delta_h_sampler"] = f"{RESULTS}/delta_h_sampler.json"
+    return inputs

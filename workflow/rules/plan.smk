@@ -43,6 +43,6 @@ rule plan:
         "../envs/probe.yaml"
     threads: 1
     params:
-        values=lambda wc: params_of(f"plan_{wc.kind}"),
+        values=lambda wc: params_of(f"plan_{wc.kind}", wc),
     script:
         "../../scripts/plan.py"

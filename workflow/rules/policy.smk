@@ -25,7 +25,7 @@ else:
 
     rule policy_spec:
         input:
-            local_model_files(),
+            local_model_files,
         output:
             f"{RESULTS}/policy.json",
         log:

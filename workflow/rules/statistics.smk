@@ -1,5 +1,5 @@
-# δH₁(η) = η·X·v with its error bars, ΔH(η) by SNIS, the exact reference where the policy can be
-# enumerated, and the report.
+# δH₁(η) = η·X·v with its error bars, ΔH(η) with θ's nucleus by SNIS, the exact reference where
+# the policy can be enumerated, and the report (with the sampler's own ΔH of fresh.smk).
 rule directional:
     input:
         rollout=f"{RESULTS}/rollouts/E/shard_{{shard}}.safetensors",
@@ -110,16 +110,31 @@ if EXACT_REFERENCE:
 
 rule summary:
     input:
-        unpack(
-            lambda wc: (
-                {"exact": rules.exact_reference.output[0]} if EXACT_REFERENCE else {}
-            )
-        ),
+        unpack(summary_inputs),
         delta_h1=rules.delta_h1.output.json,
         delta_h_snis=rules.delta_h_snis.output[0],
-        u_jackknife=rules.u_jackknife.output[0],
-        u_objective=U_OBJECTIVE,
+        # per-group contributions of δH₁ and of the SNIS ΔH: the linearity ratio's error bar
+        directional=shard_paths(
+            f"{RESULTS}/directional/shard_{{shard}}.safetensors", "E"
+        ),
+        snis=shard_paths(f"{RESULTS}/snis/shard_{{shard}}.safetensors", "E"),
     output:
+        **(
+            {
+                "variants_table": report(
+                    f"{RESULTS}/variants.txt",
+                    caption="../report/variants.rst",
+                    category="Update variants",
+                ),
+                "variants_plot": report(
+                    f"{RESULTS}/variants.png",
+                    caption="../report/variants_plot.rst",
+                    category="Update variants",
+                ),
+            }
+            if VARIANTS
+            else {}
+        ),
         json=f"{RESULTS}/summary.json",
         table=report(
             f"{RESULTS}/summary.txt",

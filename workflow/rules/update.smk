@@ -1,8 +1,8 @@
-# The update vector v (DESIGN §2 "Y and v") and the jackknife over U shards.
+# The update vector v (DESIGN §2 "Y and v"; or the trainer's step between two checkpoints) and the
+# jackknife over U shards.
 rule update_vector:
     input:
-        unpack(update_state_inputs),
-        Y=f"{RESULTS}/gradients/Y.safetensors",
+        unpack(update_vector_inputs),
         policy=POLICY,
     output:
         f"{RESULTS}/update/v.safetensors",

@@ -1,0 +1,219 @@
+"""The sampler's own entropy change ΔH_sampler(η) by coupled fresh rollouts (DESIGN §2b), held
+against exact enumeration with θ + ηv's own nucleus (entropy_probe/exact.py).
+
+One E batch per sampling setting (prompts uniform over a handful, with replacement); every slot
+redrawn at θ + ηu with the same noise along a fixed random direction u, for several η, including
+η where the nucleus changes; the paired estimate must match the exact own-nucleus ΔH(η) within
+4 SE, for τ ∈ {1, 0.7}, top_p ∈ {1, 0.8} and both normalizations, and the SNIS estimate with
+top_p = 1. Its SE is calibrated over independent E batches, and the coupling's saving is checked
+against draws with independent noise.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from toy_batches import G, MAX_NEW_TOKENS, PROMPTS, direction, sample_batch
+
+from entropy_probe import exact, fresh, report, shards, snis
+
+SETTINGS = [(1.0, 1.0), (0.7, 1.0), (1.0, 0.8), (0.7, 0.8)]
+ETAS = [1e-3, 3e-3, 1e-2, 3e-2]  # along direction(): responses change from a few to most
+
+
+def redraw(model, tokenizer, batch, u, eta, temperature, top_p, seed=0, num_prompts=None):
+    n = batch["prompt_ids"].numel() if num_prompts is None else num_prompts
+    return fresh.fresh_rollout_shard(model, tokenizer, batch, u, eta, slots=range(n), seed=seed,
+                                     temperature=temperature, top_p=top_p, max_new_tokens=MAX_NEW_TOKENS,
+                                     gen_batch_size=4096)
+
+
+def reduce(tensors, normalization="token", entropy="sampler"):
+    return fresh.delta_h_sampler(**fresh.per_response(tensors, entropy), G=G, normalization=normalization)
+
+
+def exact_delta(model, tokenizer, u, eta, temperature, top_p, normalization="token", nucleus="own",
+                entropy="sampler"):
+    kw = dict(temperature=temperature, top_p=top_p, max_new_tokens=MAX_NEW_TOKENS, normalization=normalization,
+              direction=u, nucleus=nucleus, entropy=entropy)
+    prompts = [p["prompt"] for p in PROMPTS]
+    return (exact.exact_entropy_at(model, tokenizer, prompts, eta=eta, **kw)
+            - exact.exact_entropy_at(model, tokenizer, prompts, eta=0.0, **kw))
+
+
+def test_eta_zero_redraws_the_e_batch_and_never_writes_the_model(toy_model):
+    model, tokenizer = toy_model
+    batch = sample_batch(model, tokenizer, 1.0, 0.8, num_prompts=32)
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    same = redraw(model, tokenizer, batch, direction(model), 0.0, 1.0, 0.8)
+    moved = redraw(model, tokenizer, batch, direction(model), 0.03, 1.0, 0.8)
+    for k, p in model.named_parameters():
+        assert torch.equal(p, before[k]), k  # parameters applied functionally, never in place
+    assert not same["changed"].any()
+    T = batch["token_log_q"].shape[-1]
+    assert torch.equal(same["response_tokens"][..., :T], batch["sequences"][:, :, -T:])
+    torch.testing.assert_close(same["rb_entropies"][..., :T], batch["rb_entropies"], atol=1e-5, rtol=0)
+    zero = reduce(same)
+    assert abs(zero["delta_h"]) < 1e-6 and zero["changed_responses"] == 0
+    assert moved["changed"].any() and reduce(moved)["changed_responses"] == int(moved["changed"].sum())
+    # the per-response changed flags are what they say
+    for b, g in moved["changed"].nonzero().tolist()[:5]:
+        n_old, n_new = int(batch["response_lens"][b, g]), int(moved["response_lens"][b, g])
+        old, new = batch["sequences"][b, g, -T:][:n_old], moved["response_tokens"][b, g, :n_new]
+        assert n_old != n_new or not torch.equal(old, new)
+
+
+def test_parameters_applied_functionally_reach_generate_and_adapters(toy_model):
+    """parameters.call_at runs model.generate (not only forward) at θ': with a LoRA adapter
+    (PEFT names, the base frozen) the redraw equals sampling from a copy whose adapter weights were
+    moved in place; the model itself is untouched."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    from entropy_probe import generate, parameters
+    from entropy_probe.noise import STREAM_E, NoiseKey
+
+    model, tokenizer = toy_model
+    lora = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                       target_modules=["q_proj", "v_proj"]))
+    lora.eval()
+    gen = torch.Generator().manual_seed(0)
+    v = {k: torch.randn(p.shape, generator=gen, dtype=torch.float64) for k, p in lora.named_parameters()
+         if p.requires_grad}
+    assert v and all("lora_" in k for k in v)
+    encoded = tokenizer(["3+5=", "12+7=", "9+9=", "0+0="] * 4, padding=True, return_tensors="pt")
+    kw = dict(temperature=1.0, top_p=0.95, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=tokenizer.eos_token_id,
+              pad_token_id=tokenizer.pad_token_id, slots=range(16), noise_key=NoiseKey(0, STREAM_E))
+    point = parameters.shifted(lora, v, 0.3)
+    before = {k: p.detach().clone() for k, p in lora.named_parameters()}
+    drawn = parameters.call_at(lora, point, lambda: generate.sample(lora, encoded["input_ids"],
+                                                                    encoded["attention_mask"], G, **kw))
+    assert all(torch.equal(p, before[k]) for k, p in lora.named_parameters())
+    moved = copy.deepcopy(lora)
+    with torch.no_grad():
+        for k, p in moved.named_parameters():
+            if k in point:
+                p.copy_(point[k])
+    reference = generate.sample(moved, encoded["input_ids"], encoded["attention_mask"], G, **kw)
+    assert torch.equal(drawn.response_tokens, reference.response_tokens)
+    torch.testing.assert_close(drawn.entropies, reference.entropies, atol=1e-6, rtol=0)
+    unmoved = generate.sample(lora, encoded["input_ids"], encoded["attention_mask"], G, **kw)
+    assert not torch.equal(drawn.response_tokens, unmoved.response_tokens)
+
+
+@pytest.fixture(scope="module")
+def fresh_runs(toy_model):
+    """Per setting: the E batch (1024 sequences) and its redraws at every η of ETAS."""
+    model, tokenizer = toy_model
+    u = direction(model)
+    out = {}
+    for temperature, top_p in SETTINGS:
+        batch = sample_batch(model, tokenizer, temperature, top_p)
+        out[(temperature, top_p)] = (batch, {eta: redraw(model, tokenizer, batch, u, eta, temperature, top_p)
+                                             for eta in ETAS})
+    return out
+
+
+@pytest.mark.parametrize("temperature,top_p", SETTINGS)
+def test_sampler_delta_h_matches_exact_own_nucleus(toy_model, fresh_runs, temperature, top_p):
+    model, tokenizer = toy_model
+    u = direction(model)
+    batch, redraws = fresh_runs[(temperature, top_p)]
+    nucleus_changes = []
+    for eta in ETAS:
+        for normalization in ("token", "sequence"):
+            row = reduce(redraws[eta], normalization)
+            truth = exact_delta(model, tokenizer, u, eta, temperature, top_p, normalization)
+            assert row["se"] > 0
+            assert abs(row["delta_h"] - truth) < 4 * row["se"], (eta, normalization, row["delta_h"], truth, row["se"])
+        if top_p < 1.0:
+            frozen = exact_delta(model, tokenizer, u, eta, temperature, top_p, nucleus="base")
+            own = exact_delta(model, tokenizer, u, eta, temperature, top_p)
+            nucleus_changes.append(abs(own - frozen) > 4 * reduce(redraws[eta])["se"])
+    if top_p < 1.0:  # the test has power where it matters: the sampler's change is not SNIS's there
+        assert any(nucleus_changes), nucleus_changes
+    else:  # top_p = 1: the same quantity as SNIS (one nucleus), from the same E batch
+        out = snis.snis_pass(model, u, batch, ETAS, pad_token_id=tokenizer.pad_token_id, temperature=temperature,
+                             top_p=top_p, tf_batch_size=1024)
+        for j, eta in enumerate(ETAS):
+            row = reduce(redraws[eta])
+            sn = snis.delta_h(out["log_w"][j], out["S_shifted"][j], out["S"], out["T"], out["own_nucleus_differs"][j],
+                              G, "token")
+            assert abs(row["delta_h"] - sn["delta_h"]) < 3 * (row["se"] ** 2 + sn["se"] ** 2) ** 0.5, (eta, row, sn)
+            assert exact_delta(model, tokenizer, u, eta, temperature, top_p) == exact_delta(
+                model, tokenizer, u, eta, temperature, top_p, nucleus="base")
+
+
+def test_sampler_se_is_calibrated(toy_model):
+    """Over independent E batches (other seeds: other prompts and other noise), the spread of
+    ΔĤ_sampler matches the mean reported SE within 25%, at an η where about a tenth of the
+    responses change."""
+    model, tokenizer = toy_model
+    u = direction(model, seed=11)
+    temperature, top_p, eta = 1.0, 0.9, 3e-3
+    estimates, ses, changed = [], [], []
+    for seed in range(80):
+        batch = sample_batch(model, tokenizer, temperature, top_p, num_prompts=48, seed=200 + seed)
+        row = reduce(redraw(model, tokenizer, batch, u, eta, temperature, top_p, seed=200 + seed))
+        estimates.append(row["delta_h"])
+        ses.append(row["se"])
+        changed.append(row["changed_share"])
+    spread = torch.tensor(estimates, dtype=torch.float64).std().item()
+    mean_se = sum(ses) / len(ses)
+    assert 0.05 < sum(changed) / len(changed) < 0.5, changed
+    assert 0.75 < spread / mean_se < 1.25, (spread, mean_se)
+
+
+def test_coupling_saving_is_estimated_from_the_coupled_data(toy_model, fresh_runs):
+    """The SE the estimator would have with independent noise, estimated from the coupled draws
+    alone (fresh.independent_noise_se), matches the SE of the same estimator run with independent
+    noise (another noise seed, same prompt slots) within 25%; and the coupling pays where few
+    responses change."""
+    model, tokenizer = toy_model
+    u = direction(model)
+    batch, redraws = fresh_runs[(1.0, 1.0)]
+    for eta in ETAS[:2]:
+        coupled = reduce(redraws[eta])
+        independent = reduce(redraw(model, tokenizer, batch, u, eta, 1.0, 1.0, seed=99))
+        assert independent["changed_share"] > 4 * coupled["changed_share"]  # other noise: many more differ
+        assert coupled["se_independent_noise"] == pytest.approx(independent["se"], rel=0.25), (coupled, independent)
+    assert reduce(redraws[ETAS[0]])["coupling_se_factor"] > 2
+
+
+def test_reduction_needs_every_shard_of_every_eta(toy_model):
+    model, tokenizer = toy_model
+    batch = sample_batch(model, tokenizer, 1.0, 1.0, num_prompts=8)
+    tensors = redraw(model, tokenizer, batch, direction(model), 1e-3, 1.0, 1.0)
+    meta = {"model_fingerprint": "f", "eta": 1e-3, "shard_index": 0, "num_shards": 2}
+    with pytest.raises(shards.ShardError, match="η = 0.001 has shards \\[0\\] of 2"):
+        fresh.reduce_shards([(tensors, meta)], [1e-3], G, "token", "sampler")
+    with pytest.raises(shards.ShardError, match="expected"):
+        fresh.reduce_shards([(tensors, meta | {"num_shards": 1})], [1e-3, 1e-2], G, "token", "sampler")
+    rows, _ = fresh.reduce_shards([(tensors, meta | {"num_shards": 1})], [1e-3], G, "token", "sampler")
+    assert rows[0]["delta_h"] == reduce(tensors)["delta_h"]
+
+
+def test_low_ess_rows_are_flagged_and_point_to_the_sampler():
+    """SNIS rows with ESS/N below snis.MIN_ESS_FRACTION carry ess_low, the table marks them and
+    says where to look; a healthy row is not marked."""
+    n, G_ = 64, 4
+    healthy = snis.delta_h(torch.zeros(n), torch.ones(n), torch.ones(n), torch.full((n,), 2.0),
+                           torch.zeros(n, dtype=torch.bool), G_, "token")
+    lw = torch.zeros(n)
+    lw[:3] = 8.0  # three sequences carry almost all the weight
+    collapsed = snis.delta_h(lw, torch.linspace(0, 1, n), torch.ones(n), torch.full((n,), 2.0),
+                             torch.zeros(n, dtype=torch.bool), G_, "token")
+    assert not healthy["ess_low"] and collapsed["ess_low"]
+    assert collapsed["ess_fraction"] < snis.MIN_ESS_FRACTION <= healthy["ess_fraction"]
+    first = {"delta_h1": [{"eta": 1e-3, "delta_h1": 0.1, "se": 0.01}, {"eta": 1e-2, "delta_h1": 1.0, "se": 0.1}],
+             "X_dot_v": 100.0, "X_dot_v_se": 10.0}
+    measured = {"rows": [{"eta": 1e-3, **healthy}, {"eta": 1e-2, **collapsed}]}
+    sampler = {"rows": [{"eta": 1e-2, "delta_h": 0.5, "se": 0.1, "changed_responses": 7, "changed_share": 0.1,
+                         "coupling_se_factor": 3.0}]}
+    rows = report.combine(first, measured, None, sampler=sampler)
+    table = report.format_table(rows, "nats/token", min_ess_fraction=snis.MIN_ESS_FRACTION).splitlines()
+    marked = [line for line in table if line.lstrip().startswith(("0.001", "0.01"))]
+    assert "!" not in marked[0] and "!" in marked[1]
+    assert any(line.startswith("! ESS/N below") and "ΔH sampler" in line for line in table)
+    assert not any(c in "\n".join(table) for c in "<>&'")  # shown verbatim in the report's HTML
+

@@ -1,0 +1,116 @@
+# What-if over update rules (update.variants): per variant its own v, δH₁(η) and SNIS ΔH(η) from
+# the same E batch and the same X (X is never recomputed). The main stages' scripts, run on each
+# variant's effective config; the summary compares the variants (results/variants.txt, .png).
+if VARIANTS:
+
+    wildcard_constraints:
+        variant="|".join(VARIANTS),
+
+    # The U objective and Y of a loss that differs from the main one (shared by the variants
+    # that have it).
+    if OBJECTIVE_CONFIG:
+
+        rule variant_u_objective:
+            input:
+                policy=POLICY,
+                rollouts=shard_paths(
+                    f"{RESULTS}/rollouts/U/shard_{{shard}}.safetensors", "U"
+                ),
+            output:
+                f"{RESULTS}/variants/objectives/{{objective}}/u_objective.safetensors",
+            log:
+                f"{RESULTS}/logs/variant_u_objective_{{objective}}.log",
+            wildcard_constraints:
+                objective="|".join(OBJECTIVE_CONFIG),
+            conda:
+                "../envs/probe.yaml"
+            threads: 1
+            params:
+                values=objective_params("variant_u_objective"),
+            script:
+                "../../scripts/u_objective.py"
+
+        rule variant_teacher_force_y:
+            input:
+                rollout=f"{RESULTS}/rollouts/U/shard_{{shard}}.safetensors",
+                policy=POLICY,
+                batch=rules.variant_u_objective.output[0],
+            output:
+                f"{RESULTS}/variants/objectives/{{objective}}/teacher_force/{{kind}}/shard_{{shard}}.safetensors",
+            log:
+                f"{RESULTS}/logs/variant_teacher_force_{{objective}}_{{kind}}_{{shard}}.log",
+            benchmark:
+                benchmark_path("variant_teacher_force_{objective}_{kind}_{shard}")
+            wildcard_constraints:
+                objective="|".join(OBJECTIVE_CONFIG),
+                kind="Y",
+                shard=r"\d+",
+            conda:
+                "../envs/probe.yaml"
+            threads: MODEL_THREADS
+            resources:
+                gpu=GPU,
+            params:
+                values=objective_params("variant_teacher_force_y"),
+            script:
+                "../../scripts/teacher_force.py"
+
+        rule variant_reduce_y:
+            input:
+                lambda wc: shard_paths(
+                    f"{RESULTS}/variants/objectives/{wc.objective}/teacher_force/{wc.kind}/shard_{{shard}}.safetensors",
+                    "U",
+                ),
+            output:
+                f"{RESULTS}/variants/objectives/{{objective}}/gradients/{{kind}}.safetensors",
+            log:
+                f"{RESULTS}/logs/variant_reduce_{{objective}}_{{kind}}.log",
+            wildcard_constraints:
+                objective="|".join(OBJECTIVE_CONFIG),
+                kind="Y",
+            conda:
+                "../envs/probe.yaml"
+            threads: 1
+            script:
+                "../../scripts/reduce_gradients.py"
+
+    rule variant_update_vector:
+        input:
+            unpack(variant_state_inputs),
+            Y=variant_y,
+            policy=POLICY,
+        output:
+            f"{RESULTS}/variants/{{variant}}/v.safetensors",
+        log:
+            f"{RESULTS}/logs/variant_update_vector_{{variant}}.log",
+        conda:
+            "../envs/probe.yaml"
+        threads: 1
+        params:
+            values=variant_params("variant_update_vector"),
+        script:
+            "../../scripts/update_vector.py"
+
+    # The directional sums (E-side SE of δH₁) and the SNIS pass (ΔH(η)) of one E shard along the
+    # variant's v: the main stages' two passes in one job (one start-up instead of two).
+    rule variant_e_pass:
+        input:
+            rollout=f"{RESULTS}/rollouts/E/shard_{{shard}}.safetensors",
+            policy=POLICY,
+            v=rules.variant_update_vector.output[0],
+        output:
+            directional=f"{RESULTS}/variants/{{variant}}/directional/shard_{{shard}}.safetensors",
+            snis=f"{RESULTS}/variants/{{variant}}/snis/shard_{{shard}}.safetensors",
+        log:
+            f"{RESULTS}/logs/variant_e_pass_{{variant}}_{{shard}}.log",
+        benchmark:
+            benchmark_path("variant_e_pass_{variant}_{shard}")
+        conda:
+            "../envs/probe.yaml"
+        threads: MODEL_THREADS
+        resources:
+            gpu=GPU,
+        params:
+            values=variant_params("variant_e_pass"),
+        script:
+            "../../scripts/variant_e_pass.py"
