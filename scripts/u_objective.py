@@ -16,7 +16,7 @@ from entropy_probe.stage import run_stage
 
 log = logging.getLogger("u_objective")
 
-def main(cfg: dict, policy: str, rollout_paths: list[str], out_path: str, optimizer: str) -> None:
+def main(cfg: dict, policy: str, rollout_paths: list[str], out_path: str, optimizer: str | None) -> None:
     rollouts = stage_inputs.read_rollouts(rollout_paths, cfg, "U", models.fingerprint(policy))
     upd = cfg["update"]
     settings = losses.LossSettings(
@@ -45,9 +45,11 @@ def main(cfg: dict, policy: str, rollout_paths: list[str], out_path: str, optimi
         "informative_groups": informative, "num_groups": B})
 
 
-# update.optimizer only decides whether a batch without signal is an error: read, not tracked
+# update.optimizer only decides whether a batch without signal is an error: read, not tracked.
+# Never for an update variant's objective: a variant's v = 0 is its answer, the main update decides.
 run_stage(globals(), main, ["policy", "out_path", ("rollout_paths", "U rollout shards", {"nargs": "+"}),
                             ("--optimizer", "update.optimizer (sgd: a batch without signal is an error)",
                              {"default": "sgd", "choices": ["sgd", "adamw"]})],
           lambda smk: {"policy": smk.input.policy, "rollout_paths": list(smk.input.rollouts), "out_path": smk.output[0],
-                       "optimizer": smk.config["update"]["optimizer"]}, stage="u_objective")
+                       "optimizer": None if smk.rule.startswith("variant_") else smk.config["update"]["optimizer"]},
+          stage="u_objective")

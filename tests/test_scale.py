@@ -21,6 +21,7 @@ from conftest import REPO, RUN_CONFIG
 
 from entropy_probe import gradients, passes, parameters, shards
 from entropy_probe.stage import config_for
+from workflow_util import json_numbers
 
 SCRIPTS = REPO / "scripts"
 
@@ -30,16 +31,6 @@ def _script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _numbers(obj, path=""):
-    if isinstance(obj, dict):
-        return {k: v for key, value in obj.items() for k, v in _numbers(value, f"{path}/{key}").items()}
-    if isinstance(obj, list):
-        return {k: v for i, value in enumerate(obj) for k, v in _numbers(value, f"{path}[{i}]").items()}
-    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        return {path: float(obj)}
-    return {}
 
 
 def run_stages(run, out):
@@ -66,8 +57,8 @@ def run_stages(run, out):
         _script("directional").main(cfg("directional"), rollout, policy, v, directional[-1])
         snis.append(str(out / f"snis_{i}.safetensors"))
         _script("snis_shard").main(cfg("snis_shard"), rollout, policy, v, snis[-1])
-    _script("delta_h1").main(cfg("delta_h1"), str(out / "X.safetensors"), v, directional, str(out / "delta_h1.json"),
-                             str(out / "delta_h1.txt"))
+    _script("delta_h1").main(cfg("delta_h1"), str(out / "X.safetensors"), v, str(out / "delta_h1.json"),
+                             str(out / "delta_h1.txt"), directional)
     _script("delta_h_snis").main(cfg("delta_h_snis"), snis, str(out / "delta_h_snis.json"))
     _script("u_jackknife").main(cfg("u_jackknife"), str(out / "X.safetensors"), policy, paths["Y"],
                                 str(out / "u_jackknife.json"))
@@ -75,9 +66,10 @@ def run_stages(run, out):
     with contextlib.chdir(run):  # the prepared set names its prompt file relative to the run directory
         _script("exact_reference").main(cfg("exact_reference"), policy, v, str(prepared), str(out / "exact.json"))
     summary = _script("summary")
-    summary.main(summary._defining_only(cfg("summary")), str(out / "delta_h1.json"), str(out / "delta_h_snis.json"),
-                 str(out / "u_jackknife.json"), str(res / "estimates" / "u_objective.safetensors"),
-                 str(out / "summary.json"), str(out / "summary.txt"), str(out / "plot.png"), str(out / "exact.json"))
+    summary.main(cfg("summary"), str(out / "delta_h1.json"), str(out / "delta_h_snis.json"), str(out / "summary.json"),
+                 str(out / "summary.txt"), str(out / "plot.png"), directional, snis,
+                 jackknife_path=str(out / "u_jackknife.json"),
+                 objective_path=str(res / "estimates" / "u_objective.safetensors"), exact_path=str(out / "exact.json"))
     return json.loads((out / "summary.json").read_text()), out
 
 
@@ -100,8 +92,8 @@ def test_float32_storage_changes_no_reported_number_beyond_1e_6(default_run, tmp
     size = lambda out, name: (out / f"{name}.safetensors").stat().st_size  # noqa: E731
     assert size(out32, "X") < 0.6 * size(out64, "X")
     # every reported number, the summary's and its inputs'
-    old = _numbers({k: v for k, v in f64.items() if k != "config"})
-    new = _numbers({k: v for k, v in f32.items() if k != "config"})
+    old = json_numbers({k: v for k, v in f64.items() if k != "config"})
+    new = json_numbers({k: v for k, v in f32.items() if k != "config"})
     assert old.keys() == new.keys()
     # a relative difference is itself a relative quantity (of order 1e-7 in fp32): held absolutely
     relative = {k for k in old if k.endswith("_relative_difference")}

@@ -145,5 +145,5 @@ def test_each_pair_is_cached_on_its_own(trajectory_run, trl_run, toy_policy_dir)
     one_pair = {"policy_spec": 1, "prepare_data": 1, "plan": 2, "rollout": 2, "e_stats": 1, "u_objective": 1,
                 "teacher_force_x": 1, "teacher_force_y": 1, "reduce_gradients": 2, "update_vector": 1,
                 "step_comparison": 1, "directional": 1, "snis_shard": 1, "delta_h1": 1, "delta_h_snis": 1,
-                "summary": 1}
+                "fresh_rollout": 1, "delta_h_sampler": 1, "summary": 1}
     assert dry_run_jobs(trajectory_run, "longer.yaml") == one_pair | {"trajectory": 1, "all": 1}

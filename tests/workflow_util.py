@@ -30,3 +30,14 @@ def dry_run_jobs(workdir: Path, configfile: str, *targets: str) -> dict[str, int
     jobs = dict((name, int(n)) for name, n in re.findall(r"^(\w+)\s+(\d+)\s*$", table, flags=re.M))
     jobs.pop("total", None)
     return jobs
+
+
+def json_numbers(obj, path: str = "") -> dict[str, float]:
+    """Every number in a JSON value, keyed by its path ("/rows[0]/delta_h")."""
+    if isinstance(obj, dict):
+        return {k: v for key, value in obj.items() for k, v in json_numbers(value, f"{path}/{key}").items()}
+    if isinstance(obj, list):
+        return {k: v for i, value in enumerate(obj) for k, v in json_numbers(value, f"{path}[{i}]").items()}
+    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        return {path: float(obj)}
+    return {}
