@@ -157,6 +157,10 @@ def _variant_inputs(names: list[str], v_paths: list[str], directional: list[str]
     shards inside), checking that every path is its variant's."""
     if not names:
         return []
+    if len(v_paths) != len(names):
+        raise shards.ShardError(f"update.variants names {len(names)} variants ({', '.join(names)}) but "
+                                f"{len(v_paths)} variant v files were given (the rule gives them; by hand, "
+                                "compare variants through Snakemake or set update.variants: {})")
     k = len(directional) // len(names)
     grouped = [(name, v_paths[i], directional[i * k:(i + 1) * k], snis_paths[i * k:(i + 1) * k])
                for i, name in enumerate(names)]

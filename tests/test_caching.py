@@ -151,7 +151,7 @@ def test_the_same_config_with_its_keys_shuffled_schedules_nothing(cache_dir):
     assert dry_run_jobs(cache_dir, "int.yaml") == {}
 
 
-def test_a_run_forced_through_with_other_execution_knobs_reports_the_samejson_numbers(default_run, tmp_path):
+def test_a_run_forced_through_with_other_execution_knobs_reports_the_same_numbers(default_run, tmp_path):
     work = tmp_path / "knobs"
     shutil.copytree(default_run, work, symlinks=True)
     jobs_after(work, EXECUTION, "knobs.yaml")  # writes the config

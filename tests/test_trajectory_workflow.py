@@ -30,7 +30,8 @@ pytestmark = pytest.mark.workflow
 PAIRS = ("checkpoint-1_to_checkpoint-2", "checkpoint-2_to_checkpoint-3")
 SETTINGS = {
     "batch_config": {"E_total_sequences": 1024, "G": 4, "B_U": 8, "E_num_shards": 1, "U_num_shards": 1},
-    "estimator": {"eta_list": [0.5]},  # η = 1, the trainer's step, is added to the sweep
+    # η = 1, the trainer's step, is added to the sweep; the sampler's ΔH is tested elsewhere
+    "estimator": {"eta_list": [0.5], "fresh_etas": []},
     # as trl_harness trains; no update variants (they need a U-batch v)
     "update": {"optimizer": "checkpoint_diff", "loss_type": "dapo", "max_grad_norm": 1.0, "variants": {}},
     "model": {"device": "cpu"},
@@ -145,5 +146,5 @@ def test_each_pair_is_cached_on_its_own(trajectory_run, trl_run, toy_policy_dir)
     one_pair = {"policy_spec": 1, "prepare_data": 1, "plan": 2, "rollout": 2, "e_stats": 1, "u_objective": 1,
                 "teacher_force_x": 1, "teacher_force_y": 1, "reduce_gradients": 2, "update_vector": 1,
                 "step_comparison": 1, "directional": 1, "snis_shard": 1, "delta_h1": 1, "delta_h_snis": 1,
-                "fresh_rollout": 1, "delta_h_sampler": 1, "summary": 1}
+                "summary": 1}
     assert dry_run_jobs(trajectory_run, "longer.yaml") == one_pair | {"trajectory": 1, "all": 1}
