@@ -125,27 +125,26 @@ def test_a_token_outside_its_recomputed_nucleus_is_kept_only_when_asked():
 RUN = REPO / ".test" / "config" / "config.yaml"
 
 
+TARGETS = ("results/delta_h1.json", "results/delta_h_snis.json")
+
+
 @pytest.fixture(scope="module")
 def test_runs(tmp_path_factory):
-    """The small test workflow (no fresh rollouts, no update variants) in fp32, then a copy
-    switched to bf16 (which reruns what depends on the precision: rollouts onwards)."""
+    """The small test workflow in fp32 up to δH₁ and the SNIS ΔH (the numbers the bound is about),
+    then a copy switched to bf16 (which reruns what depends on the precision: rollouts onwards).
+    Returns ({δH₁ report, SNIS ΔH} per precision, the bf16 dry run's job counts)."""
     fp32 = tmp_path_factory.mktemp("precision") / "fp32"
     fp32.mkdir()
-    config = yaml.safe_load(RUN.read_text())
-    # the numbers the bound is about (δH₁, the SNIS ΔH) and the report; the precision of the fresh
-    # rollouts and the variants' passes is that of these passes (test_bf16_rollouts_are_coupled...)
-    config.setdefault("estimator", {})["fresh_etas"] = []
-    config.setdefault("update", {})["variants"] = {}
-    (fp32 / "config.yaml").write_text(yaml.safe_dump(config))
-    run_snakemake(fp32, "config.yaml", "--cores", "2", timeout=1800)
+    shutil.copy(RUN, fp32 / "config.yaml")
+    run_snakemake(fp32, "config.yaml", "--cores", "2", *TARGETS, timeout=1800)
     bf16 = fp32.parent / "bf16"
     shutil.copytree(fp32, bf16, symlinks=True)
     config = yaml.safe_load((bf16 / "config.yaml").read_text())
     config.setdefault("model", {})["precision"] = "bfloat16"
     (bf16 / "config.yaml").write_text(yaml.safe_dump(config))
     jobs = dry_run_jobs(bf16, "config.yaml")
-    run_snakemake(bf16, "config.yaml", "--cores", "2", timeout=1800)
-    load = lambda d: json.loads((d / "results" / "summary.json").read_text())  # noqa: E731
+    run_snakemake(bf16, "config.yaml", "--cores", "2", *TARGETS, timeout=1800)
+    load = lambda d: [json.loads((d / target).read_text()) for target in TARGETS]  # noqa: E731
     return load(fp32), load(bf16), jobs
 
 
@@ -153,26 +152,30 @@ def test_runs(tmp_path_factory):
 def test_a_precision_change_reruns_from_the_rollouts(test_runs):
     _, _, jobs = test_runs
     assert jobs["rollout"] == 4 and jobs["teacher_force_x"] == 2 and jobs["snis_shard"] == 2
+    assert jobs["fresh_rollout"] > 0 and jobs["variant_e_pass"] > 0  # every model pass, in the new precision
     assert "build_policy" not in jobs and "plan" not in jobs and "prepare_data" not in jobs
 
 
 @pytest.mark.workflow
 def test_bf16_workflow_is_within_the_stated_bound_of_fp32(test_runs):
-    fp32, bf16, _ = test_runs
-    assert fp32["precision"]["compute"] == "float32" and bf16["precision"]["compute"] == "bfloat16"
-    assert bf16["config"]["model"]["precision"] == "bfloat16"
-    assert bf16["precision"]["measure"].startswith("float32") and bf16["precision"]["reductions"] == "float64"
+    (first32, snis32), (first16, snis16), _ = test_runs
+    assert first32["precision"] == snis32["precision"] == "float32"
+    assert first16["precision"] == snis16["precision"] == "bfloat16"
+    described = precision.describe("bfloat16")
+    assert described["measure"].startswith("float32") and described["reductions"] == "float64"
     # the cross-check ran at the bf16 bound and passed it
-    assert bf16["first_order"]["X_dot_v_relative_difference"] < precision.crosscheck_bounds("bfloat16")["fail"]
-    assert fp32["first_order"]["X_dot_v_relative_difference"] < precision.crosscheck_bounds("float32")["warn"]
+    assert first16["X_dot_v_relative_difference"] < precision.crosscheck_bounds("bfloat16")["fail"]
+    assert first32["X_dot_v_relative_difference"] < precision.crosscheck_bounds("float32")["warn"]
     bounds = precision.BF16_SHIFT_BOUNDS
     moved = False
-    for a, b in zip(fp32["rows"], bf16["rows"]):
+    for a, b in zip(first32["delta_h1"], first16["delta_h1"], strict=True):
         assert a["eta"] == b["eta"]
-        shift = abs(b["delta_h1"] - a["delta_h1"]) / a["delta_h1_se"]
+        shift = abs(b["delta_h1"] - a["delta_h1"]) / a["se"]
         assert shift < bounds["delta_h1"], (a["eta"], shift)
-        if a["eta"] >= bounds["delta_h_min_eta"]:
-            shift_h = abs(b["delta_h"] - a["delta_h"]) / a["delta_h_se"]
-            assert shift_h < bounds["delta_h"], (a["eta"], shift_h)
         moved |= b["delta_h1"] != a["delta_h1"]
+    for a, b in zip(snis32["rows"], snis16["rows"], strict=True):
+        assert a["eta"] == b["eta"]
+        if a["eta"] >= bounds["delta_h_min_eta"]:
+            shift_h = abs(b["delta_h"] - a["delta_h"]) / a["se"]
+            assert shift_h < bounds["delta_h"], (a["eta"], shift_h)
     assert moved  # bf16 did run: the numbers are not fp32's
