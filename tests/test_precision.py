@@ -152,7 +152,7 @@ def test_runs(tmp_path_factory):
 def test_a_precision_change_reruns_from_the_rollouts(test_runs):
     _, _, jobs = test_runs
     assert jobs["rollout"] == 4 and jobs["teacher_force_x"] == 2 and jobs["snis_shard"] == 2
-    assert jobs["fresh_rollout"] > 0 and jobs["variant_e_pass"] > 0  # every model pass, in the new precision
+    assert jobs["fresh_rollout"] == 6 and jobs["attribution"] == 1  # every model pass, in the new precision
     assert "build_policy" not in jobs and "plan" not in jobs and "prepare_data" not in jobs
 
 
