@@ -160,10 +160,11 @@ def base_influence(S: Tensor, T: Tensor, G: int, normalization: str) -> tuple[fl
 def delta_h_sweep(loaded: list[tuple[dict[str, Tensor], dict]], G: int, normalization: str,
                   entropy: str = "sampler") -> dict:
     """ΔH(η) of the per-prefix entropy ``entropy`` for every η of SNIS shards (tensors, metadata)
-    over the whole E batch: {normalization, entropy, model_fingerprint, min_ess_fraction, rows (one
-    :func:`delta_h` per η)}. The shards must agree on the η sweep and the model (ValueError)."""
-    if len({repr(m["etas"]) for _, m in loaded}) != 1 or len({m["model_fingerprint"] for _, m in loaded}) != 1:
-        raise ValueError("SNIS shards disagree on the η sweep or the model")
+    over the whole E batch: {normalization, entropy, model_fingerprint, precision, min_ess_fraction,
+    tokens_outside_recomputed_nucleus, rows (one :func:`delta_h` per η)}. The shards must agree on
+    the η sweep, the model and the precision (ValueError)."""
+    if len({repr((m["etas"], m["model_fingerprint"], m.get("precision"))) for _, m in loaded}) != 1:
+        raise ValueError("SNIS shards disagree on the η sweep, the model or the precision")
     S_field, S_shifted_field = ENTROPY_FIELDS[entropy]
     if any(S_field not in t for t, _ in loaded):
         raise ValueError(f"no {S_field!r} in an SNIS shard (written before both entropies were stored): rerun it "
@@ -173,5 +174,7 @@ def delta_h_sweep(loaded: list[tuple[dict[str, Tensor], dict]], G: int, normaliz
            for k in ("log_w", S_shifted_field, "own_nucleus_differs", S_field, "T")}
     rows = [{"eta": eta, **delta_h(cat["log_w"][j], cat[S_shifted_field][j], cat[S_field], cat["T"],
                                    cat["own_nucleus_differs"][j], G, normalization)} for j, eta in enumerate(etas)]
+    outside = int(sum(float(t["outside_nucleus"].sum()) for t, _ in loaded if "outside_nucleus" in t))
     return {"normalization": normalization, "entropy": entropy, "model_fingerprint": loaded[0][1]["model_fingerprint"],
-            "min_ess_fraction": MIN_ESS_FRACTION, "rows": rows}
+            "precision": loaded[0][1].get("precision"), "min_ess_fraction": MIN_ESS_FRACTION,
+            "tokens_outside_recomputed_nucleus": outside, "rows": rows}

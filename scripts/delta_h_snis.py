@@ -12,8 +12,6 @@ from entropy_probe.stage import run_stage
 
 def main(cfg: dict, shard_paths: list[str], out_path: str) -> None:
     loaded = [shards.read_shard(p, {"kind": "snis"}) for p in shard_paths]
-    if len({m.get("precision") for _, m in loaded}) != 1:
-        raise shards.ShardError(f"SNIS shards disagree on the precision: {shard_paths}")
     try:
         result = snis.delta_h_sweep(loaded, cfg["batch_config"]["G"], cfg["estimator"]["normalization"],
                                     cfg["estimator"]["entropy"])
@@ -23,9 +21,6 @@ def main(cfg: dict, shard_paths: list[str], out_path: str) -> None:
         logging.getLogger("delta_h_snis").info("eta %.4g: ΔH = %.6g ± %.3g, ESS %.1f / %d%s", row["eta"], row["delta_h"],
                                                row["se"], row["ess"], row["num_sequences"],
                                                " (low: SE not to be trusted)" if row["ess_low"] else "")
-    result["precision"] = loaded[0][1]["precision"]
-    result["tokens_outside_recomputed_nucleus"] = int(sum(float(t["outside_nucleus"].sum())
-                                                          for t, _ in loaded if "outside_nucleus" in t))
     shards.write_json(out_path, result)
 
 
