@@ -1,10 +1,10 @@
 # Entropy probe: predicts (δH₁ = η·X·v) and measures (ΔH with θ's nucleus by SNIS, and the
-# sampler's own ΔH by coupled fresh rollouts) how one policy-gradient step changes a policy's
-# entropy. See README.md and the shared DESIGN notes for the math.
+# sampler's own ΔH by coupled fresh rollouts) how one optimizer step changes a policy's entropy.
+# README.md is the front door; docs/ explains every stage and output.
 #
-#   snakemake --cores 2                       the default target (all stages)
+#   snakemake --cores 2                       the default target (all stages), config/config.yaml
 #   snakemake --cores 2 rollouts              up to the rollout shards
-#   snakemake --cores 2 --configfile my.yaml  another config (validated first)
+#   snakemake --cores 2 --configfile my.yaml  another config: my.yaml on the schema's defaults
 #   snakemake --report report.html            the report (its landing page: the table and the plot)
 # With model.checkpoints (a trainer's run) the default target is the report over training
 # (results/trajectory.*), one probe per pair of checkpoints under results/pairs/<pair>/.
@@ -13,7 +13,11 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# A user's config file means what it says: with --configfile it is read on the schema's defaults
+# alone (merged into config/config.yaml, an empty mapping there could not remove the default's).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 report: "workflow/report/workflow.rst"
@@ -25,11 +29,12 @@ include: "workflow/rules/plan.smk"
 include: "workflow/rules/rollout.smk"
 include: "workflow/rules/teacher_force.smk"
 include: "workflow/rules/update.smk"
+include: "workflow/rules/statistics.smk"
 include: "workflow/rules/fresh.smk"
 include: "workflow/rules/attribution.smk"
 include: "workflow/rules/variants.smk"
-include: "workflow/rules/statistics.smk"
 include: "workflow/rules/checkpoint.smk"
+include: "workflow/rules/report.smk"
 
 
 rule rollouts:

@@ -15,7 +15,7 @@ logs.
 
 Sizes (:data:`E2E_PRESETS`): ``cpu`` a small Qwen2 (minutes on 2 cores); ``gpu`` the
 Qwen2.5-1.5B shape with LoRA r = 16, E = 4096 responses of 512 tokens, B_U = 64 × G = 8, five η
-with central differences, bf16 (issue 16's run).
+with central differences, bf16.
 """
 from __future__ import annotations
 

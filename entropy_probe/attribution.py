@@ -4,13 +4,13 @@ E batch's tokens and over the U batch's tokens, and summaries of them.
 E side. With per-token forward-mode derivatives along v (``passes.directional_tokens``), and
 D_i = T_i (``token``) or 1 (``sequence``), D = Σ_i D_i, N responses, n = N/G prompt groups,
 H̄ = Σ h / D, P = Σ [∂_v h_k + a_k ∂_v log q_k], Q = Σ β_k ∂_v log q_k and the estimate
-X·v = (P − H̄ Q)/D (:func:`normalization.directional_influence`), token k of response i gets
+X·v = (P − H̄ Q)/D (:func:`estimators.xu_estimate`), token k of response i gets
 
     share_k = [ ∂_v h_k + (a_k − H̄ β_k) ∂_v log q_k                     (direct: pathwise + score w_k ∂_v log q_k)
                 − (Q/D)(h_k − H̄ D_i/T_i)                                 (plug-in: its pull on H̄)
                 + X·v (D/N − D_i)/T_i ] / D                              (plug-in: its pull on T̄)
 
-Derivation: the influence contribution of group g (normalization.directional_influence) is
+Derivation: the influence contribution of group g (:func:`estimators.xu_influence`) is
 φ_g = X·v + ψ_g = [P_g − H̄ Q_g − (Q̄/D̄)(S_g − H̄ D_g) − X·v D_g]/D̄ + X·v (bars: means over
 groups, D̄ = D/n). Write φ_g/n as a sum over the group's tokens: P_g − H̄ Q_g is a sum of
 per-token terms; S_g − H̄ D_g = Σ_{k∈g} (h_k − H̄ D_i/T_i) (the token's pull on H̄); and
@@ -48,13 +48,19 @@ import math
 import torch
 from torch import Tensor
 
-from . import normalization as norm
+from . import estimators, normalization as norm
 
 E_COMPONENTS = ("pathwise", "score", "plugin")  # share = direct + plugin, direct = pathwise + score
 
 
 def _valid(lengths: Tensor, width: int) -> Tensor:
     return torch.arange(width) < lengths[:, None]
+
+
+def u_direction(J: dict[str, Tensor], X: dict[str, Tensor]) -> dict[str, Tensor]:
+    """u = J·X (J = ∂v/∂Y diagonal, keyed like Y): the direction along which each U token's term
+    of Y gives its share of X·J·Y (module docstring), float64."""
+    return {name: J[name] * X[name].double() for name in J}
 
 
 def e_token_shares(d_entropy: Tensor, d_log_q: Tensor, weight_a: Tensor, weight_beta: Tensor, entropy: Tensor,
@@ -70,7 +76,7 @@ def e_token_shares(d_entropy: Tensor, d_log_q: Tensor, weight_a: Tensor, weight_
     D_i = norm.get(normalization).denominators(lengths)
     D = float(D_i.sum())
     N = lengths.numel()
-    H_bar = float(h.sum()) / D
+    H_bar = norm.plugin_entropy(h.sum(-1), lengths, normalization)
     P = float((d_entropy + a * d_log_q).sum())
     Q = float((beta * d_log_q).sum())
     estimate = (P - H_bar * Q) / D
@@ -84,14 +90,10 @@ def e_token_shares(d_entropy: Tensor, d_log_q: Tensor, weight_a: Tensor, weight_
 
 
 def _group_contribution(local: Tensor, overall: Tensor) -> Tensor:
-    """φ = [P − H̄Q − (Q̄/D̄)(S − H̄D) − X·v D]/D̄ + X·v of local means (P, Q, S, D) given the
-    batch means ``overall`` (P̄, Q̄, S̄, D̄): a group's influence contribution, or the mean of a
-    prompt's groups (normalization.directional_influence)."""
-    P, Q, S, D = local
-    Pb, Qb, Sb, Db = overall
-    H = Sb / Db
-    estimate = (Pb - H * Qb) / Db
-    return (P - H * Q - Qb / Db * (S - H * D) - estimate * D) / Db + estimate
+    """φ = ψ + X·v of local means (P, Q, S, D) given the batch means ``overall`` (P̄, Q̄, S̄, D̄):
+    a group's influence contribution (:func:`estimators.xu_influence`) plus the estimate, or the
+    mean of a prompt's groups."""
+    return estimators.xu_influence(local, overall) + estimators.xu_estimate(overall)
 
 
 def _direct_contribution(local: Tensor, overall: Tensor) -> Tensor:
@@ -110,7 +112,7 @@ def per_prompt_contributions(P: Tensor, Q: Tensor, S: Tensor, D: Tensor, prompt_
     groups in ``form`` ``influence`` (φ_g, the shares) or ``direct`` (the direct parts), in X·v
     units (weighted by the counts they average to X·v; their expectations are the prompt's exact
     ``influence_form`` / ``term`` of :func:`exact.exact_prompt_contributions`), its standard error
-    and the group count. Group sums ``[n]`` as in :func:`normalization.directional_influence`
+    and the group count. Group sums ``[n]`` as in :func:`estimators.directional_contributions`
     (D_g = Σ_{i∈g} D_i).
 
     SE by the delta method over all n groups: a prompt's estimate depends on its own groups and

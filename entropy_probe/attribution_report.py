@@ -1,15 +1,16 @@
-"""The attribution stage's assembly (issue 15): per-shard per-token tensors of both batches put
-together, split with :mod:`entropy_probe.attribution`, summarised (decoded top responses and
-prompts, shares by position and by token entropy, top-token fractions, the covariance view) and
-formatted as ``results/attribution.txt``. The maths is in :mod:`entropy_probe.attribution` and
+"""The attribution stage's assembly: per-shard per-token tensors of both batches put together,
+split with :mod:`entropy_probe.attribution`, summarised (decoded top responses and prompts, shares
+by position and by token entropy, top-token fractions, the covariance view) and formatted as
+``results/attribution.txt``. The maths is in :mod:`entropy_probe.attribution` and
 :mod:`entropy_probe.covariance`; this module only arranges tensors and text."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from . import attribution, covariance, passes, stage_inputs
+from . import attribution, covariance, passes
 from . import normalization as norm
+from .rollout import rows_in, stored_responses
 
 TOP = 5  # responses / prompts / tokens listed on each side
 TEXT_CHARS = 60  # characters of a decoded text in the table (the JSON keeps 400)
@@ -97,8 +98,7 @@ def e_attribution(directional: list[dict], rollouts: list[dict], normalization: 
     G = rollouts[0]["rewards"].shape[1]
     tok = lambda name: _cat_rows([d[passes.TOKEN_PREFIX + name] for d in directional])  # noqa: E731
     lengths = torch.cat([r["response_lens"].reshape(-1) for r in rollouts])
-    response_tokens = _cat_rows([r["sequences"][:, :, -r["token_log_q"].shape[-1]:].reshape(-1, r["token_log_q"].shape[-1])
-                                 for r in rollouts])
+    response_tokens = _cat_rows([stored_responses(r).reshape(-1, r["token_log_q"].shape[-1]) for r in rollouts])
     entropy = tok("entropy")
     shares = attribution.e_token_shares(tok("d_entropy"), tok("d_log_q"), tok("weight_a"), tok("weight_beta"),
                                         entropy, lengths, normalization)
@@ -108,7 +108,7 @@ def e_attribution(directional: list[dict], rollouts: list[dict], normalization: 
     table = _token_table(valid, G, {k: shares[k] for k in ("share", "direct", *attribution.E_COMPONENTS)}
                          | {"entropy": entropy, "log_q": tok("log_q")}, prompt_ids, response_tokens)
     P, Q, S, T = (torch.cat([d[k] for d in directional]) for k in ("P", "Q", "S", "T"))
-    D = T if norm.get(normalization).per_token else torch.full_like(T, float(G))  # group sums of D_i
+    D = norm.get(normalization).group_denominators(T, G)
     per_prompt = {form: attribution.per_prompt_contributions(P, Q, S, D, prompt_ids, form)
                   for form in ("direct", "influence")}
     ids = per_prompt["direct"]["prompt_ids"]
@@ -159,14 +159,13 @@ def u_attribution(u_directional: list[dict], rollouts: list[dict], objective: di
     shards, the whole-batch objective (u_objective: advantages, numerators, normalizer terms) and
     X·v from the reduced X and v."""
     G = rollouts[0]["rewards"].shape[1]
-    rows = [stage_inputs.rows_of_shard(objective, r, where) for r in rollouts]
+    rows = [rows_in(objective, r, where) for r in rollouts]
     pick = lambda name: torch.cat([objective[name][i].reshape(-1) for i in rows]).double()  # noqa: E731
     a, z, advantages = pick("coefficients"), pick("normalizer_terms"), pick("advantages")
     d_log_p = _cat_rows([d["d_log_p"] for d in u_directional])
     log_p = _cat_rows([d["log_p"] for d in u_directional])
     lengths = torch.cat([r["response_lens"].reshape(-1) for r in rollouts])
-    response_tokens = _cat_rows([r["sequences"][:, :, -r["token_log_q"].shape[-1]:].reshape(-1, r["token_log_q"].shape[-1])
-                                 for r in rollouts])
+    response_tokens = _cat_rows([stored_responses(r).reshape(-1, r["token_log_q"].shape[-1]) for r in rollouts])
     shares = attribution.u_token_shares(d_log_p, a, z, lengths, G)
     total = shares["total"]
     valid = torch.arange(d_log_p.shape[-1]) < lengths[:, None]

@@ -3,14 +3,14 @@ checkpoint_diff``), what a checkpoint says about the step after it (the learning
 reproduces the step), and the probe's own AdamW step compared with the trainer's.
 
 - v = θ_{N+1} − θ_N over the probe's parameters (``model.trainable`` narrowed by
-  ``estimator.param_filter``), differences of the stored values taken in float64, so η = 1 is the
+  ``model.param_filter``), differences of the stored values taken in float64, so η = 1 is the
   step the trainer took: δH₁(1) = X·v is the first-order prediction of that step, ΔH(1) by SNIS
   what it did to H with θ_N's nucleus held fixed (DESIGN §2). Every other parameter must be equal
   in the two checkpoints, else v would not be the whole step (an error naming the parameter).
 - The training η: AdamW and SGD directions are per unit learning rate, so the trainer's next step
   is at η = lr of step N+1 (``scheduler.pt``: :mod:`entropy_probe.trainer_checkpoint`); for the
   checkpoint difference it is η = 1. It travels in v's metadata (``training_eta``), and the η
-  sweep of every later stage includes it (:func:`entropy_probe.config.sweep_etas`).
+  sweep of every later stage includes it (:func:`entropy_probe.sweep.sweep_etas`).
 - :func:`compare_steps`: the probe's AdamW v from checkpoint N's optimizer state and the U batch's
   Y, scaled by that learning rate, against the trainer's step (cosine, norm ratio, sign agreement).
 """
@@ -24,11 +24,10 @@ from torch import Tensor
 
 from . import gradients, models, parameters
 from .errors import ProbeError
+from .model_config import CHECKPOINT_DIFF
 from .trainer_files import read_layout
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_DIFF = "checkpoint_diff"
 LABELS = {CHECKPOINT_DIFF: "trainer's step (η = 1)", "adamw": "training lr", "sgd": "training lr"}
 
 
@@ -67,7 +66,7 @@ def step_vector(cfg: dict, policy: str, next_checkpoint: str) -> tuple[dict[str,
     """(v = θ_next − θ over the probe's parameters, its metadata). Both checkpoints are loaded as
     the policy is (``model.dtype``, ``model.trainable``), on the CPU."""
     spec = models.read_spec(policy)
-    dtype, trainable, name_filter = cfg["model"]["dtype"], cfg["model"]["trainable"], cfg["estimator"]["param_filter"]
+    dtype, trainable, name_filter = cfg["model"]["dtype"], cfg["model"]["trainable"], cfg["model"]["param_filter"]
     before_model = models.load_policy(policy, dtype, "cpu", trainable)
     after_model = models.load_policy(next_spec(spec, next_checkpoint), dtype, "cpu", trainable)
     selected = parameters.select(before_model, name_filter)
@@ -79,7 +78,7 @@ def step_vector(cfg: dict, policy: str, next_checkpoint: str) -> tuple[dict[str,
         if name not in selected and not torch.equal(theta, after[name]):
             raise CheckpointStepError(
                 f"update.next_checkpoint {next_checkpoint}: parameter {name!r} differs from model.checkpoint's but "
-                f"is not one of the probe's parameters (model.trainable {trainable!r}, estimator.param_filter "
+                f"is not one of the probe's parameters (model.trainable {trainable!r}, model.param_filter "
                 f"{name_filter!r}): θ_next − θ over them would not be the step the trainer took")
     v = checkpoint_difference({n: before[n] for n in selected}, {n: after[n] for n in selected})
     norm = gradients.global_norm(v)

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from entropy_probe import measure, normalization as norm, parameters
+from . import entropies, first_order, gradients, measure, normalization as norm, parameters
 
 
 @dataclass
@@ -107,7 +107,7 @@ def enumerate_responses(
     ``nucleus``: ``"own"`` (default) computes S_k from the logits of the parameters being evaluated;
     ``"base"`` computes S_k from the model's own parameters (θ) while q_k is computed from
     ``params`` (θ') — the measure q_θ' the SNIS target of DESIGN §2 uses with top_p < 1.
-    ``entropy``: which per-prefix entropy S(y) sums (:data:`measure.ENTROPIES`).
+    ``entropy``: which per-prefix entropy S(y) sums (:data:`entropies.ENTROPY_KINDS`).
     Gradients flow to the model parameters (or to ``params``) when torch grad mode is on.
     One batched forward pass per depth over all live prefixes of all prompts.
     """
@@ -115,7 +115,7 @@ def enumerate_responses(
         raise ValueError("max_new_tokens must be >= 1")
     if nucleus not in ("own", "base"):
         raise ValueError(f"nucleus must be 'own' or 'base', not {nucleus!r}")
-    full_entropy = measure.check_entropy(entropy) == "tempered_full"
+    full_entropy = entropies.get(entropy).full_vocabulary
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     table, plen = _prompt_table(tokenizer, prompts, device)
@@ -195,17 +195,10 @@ def enumerate_responses(
 
 
 def exact_entropy(enum: Enumeration, normalization: str = "token") -> Tensor:
-    """Exact H, a float64 scalar (differentiable when the enumeration is), prompts uniform:
-    ``token``: mean_x E_q[S] / mean_x E_q[T];  ``sequence``: mean_x E_q[S]."""
-    expected_s = enum.per_prompt(enum.entropy_sum).mean()
-    if not norm.get(normalization).per_token:
-        return expected_s
-    return expected_s / enum.per_prompt(enum.lengths).mean()
-
-
-def exact_expected_length(enum: Enumeration) -> Tensor:
-    """mean_x E_q[T], a float64 scalar (differentiable when the enumeration is)."""
-    return enum.per_prompt(enum.lengths).mean()
+    """Exact H = mean_x E_q[S] / mean_x E_q[D], a float64 scalar (differentiable when the
+    enumeration is), prompts uniform; D = T (``token``) or 1 (``sequence``, E_q[1] = 1)."""
+    expected_d = enum.per_prompt(norm.get(normalization).denominators(enum.lengths)).mean()
+    return enum.per_prompt(enum.entropy_sum).mean() / expected_d
 
 
 def _grads(output: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -264,96 +257,27 @@ def exact_entropy_at(
         return exact_entropy(enum, normalization).item()
 
 
-def exact_prompt_contributions(
-    model, tokenizer, prompts: list[str], direction: dict[str, Tensor], *, temperature: float, top_p: float,
-    max_new_tokens: int, normalization: str = "token",
-) -> dict[str, Tensor | float]:
-    """Each prompt's exact term of ∇H·u (u = ``direction``), prompts uniform, float64.
+def exact_reference(model, tokenizer, prompts: list[str], direction: dict[str, Tensor], etas: list[float], *,
+                    temperature: float, top_p: float, max_new_tokens: int, normalization: str = "token",
+                    entropy: str = "sampler") -> dict:
+    """The exact values a run's estimates are held against (the reference stage): H, ∇H·v and,
+    for every η ≠ 0 of ``etas``, ``exact_delta_h`` (θ's nucleus kept at every position: what SNIS
+    estimates and δH₁ is checked against), ``exact_delta_h_sampler`` (θ + ηv's own nucleus: what
+    the fresh rollouts estimate; the same number with top_p = 1) and ``exact_delta_h1`` = η·∇H·v."""
+    kwargs = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, normalization=normalization,
+                  entropy=entropy)
+    H, grad = exact_entropy_and_grad(model, tokenizer, prompts, **kwargs)
+    grad_dot_v = gradients.dot(gradients.restrict(grad, direction), direction)
+    etas = sorted(set(etas) - {0.0})
 
-    With s_x = E_q[S|x], d_x = E_q[D|x] (D = T for ``token``, 1 for ``sequence``), their
-    derivatives ∂s_x, ∂d_x along u, C = mean_x d_x, H = mean_x s_x / C, B = mean_x ∂d_x:
+    def at(eta: float, nucleus: str) -> float:
+        return exact_entropy_at(model, tokenizer, prompts, direction=direction, eta=eta, nucleus=nucleus, **kwargs)
 
-    - ``term`` c_x = (∂s_x − H ∂d_x)/C: ∇H·u = mean_x c_x (the quotient rule, H and C fixed);
-    - ``influence_form`` φ_x = c_x − (B/C²)(s_x − H d_x) + (∇H·u)(1 − d_x/C): also how prompt x
-      moves H and C (its influence function plus ∇H·u), mean_x φ_x = ∇H·u. An E prompt group of
-      prompt x has expected influence contribution φ_x (:mod:`entropy_probe.attribution`).
-
-    Also ``grad_H_dot_u``. By autograd through the enumeration, one backward pass per prompt and
-    quantity (tiny policies only)."""
-    params = parameters.select(model)
-    names = list(params)
-    per_token = norm.get(normalization).per_token
-    with torch.enable_grad():
-        enum = enumerate_responses(model, tokenizer, prompts, temperature=temperature, top_p=top_p,
-                                   max_new_tokens=max_new_tokens)
-        s = enum.per_prompt(enum.entropy_sum)
-        d = enum.per_prompt(enum.lengths) if per_token else torch.ones_like(s)
-
-        def along(value: Tensor) -> float:
-            grads = torch.autograd.grad(value, [params[k] for k in names], retain_graph=True, allow_unused=True)
-            return sum(float((g.double().cpu() * direction[k].double().cpu()).sum())
-                       for k, g in zip(names, grads) if g is not None and k in direction)
-
-        ds = torch.tensor([along(s[i]) for i in range(len(prompts))], dtype=torch.float64)
-        dd = (torch.tensor([along(d[i]) for i in range(len(prompts))], dtype=torch.float64) if per_token
-              else torch.zeros(len(prompts), dtype=torch.float64))
-    s, d = s.detach().cpu(), d.detach().cpu()
-    C = d.mean()
-    H = s.mean() / C
-    B = dd.mean()
-    term = (ds - H * dd) / C
-    total = term.mean()
-    influence_form = term - B / C**2 * (s - H * d) + total * (1 - d / C)
-    return {"term": term, "influence_form": influence_form, "grad_H_dot_u": float(total), "H": float(H)}
-
-
-def exact_match_rewards(enum: Enumeration, tokenizer, golds: list[str]) -> Tensor:
-    """Exact-match reward of every leaf, ``[M]`` float64: decoded response (first T tokens,
-    special tokens skipped, stripped) == stripped gold of its prompt."""
-    if len(golds) != enum.n_prompts:
-        raise ValueError(f"{len(golds)} gold answers for {enum.n_prompts} prompts")
-    texts = enum.texts(tokenizer)
-    return torch.tensor(
-        [float(t.strip() == str(golds[i]).strip()) for t, i in zip(texts, enum.prompt_index.tolist())],
-        dtype=torch.float64, device=enum.log_q.device,
-    )
-
-
-def exact_grpo_gradient(
-    model, tokenizer, prompts: list[str], golds: list[str], *, temperature: float, top_p: float,
-    max_new_tokens: int, G: int,
-) -> dict[str, Tensor]:
-    """Exact E[Y] of the GRPO ``seq_mean_token_mean`` objective gradient (ascent direction).
-
-    One group of G iid responses per prompt drawn from q, prompts uniform, A_i = r_i − mean_g r_g
-    (no std scaling), Y = mean_x (1/G) Σ_i A_i f_i with f = (1/T) Σ_k ∇ log softmax(z_k/τ)(y_k).
-    Closed form per prompt: E[Y|x] = (G−1)/G · (E_q[r f] − E_q[r] E_q[f]); computed as the
-    gradient of (G−1)/G · mean_x Σ_y q(y)(r(y) − E_q[r]) (1/T) Σ_k log p_τ(y_k) with q held fixed.
-    name -> float64 tensor for every trainable parameter; leaves no ``.grad``.
-    """
-    if G < 1:
-        raise ValueError("G must be >= 1")
-    params = parameters.select(model)
-    with torch.enable_grad():
-        enum = enumerate_responses(
-            model, tokenizer, prompts, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens
-        )
-        rewards = exact_match_rewards(enum, tokenizer, golds)
-        q = enum.q.detach()
-        expected_r = q.new_zeros(enum.n_prompts).index_add(0, enum.prompt_index, q * rewards)
-        token_mean_log_p = enum.log_p_tempered.sum(-1) / enum.lengths.to(torch.float64)
-        centred = rewards - expected_r[enum.prompt_index]
-        objective = (G - 1) / G * (q * centred * token_mean_log_p).sum() / enum.n_prompts
-        return _grads(objective, params)
-
-
-def flatten(tensors: dict[str, Tensor], names: list[str] | None = None) -> Tensor:
-    """Concatenate a name -> tensor dict into one float64 vector (in ``names`` order if given)."""
-    names = list(tensors) if names is None else names
-    return torch.cat([tensors[k].reshape(-1).to(torch.float64) for k in names])
-
-
-def dot(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
-    """Σ over the names of ``b`` of ⟨a[name], b[name]⟩ in float64 on the CPU (names missing from
-    ``a`` count 0; either side may live on a GPU)."""
-    return float(sum((a[k].to("cpu", torch.float64) * v.to("cpu", torch.float64)).sum() for k, v in b.items() if k in a))
+    base = at(0.0, "base")
+    rows = []
+    for eta in etas:
+        frozen = at(eta, "base")
+        own = at(eta, "own") if top_p < 1.0 else frozen  # top_p = 1: one nucleus
+        rows.append({"eta": eta, "exact_delta_h": frozen - base, "exact_delta_h_sampler": own - base,
+                     "exact_delta_h1": first_order.delta_h1(eta, grad_dot_v)["delta_h1"]})
+    return {"H": H, "grad_H_dot_v": grad_dot_v, "num_prompts": len(prompts), "entropy": entropy, "delta_h": rows}

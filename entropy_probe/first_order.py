@@ -1,4 +1,5 @@
-"""δH₁(η) = η·X·v (DESIGN §2), its per-module split and its E-side standard error."""
+"""δH₁(η) = η·X·v (DESIGN §2), its per-module split, its E-side standard error and the
+delete-one-U-shard jackknife of the U-batch noise in v."""
 from __future__ import annotations
 
 import logging
@@ -6,12 +7,20 @@ import logging
 import torch
 from torch import Tensor
 
-from . import estimators, gradients, precision as precisions
-from .normalization import get as normalization_named
+from . import estimators, gradients, normalization as norm, precision as precisions
 
 log = logging.getLogger(__name__)
 
 SE_SCOPE = "E-batch sampling noise only (v held fixed; U-batch noise in v not included)"
+
+
+def delta_h1(eta: float, x_dot_v: float, x_dot_v_se: float | None = None) -> dict:
+    """δH₁(η) = η·X·v, and its SE |η|·SE(X·v) when that is given: the first-order prediction of
+    the entropy change of the step θ + ηv."""
+    row = {"eta": eta, "delta_h1": eta * x_dot_v}
+    if x_dot_v_se is not None:
+        row["se"] = abs(eta) * x_dot_v_se
+    return row
 
 
 def first_order_report(X: dict[str, Tensor], v: dict[str, Tensor], directional: list[dict[str, Tensor]],
@@ -50,13 +59,13 @@ def first_order_report(X: dict[str, Tensor], v: dict[str, Tensor], directional: 
         "X_dot_v_by_module": gradients.grouped_dot(X, v),
         "num_prompt_groups": int(P.numel()),
         "normalization": normalization,
-        "delta_h1": [{"eta": eta, "delta_h1": eta * xv, "se": abs(eta) * se} for eta in eta_list],
+        "delta_h1": [delta_h1(eta, xv, se) for eta in eta_list],
     }
 
 
 def format_table(report: dict) -> str:
     """A one-screen text table of δH₁ per η and the per-module split."""
-    unit = normalization_named(report["normalization"]).unit
+    unit = norm.get(report["normalization"]).unit
     cosine = "-" if report["cosine_X_v"] is None else f"{report['cosine_X_v']:.4g}"
     lines = [
         f"δH₁(η) = η·X·v   ({unit}; SE: {report['se_scope']})",

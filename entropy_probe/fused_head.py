@@ -2,7 +2,7 @@
 c_q log q_r(y_r) + c_p log p_r(y_r)] over response tokens r and its gradient with respect to the
 final hidden states and the head's weight and bias, a chunk of tokens at a time, so that no
 ``[R, V]`` tensor is kept (DESIGN §3; the logit gradient in closed form is
-:func:`entropy_probe.measure.scores_with_logit_gradient`).
+:func:`entropy_probe.logit_gradient.scores_with_logit_gradient`).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from . import measure
+from . import logit_gradient, measure
 from .precision import autocast
 from .tf_layout import chunk_sizes
 
@@ -26,7 +26,7 @@ def _score_names(want_q: bool, want_tempered: bool) -> list[str]:
 class _FusedHeadSurrogate(torch.autograd.Function):
     """F = Σ_r [c_h h_r + c_q log q_r(y_r) + c_p log p_r(y_r)] over response tokens r, through the
     output embedding z = W·hidden + b, a chunk of tokens at a time. The gradient with respect to
-    the logits is known in closed form (:func:`measure.scores_with_logit_gradient`), so each
+    the logits is known in closed form (:func:`logit_gradient.scores_with_logit_gradient`), so each
     chunk's contribution to ∂F/∂hidden, ∂F/∂W and ∂F/∂b is accumulated in the forward and the
     logits are dropped at once: no ``[R, V]`` tensor is kept and the head is applied once.
     Returns (F, per-token columns), the columns not differentiable."""
@@ -60,7 +60,7 @@ class _FusedHeadSurrogate(torch.autograd.Function):
             else:
                 logits.copy_(F.linear(h, w, b))
             coefs = [c[sl] if c is not None else None for c in (coef_entropy, coef_log_q, coef_tempered)]
-            scores, grad_logits = measure.scores_with_logit_gradient(
+            scores, grad_logits = logit_gradient.scores_with_logit_gradient(
                 logits, tokens[sl], temperature, top_p, want_q=want_q,
                 want_tempered=coef_tempered is not None, coef_entropy=coefs[0], coef_log_q=coefs[1],
                 coef_tempered=coefs[2], overwrite=True, workspace=workspace, keep_tokens=keep_tokens,
@@ -140,7 +140,7 @@ def head_surrogate(hidden: Tensor, head: nn.Module, tokens: Tensor, coefs: tuple
                    keep_tokens: bool = False, entropy: str = "sampler") -> tuple[Tensor, dict[str, Tensor]]:
     """(F, per-token scores) for response tokens with final hidden states ``hidden`` ``[R, d]``,
     tokens ``[R]`` and coefficients (c_h, c_q, c_p) ``[R]`` each (None = 0); h is the per-prefix
-    entropy ``entropy`` (:data:`measure.ENTROPIES`). A plain ``nn.Linear``
+    entropy ``entropy`` (:data:`entropies.ENTROPY_KINDS`). A plain ``nn.Linear``
     head goes through :class:`_FusedHeadSurrogate` (two ``[chunk, V]`` fp32 buffers, head matmul
     once); any other head (an adapter on it) through autograd, each chunk checkpointed.
     ``keep_tokens``: the nucleus is S ∪ {y} (:func:`measure.score_tokens`)."""

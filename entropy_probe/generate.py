@@ -257,3 +257,43 @@ def sample(
         entropies=torch.where(valid, entropies, 0.0).float().cpu(),
         tempered_entropies=torch.where(valid, tempered_entropies, 0.0).float().cpu(),
     )
+
+
+def _crop_left(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Drop the leading columns that are padding in every row (left padding to a longer prompt)."""
+    used = mask.bool().any(0).nonzero()
+    start = int(used[0]) if used.numel() else 0
+    return ids[:, start:], mask[:, start:]
+
+
+def _pad_right(x: Tensor, width: int, value) -> Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[-1]), value=value)
+
+
+def sample_groups(model, prompt_ids: Tensor, prompt_mask: Tensor, num_responses: int, *, slots,
+                  rows_per_call: int, pad_token_id: int, **sampling) -> Rollouts:
+    """:func:`sample` over many prompt rows, ``rows_per_call`` whole prompt groups per call, each
+    call's prompts cropped to its longest: one :class:`Rollouts` of every row, responses
+    right-padded to the longest (the pad id, zeros for the per-token values). The responses do
+    not depend on ``rows_per_call`` (the noise is keyed by slot) beyond float rounding of the
+    logits. ``sampling``: the keyword arguments of :func:`sample`."""
+    slots = [int(s) for s in slots]
+    parts = []
+    for lo in range(0, prompt_ids.shape[0], max(1, rows_per_call)):
+        ids, mask = _crop_left(prompt_ids[lo:lo + rows_per_call], prompt_mask[lo:lo + rows_per_call])
+        parts.append(sample(model, ids, mask, num_responses, slots=slots[lo:lo + rows_per_call],
+                            pad_token_id=pad_token_id, **sampling))
+    width = max(p.response_tokens.shape[1] for p in parts)
+
+    def cat(field: str, value=0) -> Tensor:
+        return torch.cat([_pad_right(getattr(p, field), width, value) for p in parts])
+
+    return Rollouts(
+        response_tokens=cat("response_tokens", pad_token_id),
+        response_lens=torch.cat([p.response_lens for p in parts]),
+        stopped_at_eos=torch.cat([p.stopped_at_eos for p in parts]),
+        stop_reason=torch.cat([p.stop_reason for p in parts]),
+        token_log_q=cat("token_log_q"),
+        entropies=cat("entropies"),
+        tempered_entropies=cat("tempered_entropies"),
+    )

@@ -7,13 +7,15 @@ import re
 import torch
 from torch import Tensor
 
+from . import normalization
+
 STAT_PREFIX = "stat/"  # per-sequence scalars stored beside the gradients (not parameter names)
 # The X side's gradient-sized files (per-shard partial sums, the reduced X) are stored in float32:
 # half the bytes of float64 at full-parameter scale; sums and dot products are float64 after
 # reading, and no reported number moves beyond 1e-6 relative (tests/test_storage.py). The U side
 # (Y partials, Y, v) stays float64: v's last bits decide where θ + ηv rounds to the policy's
 # float32 weights, and float32 rounding of Y moved ΔH (SNIS and exact) by up to 1e-5 relative
-# (measured on the default run; benchmarks/README.md "Disk").
+# (measured on the default run; docs/outputs.md "Disk").
 STORAGE_DTYPE = torch.float32
 
 
@@ -51,9 +53,16 @@ def sum_shards(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 
 
 def dot(x: dict[str, Tensor], v: dict[str, Tensor]) -> float:
+    """Σ_k ⟨x_k, v_k⟩ in float64 on the CPU over the same parameters (either side may live on a
+    GPU); covering different parameters is an error (:func:`restrict` one side first)."""
     if set(x) != set(v):
         raise ValueError(f"X and v cover different parameters: {sorted(set(x) ^ set(v))[:3]}")
-    return float(sum((x[k].double() * v[k].double()).sum() for k in x))
+    return float(sum((x[k].to("cpu", torch.float64) * v[k].to("cpu", torch.float64)).sum() for k in x))
+
+
+def restrict(x: dict[str, Tensor], names) -> dict[str, Tensor]:
+    """``x`` on the parameters ``names`` (an iterable, or a dict's keys), in their order."""
+    return {k: x[k] for k in names}
 
 
 def global_norm(x: dict[str, Tensor]) -> float:
@@ -84,11 +93,9 @@ def reduce_shards(kind: str, parts: list[tuple[dict[str, Tensor], dict]]) -> tup
     Σ shards / normalizer, with normalizer = ΣT (X, ``token``) or N (X, ``sequence``) over the
     whole E batch (DESIGN §2 "X = ∇H"), or the loss type's normalizer Z = Σ shares (Y,
     :mod:`entropy_probe.losses`). Returns (gradient, concatenated per-sequence stats, normalizer)."""
-    from . import normalization
-
     total = sum_shards([grads for (grads, _), _ in parts])
     if kind == "X":
-        stats = {k: torch.cat([s[k] for (_, s), _ in parts]) for k in ("S", "T")}
+        stats = {"T": torch.cat([s["T"] for (_, s), _ in parts])}
         normalizer = normalization.get(parts[0][1]["normalization"]).x_denominator(stats["T"])
     elif kind == "Y":
         stats, normalizer = {}, sum(meta["normalizer_share"] for _, meta in parts)

@@ -7,29 +7,32 @@ J = Σ_i c_i Σ_k log p_ik over the U batch's responses i (prompt-major, b·G + 
 (no top-p: what trainers use), and Y = ∇J (ascent). c_i = a_i / Z is split into a per-response
 numerator a_i and a normalizer Z = Σ_i z_i, so that shards accumulate Σ a_i ∇ Σ_k log p_ik and the
 reduction divides once (and a leave-one-shard-out jackknife can drop a shard's z's).
+
+Imports no torch: the config check reads the registry (:func:`check_config`) while the Snakefile
+parses; the weight functions work with the methods of the tensors they are given.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-from torch import Tensor
+from .errors import ConfigError, ProbeError
 
-from .errors import ProbeError
+if TYPE_CHECKING:
+    from torch import Tensor
 
 SCALE_MODES = ("none", "group", "batch")
 STD_EPS = 1e-4  # GRPO / TRL: A / (std + 1e-4)
 
 
 def scale_mode(value) -> str:
-    """``batch_config.scale_rewards``: true = ``group`` (GRPO), false = ``none``, or a TRL mode."""
+    """``update.scale_rewards``: true = ``group`` (GRPO), false = ``none``, or a TRL mode."""
     if value is True:
         return "group"
     if value is False:
         return "none"
     if value not in SCALE_MODES:
-        raise ValueError(f"batch_config.scale_rewards: {value!r} is not one of true, false, {', '.join(SCALE_MODES)}")
+        raise ValueError(f"update.scale_rewards: {value!r} is not one of true, false, {', '.join(SCALE_MODES)}")
     return value
 
 
@@ -40,10 +43,10 @@ def group_advantages(rewards: Tensor, scale) -> Tensor:
     mode = scale_mode(scale)
     centred = rewards - rewards.mean(-1, keepdim=True)
     if mode == "group":
-        std = rewards.std(-1, keepdim=True) if rewards.shape[-1] > 1 else torch.zeros_like(centred)
+        std = rewards.std(-1, keepdim=True) if rewards.shape[-1] > 1 else centred.new_zeros(centred.shape)
         centred = centred / (std + STD_EPS)
     elif mode == "batch":
-        std = rewards.std() if rewards.numel() > 1 else torch.zeros(())
+        std = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())
         centred = centred / (std + STD_EPS)
     return centred
 
@@ -87,27 +90,27 @@ def _token_mean(A, T, s):
 
 
 def _seq_mean_token_mean(A, T, s):
-    return A / T.double(), torch.ones_like(A)
+    return A / T.double(), A.new_ones(A.shape)
 
 
 def _seq_mean_token_sum(A, T, s):
-    return A, torch.ones_like(A)
+    return A, A.new_ones(A.shape)
 
 
 def _dr_grpo(A, T, s):
     L = _require(s, "max_completion_length", "dr_grpo")
-    return A, torch.full_like(A, float(L))
+    return A, A.new_full(A.shape, float(L))
 
 
 def _prompt_max_len(A, T, s):
     B, G = A.shape
     L_max = T.double().max(-1, keepdim=True).values
-    return A / (G * L_max), torch.full_like(A, 1.0 / G)
+    return A / (G * L_max), A.new_full(A.shape, 1.0 / G)
 
 
 def _seq_mean_token_sum_norm(A, T, s):
     factor = _require(s, "loss_scale_factor", "seq-mean-token-sum-norm")
-    return A, torch.full_like(A, factor / A.numel())
+    return A, A.new_full(A.shape, factor / A.numel())
 
 
 def _bnpo(A, T, s):
@@ -120,10 +123,9 @@ def _bnpo(A, T, s):
     if n % size:
         raise ValueError(f"update.micro_batch_size: {size} does not divide the U batch's {n} responses "
                          "(TRL requires per_device_train_batch_size to divide the generation batch)")
-    starts = torch.arange(0, n, size)
-    tokens = torch.stack([flat_T[i:i + size].sum() for i in starts.tolist()]).clamp(min=1.0)
-    per_response = tokens.repeat_interleave(size)[:n].reshape(A.shape)
-    return A / (len(starts) * per_response), torch.full_like(A, 1.0 / n)
+    tokens = flat_T.reshape(-1, size).sum(-1).clamp(min=1.0)  # per micro-batch
+    per_response = tokens.repeat_interleave(size).reshape(A.shape)
+    return A / (tokens.numel() * per_response), A.new_full(A.shape, 1.0 / n)
 
 
 _TYPES = [
@@ -181,3 +183,24 @@ def response_coefficients(loss_type: str, advantages: Tensor, lengths: Tensor, s
     """c_i of J = Σ_i c_i Σ_k log p_ik, ``[B, G]`` float64 (whole U batch, prompt-major)."""
     a, z = response_weights(loss_type, advantages, lengths, settings, **setting_values)
     return a / z.sum()
+
+
+def settings_from_config(config: dict) -> LossSettings:
+    """The loss settings of a config: ``update``'s keys, ``max_completion_length`` 0 meaning
+    ``generation.max_new_tokens`` (TRL's max_completion_length is the generation cap)."""
+    upd = config["update"]
+    return LossSettings(max_completion_length=upd["max_completion_length"] or config["generation"]["max_new_tokens"],
+                        loss_scale_factor=upd["loss_scale_factor"], micro_batch_size=upd["micro_batch_size"])
+
+
+def check_config(config: dict) -> None:
+    """``update.loss_type`` is known and the settings it needs are set (> 0)."""
+    loss_type = config["update"]["loss_type"]
+    try:
+        needs = resolve(loss_type).needs
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    settings = settings_from_config(config)
+    for key in needs:
+        if not getattr(settings, key) > 0:
+            raise ConfigError(f"update.{key}: must be > 0 for update.loss_type {loss_type!r}")

@@ -2,7 +2,7 @@
 
 A *policy* argument is either a checkpoint directory (the embedded policy, or any local Hugging
 Face checkpoint) or a **policy spec**: the small JSON file the workflow writes for a configured
-model (``results/policy.json``, :func:`write_spec`). The spec names the resolved checkpoint
+model (``results/policy.json``, :func:`resolve_spec`). The spec names the resolved checkpoint
 directory (a local path, or the local snapshot of a hub id), the optional PEFT adapter, whether
 remote code is trusted, and the fingerprint of all those files. Which parameters are trainable is
 not part of the spec (``model.trainable`` is a setting of the stages that differentiate, given to
@@ -13,10 +13,8 @@ adapter, is_trainable=True)`` in eval mode (LoRA dropout off, so gradients are d
 Parameter names are then PEFT's, e.g.
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight`` (the frozen base
 weight of that layer is ``...q_proj.base_layer.weight``): X, Y, v and an optimizer state's names
-file all use these names. ``model.trainable`` picks which parameters count: ``adapters`` (what
-PEFT trains: the LoRA matrices and any ``modules_to_save`` copies; the base is frozen), ``all``
-(every parameter, base included), ``auto`` (``adapters`` with an adapter, else ``all``).
-``estimator.param_filter`` narrows the choice further.
+file all use these names. ``model.trainable`` picks which parameters count
+(:mod:`entropy_probe.trainable`).
 """
 from __future__ import annotations
 
@@ -28,14 +26,15 @@ from pathlib import Path
 import torch
 
 from .errors import ProbeError
-from .input_files import adapter_files, checkpoint_files, looks_like_hub_id
+from .input_files import EMBEDDED, adapter_files, checkpoint_files, looks_like_hub_id
+from .trainable import set_trainable, trainable_mode
+from .trainer_checkpoint import layout_of, spec_entry
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.py", "*.tiktoken", "*.jinja"]
 SPEC_KIND = "policy_spec"
-TRAINABLE_MODES = ("auto", "all", "adapters")
 
 
 class PolicyLoadError(RuntimeError, ProbeError):
@@ -161,29 +160,25 @@ def _trainer_checkpoint(model_cfg: dict) -> tuple[str, str, str, dict]:
     """(model source, adapter source, its config key, the spec's ``checkpoint`` entry) of
     ``model.checkpoint``: a full model is the checkpoint itself; an adapter goes on
     ``model.name_or_path`` when that is set, else on adapter_config.json's base model. The entry
-    records the global step and the learning rate of the next step (entropy_probe.trainer_checkpoint)."""
-    from .input_files import EMBEDDED
-    from .trainer_checkpoint import inspect_checkpoint
-
-    files = inspect_checkpoint(model_cfg["checkpoint"], require_optimizer=False)
-    entry = {"path": str(files.path.resolve()), "kind": files.kind, "global_step": files.global_step,
-             "learning_rate": files.learning_rate, "learning_rate_source": files.learning_rate_source,
-             "optimizer": str(files.optimizer.resolve()) if files.optimizer else ""}
-    if files.kind == "model":
-        return str(files.path), "", "model.checkpoint", entry
+    records the global step and the learning rate of the next step
+    (:func:`entropy_probe.trainer_checkpoint.spec_entry`)."""
+    layout = layout_of(model_cfg["checkpoint"], require_optimizer=False)
+    entry = spec_entry(layout)
+    if layout.kind == "model":
+        return str(layout.path), "", "model.checkpoint", entry
     if model_cfg["name_or_path"] != EMBEDDED:
-        return model_cfg["name_or_path"], str(files.path), "model.name_or_path", entry
-    if not files.base_model:
-        raise PolicyLoadError(f"model.checkpoint: {files.path}/adapter_config.json names no base model; set "
+        return model_cfg["name_or_path"], str(layout.path), "model.name_or_path", entry
+    if not layout.base_model:
+        raise PolicyLoadError(f"model.checkpoint: {layout.path}/adapter_config.json names no base model; set "
                               "model.name_or_path")
-    return files.base_model, str(files.path), "model.checkpoint (adapter_config.json's base_model_name_or_path)", entry
+    return (layout.base_model, str(layout.path), "model.checkpoint (adapter_config.json's base_model_name_or_path)",
+            entry)
 
 
-def write_spec(model_cfg: dict, out_path: str | Path) -> dict:
-    """Resolve the configured model (and adapter), or the trainer checkpoint ``model.checkpoint``,
-    fingerprint their files and write the spec."""
-    from .shards import write_json
-
+def resolve_spec(model_cfg: dict) -> dict:
+    """The policy spec of the configured model (and adapter), or of the trainer checkpoint
+    ``model.checkpoint``: the resolved directories (a hub id fetched here) and the fingerprint of
+    their files."""
     if model_cfg.get("checkpoint"):
         model_source, adapter_source, model_key, trained = _trainer_checkpoint(model_cfg)
     else:
@@ -196,7 +191,7 @@ def write_spec(model_cfg: dict, out_path: str | Path) -> dict:
         if not (adapter_dir / "adapter_config.json").is_file():
             raise PolicyLoadError(f"model.adapter_path: {adapter_dir} has no adapter_config.json (not a PEFT adapter)")
     entries = _entries(model_dir, adapter_dir)
-    spec = {
+    return {
         "kind": SPEC_KIND,
         "name_or_path": model_source,
         "adapter_path": adapter_source,
@@ -207,19 +202,6 @@ def write_spec(model_cfg: dict, out_path: str | Path) -> dict:
         "fingerprint": _hash(entries),
         "files": _stats(entries),
     }
-    write_json(out_path, spec)
-    return spec
-
-
-def trainable_mode(mode: str, has_adapter: bool) -> str:
-    """``auto`` -> ``adapters`` with an adapter, else ``all``; ``adapters`` needs an adapter."""
-    if mode not in TRAINABLE_MODES:
-        raise ValueError(f"model.trainable: {mode!r} is not one of {TRAINABLE_MODES}")
-    if mode == "auto":
-        return "adapters" if has_adapter else "all"
-    if mode == "adapters" and not has_adapter:
-        raise ValueError("model.trainable: 'adapters' needs model.adapter_path")
-    return mode
 
 
 def read_spec(policy: str | Path) -> dict:
@@ -279,20 +261,6 @@ def load_tokenizer(policy: str | Path):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # pad ids are always masked, never scored
     return tokenizer
-
-
-def set_trainable(model, mode: str, where: str) -> None:
-    """requires_grad per ``mode`` (after PEFT marked its own trainable parameters)."""
-    if mode == "all":
-        for name, param in model.named_parameters():
-            param.requires_grad_(".original_module." not in name)  # PEFT's unused copies of modules_to_save
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not trainable:
-        raise PolicyLoadError(f"{where}: model.trainable {mode!r} leaves no trainable parameter")
-    total = sum(p.numel() for p in model.parameters())
-    log.info("model.trainable %r: %d of %d parameter tensors trainable (%d of %d values), e.g. %s", mode,
-             len(trainable), len(list(model.parameters())), sum(p.numel() for _, p in trainable), total,
-             trainable[0][0])
 
 
 def load_policy(policy: str | Path, dtype: str = "float32", device: str = "auto", trainable: str = "auto"):

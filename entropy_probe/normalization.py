@@ -1,8 +1,11 @@
 """The estimand's normalization (DESIGN §2 "Estimand"): H = E[S] / E[D] with D = T (``token``,
-nats per token) or D = 1 (``sequence``, nats per response). Every ratio of the probe — the
-whole-batch plug-in H̄, X's denominator and centring, the SNIS and fresh-rollout estimates of
-H(θ'), the exact reference — goes through the one :class:`Normalization` of the run, and every
-standard error of such a ratio through :func:`ratio_influence` (prompt groups as the units).
+nats per token) or D = 1 (``sequence``, nats per response), and the ratios of the probe. Every
+ratio — the whole-batch plug-in H̄, X's denominator and centring, the SNIS and fresh-rollout
+estimates of H(θ'), the exact reference — goes through the one :class:`Normalization` of the run,
+and every standard error of such a ratio through :func:`ratio_influence` (prompt groups as the
+units).
+
+Shapes: per-response values ``[N]`` prompt-major (b·G + g), per-group values ``[n]``, N = n·G.
 """
 from __future__ import annotations
 
@@ -31,13 +34,11 @@ class Normalization:
         lengths = lengths.double()
         return lengths if self.per_token else torch.ones_like(lengths)
 
-    def ratio(self, S: Tensor, lengths: Tensor, weights: Tensor | None = None) -> float:
-        """Σ w S / Σ w D over responses (w = 1 by default): the plug-in H̄ or a weighted H(θ')."""
-        D = self.denominators(lengths)
-        S = S.double()
-        if weights is not None:
-            S, D = weights * S, weights * D
-        return float(S.sum() / D.sum())
+    def group_denominators(self, length_sums: Tensor, group_size: int) -> Tensor:
+        """D_g = Σ_{i∈g} D_i per prompt group from the groups' summed lengths ``[n]``: the lengths
+        themselves (``token``) or the group size (``sequence``), float64."""
+        return length_sums.double() if self.per_token else torch.full_like(length_sums, group_size,
+                                                                            dtype=torch.float64)
 
     def x_denominator(self, lengths: Tensor) -> float:
         """What the summed X surrogate gradient is divided by: ΣT (``token``) or N (``sequence``)."""
@@ -56,12 +57,17 @@ def get(name: str) -> Normalization:
     return NORMALIZATIONS[name]
 
 
+def plugin_entropy(S: Tensor, lengths: Tensor, normalization: str) -> float:
+    """The plug-in entropy H̄ = ΣS/ΣD of per-response S_i and T_i (any shape, the same)."""
+    return float(S.double().sum() / get(normalization).denominators(lengths).sum())
+
+
 def batch_plugins(S: Tensor, lengths: Tensor) -> dict:
-    """Whole-E-batch plug-ins from per-response S_i and T_i (never per shard, DESIGN §2): H̄ for
-    both normalizations, T̄ and the counts."""
-    S, T = S.double(), lengths.double()
-    return {"H_bar_token": float(S.sum() / T.sum()), "H_bar_sequence": float(S.mean()), "sum_S": float(S.sum()),
-            "sum_T": float(T.sum()), "num_sequences": int(S.numel()), "mean_T": float(T.mean())}
+    """Whole-E-batch plug-ins from per-response S_i and T_i ``[N]`` (never per shard, DESIGN §2):
+    H̄ of both normalizations, T̄ and the counts."""
+    return {"H_bar_token": plugin_entropy(S, lengths, "token"), "H_bar_sequence": plugin_entropy(S, lengths, "sequence"),
+            "sum_S": float(S.double().sum()), "sum_T": float(lengths.double().sum()), "num_sequences": int(S.numel()),
+            "mean_T": float(lengths.double().mean())}
 
 
 def ratio_influence(A: Tensor, B: Tensor) -> tuple[float, Tensor]:
@@ -72,19 +78,15 @@ def ratio_influence(A: Tensor, B: Tensor) -> tuple[float, Tensor]:
     return float(R), (A - R * B) / B.mean()
 
 
-def directional_influence(P: Tensor, Q: Tensor, S: Tensor, D: Tensor) -> tuple[float, Tensor]:
-    """X·u = (P̄ − H̄ Q̄)/D̄ with H̄ = S̄/D̄ from per-prompt-group sums ``[n]`` (DESIGN §2):
-    P_g = Σ_{i∈g} Σ_k [∂_u h_ik + a_ik ∂_u log q_ik], Q_g = Σ_{i∈g} Σ_k β_ik ∂_u log q_ik (0 when
-    the normalization is not centred), S_g and D_g the group's sums of S_i and D_i. Returns the
-    estimate and its linearized (influence) contributions ψ_g, including the H̄ and D̄ terms
-    (treating them as constants overstates the SE by up to 40%)."""
-    P, Q, S, D = (x.double() for x in (P, Q, S, D))
-    Pm, Qm, Sm, Dm = P.mean(), Q.mean(), S.mean(), D.mean()
-    H = Sm / Dm
-    estimate = (Pm - H * Qm) / Dm
-    influence = ((P - Pm) / Dm - H / Dm * (Q - Qm) - Qm / Dm**2 * (S - Sm)
-                 + (H * Qm / Dm**2 - estimate / Dm) * (D - Dm))
-    return float(estimate), influence
+def plugin_with_influence(S: Tensor, lengths: Tensor, G: int, normalization: str,
+                          weights: Tensor | None = None) -> tuple[float, Tensor]:
+    """The plug-in entropy H̄ = Σ w S / Σ w D of per-response ``S`` and ``lengths`` ``[N]``
+    (weights w ``[N]``, default 1: the SNIS estimate of H(θ') weighs) and its per-prompt-group
+    linearized contributions ψ ``[n]`` (:func:`ratio_influence`)."""
+    S, D = S.double(), get(normalization).denominators(lengths)
+    if weights is not None:
+        S, D = weights * S, weights * D
+    return ratio_influence(group_sums(S, G), group_sums(D, G))
 
 
 def standard_error(influence: Tensor) -> float:

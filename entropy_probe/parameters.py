@@ -11,7 +11,7 @@ from torch import Tensor, nn
 def select(model: nn.Module, name_filter: str = "") -> dict[str, nn.Parameter]:
     """The parameters X, Y and v cover: the trainable ones (``requires_grad``, set by
     ``model.trainable`` when the policy is loaded) whose name matches ``name_filter``
-    (``estimator.param_filter``, a regex; "" = all), in the model's own order. The others are
+    (``model.param_filter``, a regex; "" = all), in the model's own order. The others are
     frozen for the pass, which also spares their gradient computation."""
     pattern = re.compile(name_filter) if name_filter else None
     chosen = {}
@@ -21,7 +21,7 @@ def select(model: nn.Module, name_filter: str = "") -> dict[str, nn.Parameter]:
         else:
             param.requires_grad_(False)
     if not chosen:
-        raise ValueError(f"estimator.param_filter: {name_filter!r} matches no trainable parameter")
+        raise ValueError(f"model.param_filter: {name_filter!r} matches no trainable parameter")
     return chosen
 
 

@@ -1,6 +1,7 @@
 """The per-shard passes over stored rollouts: the X and Y gradients (reverse mode), the per-token
 directional derivatives along v on the E batch (forward mode: the error bars and the attribution
-of δH₁) and along J·X on the U batch (the attribution of v)."""
+of δH₁) and along J·X on the U batch (the attribution of v). The SNIS pass and the fresh
+rollouts are :mod:`entropy_probe.snis_pass` and :mod:`entropy_probe.fresh_pass`."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +10,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from . import attention, checkpointing, estimators, precision, rollout as rollouts, teacher_force, tf_layout
+from . import activation_checkpointing, attention, estimators, precision, rollout as rollouts, teacher_force, tf_layout
 
 log = logging.getLogger(__name__)
 
@@ -17,13 +18,13 @@ TOKEN_PREFIX = "token/"  # per-token tensors stored beside a directional shard's
 
 
 def x_gradient(model, params, rollout, *, pad_token_id, temperature, top_p, H_bar, normalization,
-               baseline, rb_requires_grad, tf_batch_size, chunk_tokens=None,
+               baseline, pathwise_term, tf_batch_size, chunk_tokens=None,
                autocast_dtype=None, gradient_checkpointing=False,
                entropy="sampler") -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """∇ Σ_{i∈shard} Σ_k [c^h_ik h_ik + c^q_ik log q_ik] with the coefficients of
     :func:`estimators.x_coefficients` (unnormalized, float64, keyed by parameter name) and the
     per-sequence teacher-forced S_i and T_i. h is the per-prefix entropy ``entropy``
-    (``estimator.entropy``, :data:`measure.ENTROPIES`): its sampling-time values weight the score
+    (``estimator.entropy``, :data:`entropies.ENTROPY_KINDS`): its sampling-time values weight the score
     term (entropy-to-go), its teacher-forced values and closed-form gradient give S and the
     pathwise term.
 
@@ -34,10 +35,10 @@ def x_gradient(model, params, rollout, *, pad_token_id, temperature, top_p, H_ba
     (``model.precision``: "bfloat16" or a torch dtype; None/"float32" = fp32) runs the forward
     under autocast (DESIGN §2 "Precision": only where the user asks). With
     ``gradient_checkpointing`` the decoder layers recompute their activations in the backward
-    (:mod:`entropy_probe.checkpointing`; the same gradients, less memory for long responses)."""
+    (:mod:`entropy_probe.activation_checkpointing`; the same gradients, less memory for long responses)."""
     batch = tf_layout.from_rollout(rollout, pad_token_id)
     coefs = estimators.x_coefficients(rollouts.sampled_entropies(rollout, entropy), rollout["response_lens"], H_bar,
-                                      normalization, baseline, rb_requires_grad)
+                                      normalization, baseline, pathwise_term)
     scorer = teacher_force.ResponseLogits(model)
     n = batch.input_ids.shape[0]
     S = torch.zeros(n, dtype=torch.float64)
@@ -60,7 +61,7 @@ def x_gradient(model, params, rollout, *, pad_token_id, temperature, top_p, H_ba
         return value
 
     batches = tf_layout.length_sorted_batches(batch, tf_batch_size)
-    with checkpointing.checkpointed_layers(model, gradient_checkpointing):
+    with activation_checkpointing.checkpointed_layers(model, gradient_checkpointing):
         grads = teacher_force.accumulate_gradient(params, surrogate,
                                                   tqdm(batches, desc="X teacher forcing", unit="batch"))
     _log_outside(outside, "X pass")
@@ -95,7 +96,7 @@ def y_gradient(model, params, rollout, coefficients: Tensor, *, pad_token_id, te
         return value
 
     batches = tf_layout.length_sorted_batches(batch, tf_batch_size)
-    with checkpointing.checkpointed_layers(model, gradient_checkpointing):
+    with activation_checkpointing.checkpointed_layers(model, gradient_checkpointing):
         return teacher_force.accumulate_gradient(params, surrogate,
                                                  tqdm(batches, desc="Y teacher forcing", unit="batch"))
 
@@ -108,8 +109,8 @@ def _jvp_batches(model, direction: dict[str, Tensor], batch, tf_batch_size: int,
     unknown = sorted(set(direction) - set(named))
     if unknown:
         raise KeyError(f"direction has parameters the policy lacks: {unknown[:3]}")
-    primals = {f"policy.{k}": named[k].detach() for k in direction}
-    tangents = {f"policy.{k}": direction[k].to(named[k].device, named[k].dtype) for k in direction}
+    primals = {k: named[k].detach() for k in direction}
+    tangents = {k: direction[k].to(named[k].device, named[k].dtype) for k in direction}
     previous = model.config._attn_implementation
     model.set_attn_implementation(attention.register())
     try:
@@ -123,11 +124,11 @@ def _jvp_batches(model, direction: dict[str, Tensor], batch, tf_batch_size: int,
 
 
 def directional_tokens(model, direction: dict[str, Tensor], rollout, *, pad_token_id, temperature, top_p,
-                       normalization, baseline, rb_requires_grad, tf_batch_size,
+                       normalization, baseline, pathwise_term, tf_batch_size,
                        chunk_tokens=None, autocast_dtype=None, entropy="sampler") -> dict[str, Tensor]:
     """Per-token quantities of the X surrogate along ``direction`` on one E shard, float64
     ``[B*G, T]`` (prompt-major rows, zero past each response's end): ``d_entropy`` = ∂_u h_k
-    (zero without ``rb_requires_grad``), ``d_log_q`` = ∂_u log q_k(y_k), the teacher-forced
+    (zero without ``pathwise_term``), ``d_log_q`` = ∂_u log q_k(y_k), the teacher-forced
     ``entropy`` h_k and ``log_q``, and the score-weight parts ``weight_a``, ``weight_beta``
     (:func:`estimators.score_weight_parts`: w_k = a_k − H̄ β_k). Forward-mode AD, one JVP pass;
     the output embedding ``chunk_tokens`` response tokens at a time. h is the per-prefix entropy
@@ -156,7 +157,7 @@ def directional_tokens(model, direction: dict[str, Tensor], rollout, *, pad_toke
         width = sub.response_tokens.shape[1]
         valid = sub.response_mask
         for name, value in (("d_entropy", dh), ("d_log_q", dlq), ("entropy", h), ("log_q", lq)):
-            if name == "d_entropy" and not rb_requires_grad:
+            if name == "d_entropy" and not pathwise_term:
                 continue
             out[name][rows, :width] = torch.where(valid, value.double().cpu(), 0.0)
     out["weight_a"], out["weight_beta"] = a, beta

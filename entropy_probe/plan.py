@@ -1,11 +1,17 @@
 """The batch plan (DESIGN §3): the prompt indices of the E and the U batch and their shard split,
 one file per batch, each fixed by the seed and its own random stream, so that a change on one
-side leaves the other side's plan (and everything after it) untouched."""
+side leaves the other side's plan (and everything after it) untouched; and the checks of the
+``batch_config`` sizes against each other and against the prompt sets.
+
+Torch-free: the Snakefile checks the sizes while it parses."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
+
+from .data import dataset_size
+from .errors import ConfigError
 
 # Independent random streams for the two batches, both fixed by the one seed.
 _STREAM = {"E": 0, "U": 1}
@@ -54,3 +60,37 @@ def shard_slots(plan: dict, shard_index: int) -> list[int]:
     if list(plan["prompt_ids"][offset:offset + len(ids)]) != list(ids):
         raise ValueError(f"plan shard {shard_index} is not the contiguous slice of the batch's prompt ids at {offset}")
     return list(range(offset, offset + len(ids)))
+
+
+def check_config(config: dict) -> None:
+    """The ``batch_config`` sizes: at least one prompt group, shards no more than prompts, and the
+    distinct draws within the prompt sets where their size is known before any job
+    (:func:`entropy_probe.data.dataset_size`; otherwise :func:`check_against_prepared`)."""
+    batch = config["batch_config"]
+    if batch["E_total_sequences"] < batch["G"]:
+        raise ConfigError(f"batch_config.E_total_sequences: {batch['E_total_sequences']} is smaller than "
+                          f"batch_config.G = {batch['G']} (one prompt group)")
+    n_e = num_prompts("E", batch)
+    u_size, e_size = dataset_size(config, "U"), dataset_size(config, "E")
+    if u_size is not None and batch["B_U"] > u_size:
+        raise ConfigError(f"batch_config.B_U: {batch['B_U']} distinct prompts > dataset size {u_size}")
+    if e_size is not None and batch["E_sampling_mode"] == "distinct" and n_e > e_size:
+        raise ConfigError(f"batch_config.E_total_sequences: distinct mode needs ceil({batch['E_total_sequences']}"
+                          f"/{batch['G']}) = {n_e} prompts > dataset size {e_size}")
+    if batch["E_num_shards"] > n_e:
+        raise ConfigError(f"batch_config.E_num_shards: {batch['E_num_shards']} shards > {n_e} E prompts")
+    if batch["U_num_shards"] > batch["B_U"]:
+        raise ConfigError(f"batch_config.U_num_shards: {batch['U_num_shards']} shards > B_U = {batch['B_U']}")
+
+
+def check_against_prepared(kind: str, batch: dict, prepared: dict) -> None:
+    """B_U and the distinct E draw against the prepared (filtered) prompt set of the batch's split
+    (``prepared``: the prepare_data stage's report)."""
+    dropped = prepared.get("num_dropped_too_long", 0)
+    where = (f"the {kind} prompt set (split {prepared['split']!r}) has {prepared['num_kept']} prompts"
+             + (f" after data.max_prompt_tokens dropped {dropped}" if dropped else ""))
+    needed = num_prompts(kind, batch)
+    if kind == "U" and needed > prepared["num_kept"]:
+        raise ConfigError(f"batch_config.B_U: {needed} distinct prompts, but {where}")
+    if kind == "E" and batch["E_sampling_mode"] == "distinct" and needed > prepared["num_kept"]:
+        raise ConfigError(f"batch_config.E_total_sequences: distinct mode needs {needed} prompts, but {where}")

@@ -7,6 +7,8 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from . import entropies, first_order
+
 
 def provenance() -> dict:
     """Package version and git commit of the code that produced the numbers."""
@@ -58,7 +60,7 @@ COLUMNS = {
 U_SE_SOURCE = "influence over the U batch's prompt groups (B_U − 1 degrees of freedom; entropy_probe/attribution.py)"
 
 
-def combine(first_order: dict, snis: dict, x_dot_v_se_u: float | None = None, exact: dict | None = None,
+def combine(first_report: dict, snis: dict, x_dot_v_se_u: float | None = None, exact: dict | None = None,
             sampler: dict | None = None, linearity: dict | None = None) -> list[dict]:
     """One row per η of the sweep (and per fresh-rollout η outside it): δH₁ with its E-side SE
     and, when the U-batch SE of X·v is given (the attribution stage's influence SE), its U-side
@@ -69,13 +71,12 @@ def combine(first_order: dict, snis: dict, x_dot_v_se_u: float | None = None, ex
     ΔH (and η·∇H·v) when known (``exact``: {η: {"exact_delta_h", "exact_delta_h_sampler",
     "exact_delta_h1"}}). The row of the trainer's step (v's training η) says so (``training``)."""
     measured = {row["eta"]: row for row in snis["rows"]}
-    update = first_order.get("update")
+    update = first_report.get("update")
     fresh = {row["eta"]: row for row in (sampler or {}).get("rows", [])}
-    predicted = {pred["eta"]: pred for pred in first_order["delta_h1"]}
+    predicted = {pred["eta"]: pred for pred in first_report["delta_h1"]}
     for eta in fresh:  # a fresh-rollout η outside eta_list: δH₁ = η·X·v all the same
-        predicted.setdefault(eta, {"eta": eta, "delta_h1": eta * first_order["X_dot_v"],
-                                   "se": abs(eta) * first_order["X_dot_v_se"]})
-    swept = [p["eta"] for p in first_order["delta_h1"]]
+        predicted.setdefault(eta, first_order.delta_h1(eta, first_report["X_dot_v"], first_report["X_dot_v_se"]))
+    swept = [p["eta"] for p in first_report["delta_h1"]]
     rows = []
     for eta in swept + sorted(set(predicted) - set(swept)):
         pred = predicted[eta]
@@ -148,18 +149,24 @@ def update_note(update: dict | None, comparison: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def format_table(rows: list[dict], unit: str, u_batch: dict | None = None, entropy: str = "sampler",
-                 min_ess_fraction: float | None = None, update: dict | None = None,
-                 comparison: dict | None = None) -> str:
+def flag_note(rows: list[dict], min_ess_fraction: float) -> str:
+    """The meaning of the ``!`` flag, when a row has it (SNIS with too low an ESS)."""
+    if not any(r.get("ess_low") for r in rows):
+        return ""
+    return (f"! ESS/N below {min_ess_fraction:g}: the SNIS SE is not to be trusted there (docs/science.md, SNIS where "
+            "it fails); read the ΔH sampler column (fresh rollouts), which has no weights")
+
+
+def format_table(rows: list[dict], unit: str, entropy: str = "sampler", min_ess_fraction: float = 0.1,
+                 notes: list[str] = ()) -> str:
     """The summary table: a legend naming every column, one line per η, the flags' meaning and
-    the U batch's signal. No '<', '>', '&' or apostrophe (the report's HTML shows it verbatim
-    and would escape them)."""
+    ``notes`` (the U batch's signal, the trainer's step, the precision). No '<', '>', '&' or
+    apostrophe (the report's HTML shows it verbatim and would escape them)."""
     def f(x, spec=".4g"):
         return format(x, spec) if isinstance(x, (int, float)) and not isinstance(x, bool) else "-"
 
-    entropy_name = ENTROPY_NAMES.get(entropy, entropy)
     lines = [
-        f"Entropy change of one update step ({unit}; entropy: {entropy_name}). Columns:",
+        f"Entropy change of one update step ({unit}; entropy: {entropies.get(entropy).description}). Columns:",
         f"  δH₁           {COLUMNS['delta_h1']}; ±E: E-batch noise with v fixed, "
         "±E+U: also the U-batch noise in v (influence over U prompt groups)",
         f"  ΔH θ-nucleus  {COLUMNS['delta_h']}; ESS/N of its weights; δH₁/ΔH ± delta-method SE",
@@ -172,12 +179,8 @@ def format_table(rows: list[dict], unit: str, u_batch: dict | None = None, entro
               f"{'δH₁/ΔH':>7} {'±':>6} {'central':>10} | {'ΔH sampler':>10} {'±':>7} {'changed':>7} "
               f"{'coupling':>8} | {'exact θ-nuc':>11} {'exact sampler':>13}")
     lines.append(header)
-    flagged = False
     for r in rows:
-        ess = f(r.get("ess_fraction"), ".3f")
-        if r.get("ess_low"):
-            ess += "!"
-            flagged = True
+        ess = f(r.get("ess_fraction"), ".3f") + ("!" if r.get("ess_low") else "")
         coupling = f"{r['coupling_se_factor']:.3g}x" if r.get("coupling_se_factor") else "-"
         lines.append(
             f"{f(r['eta']) + ('*' if r.get('training') else ''):>8} {f(r['delta_h1']):>10} {f(r['delta_h1_se'], '.2g'):>7} "
@@ -187,20 +190,8 @@ def format_table(rows: list[dict], unit: str, u_batch: dict | None = None, entro
             f"{f(r.get('delta_h_sampler_se'), '.2g'):>7} {f(r.get('changed_responses'), 'd'):>7} {coupling:>8} | "
             f"{f(r.get('exact_delta_h')):>11} {f(r.get('exact_delta_h_sampler')):>13}"
         )
-    if flagged:
-        threshold = f"{min_ess_fraction:g}" if min_ess_fraction is not None else "the threshold"
-        lines.append(f"! ESS/N below {threshold}: the SNIS SE is not to be trusted there (README, SNIS where it "
-                     "fails); read the ΔH sampler column (fresh rollouts), which has no weights")
-    if u_batch is not None:
-        lines.append(u_batch_note(u_batch))
-    note = update_note(update, comparison)
-    if note:
-        lines.append(note)
+    lines += [note for note in (flag_note(rows, min_ess_fraction), *notes) if note]
     return "\n".join(lines) + "\n"
-
-
-ENTROPY_NAMES = {"sampler": "sampler = RB entropy of q (nucleus, renormalised)",
-                 "tempered_full": "tempered_full = full-vocabulary entropy of softmax(z/τ), as TRL/verl log it"}
 
 
 def plot(rows: list[dict], path: str | Path, unit: str) -> list[str]:

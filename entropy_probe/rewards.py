@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import ProbeError
+from .reward_config import NEEDS_MATH_VERIFY
 
 # Outcome codes (int8 in the shard). 0: every check passed.
 PASS, WRONG_ANSWER, NO_ANSWER, BAD_FORMAT, ZERO_UNSPECIFIED = 0, 1, 2, 3, 4
@@ -202,7 +203,7 @@ def get_reward(name: str, function: str = "", format_weight: float = 0.0) -> Cal
         return custom
     if name not in REWARDS:
         raise RewardError(f"reward.name: unknown reward {name!r} (known: {list(REWARD_NAMES)})")
-    if name in ("math", "think_answer_math") and importlib.util.find_spec("math_verify") is None:
+    if name in NEEDS_MATH_VERIFY and importlib.util.find_spec("math_verify") is None:
         raise RewardError(f"reward.name: {name!r} needs the math-verify package (pip install math-verify)")
     if name == "think_answer_math":
         return lambda response, gold: think_answer_math_outcome(response, gold, format_weight)

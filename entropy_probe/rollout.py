@@ -1,8 +1,8 @@
 """Rollout shards: G responses for each prompt of one shard, their rewards (and reward outcome
 codes, stop reasons), and the per-token log q and both per-prefix entropies recorded at sampling
-time (DESIGN §3, §2b "Which entropy": ``rb_entropies`` and ``tempered_entropies``, so that a change
-of ``estimator.entropy`` never regenerates rollouts). The advantages are the update's business
-(:mod:`entropy_probe.losses`)."""
+time (DESIGN §3, §2b "Which entropy": :data:`entropy_probe.entropies.ENTROPY_KINDS`, so that a
+change of ``estimator.entropy`` never regenerates rollouts). The advantages are the update's
+business (:mod:`entropy_probe.losses`)."""
 from __future__ import annotations
 
 import logging
@@ -11,23 +11,32 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from . import generate, measure, noise, rewards
+from . import entropies, generate, noise, rewards
 from .shards import ShardError
 
 log = logging.getLogger(__name__)
-
-# the shard field holding each per-prefix entropy of measure.ENTROPIES, recorded at sampling time
-ENTROPY_FIELDS = {"sampler": "rb_entropies", "tempered_full": "tempered_entropies"}
 
 
 def sampled_entropies(tensors: dict[str, Tensor], entropy: str) -> Tensor:
     """The sampling-time per-token entropies ``[B, G, T]`` of kind ``entropy`` (``estimator.entropy``)
     of a rollout (or fresh-rollout) shard's tensors."""
-    field = ENTROPY_FIELDS[measure.check_entropy(entropy)]
+    field = entropies.get(entropy).rollout_field
     if field not in tensors:
         raise ShardError(f"the shard holds no {field!r} (written before both entropies were recorded: "
                          "regenerate the rollouts, e.g. snakemake --forcerun rollout)")
     return tensors[field]
+
+
+def stored_prompts(tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The left-padded prompts ``[B, P]`` and their attention masks of a rollout shard."""
+    P = tensors["sequences"].shape[-1] - tensors["token_log_q"].shape[-1]
+    return tensors["sequences"][:, 0, :P], tensors["attention_masks"][:, 0, :P]
+
+
+def stored_responses(tensors: dict[str, Tensor]) -> Tensor:
+    """The right-padded response tokens ``[B, G, T]`` of a rollout shard."""
+    return tensors["sequences"][:, :, -tensors["token_log_q"].shape[-1]:]
+
 
 def response_texts(tokenizer, tokens: Tensor, lens: Tensor, stopped_at_eos: Tensor) -> list[str]:
     """Decoded responses without their final EOS. Other special tokens stay in the text: a
@@ -93,23 +102,15 @@ def rollout_shard(
         ids = sorted_ids[start:start + rollout_batch_size]
         chunk_slots = sorted_slots[start:start + rollout_batch_size]
         encoded = encode_prompts(tokenizer, [examples[i] for i in ids])
-        parts = []
-        for lo in range(0, len(ids), rows_per_call):
-            parts.append(generate.sample(
-                model, encoded["input_ids"][lo:lo + rows_per_call], encoded["attention_mask"][lo:lo + rows_per_call],
-                G, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                eos_token_id=eos, pad_token_id=pad, noise_key=noise_key, slots=chunk_slots[lo:lo + rows_per_call],
-                stop_strings=stop_strings, tokenizer=tokenizer, autocast_dtype=autocast_dtype, kv_cache=kv_cache,
-            ))
-        width = max(p.response_tokens.shape[1] for p in parts)
-        responses = {
-            field: torch.cat([_pad_to(getattr(p, field), width, pad if field == "response_tokens" else 0, left=False)
-                              for p in parts])
-            for field in ("response_tokens", "token_log_q", "entropies", "tempered_entropies")
-        }
-        responses["response_lens"] = torch.cat([p.response_lens for p in parts])
-        responses["stopped_at_eos"] = torch.cat([p.stopped_at_eos for p in parts])
-        responses["stop_reason"] = torch.cat([p.stop_reason for p in parts])
+        drawn = generate.sample_groups(
+            model, encoded["input_ids"], encoded["attention_mask"], G, slots=chunk_slots, rows_per_call=rows_per_call,
+            temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, eos_token_id=eos,
+            pad_token_id=pad, noise_key=noise_key, stop_strings=stop_strings, tokenizer=tokenizer,
+            autocast_dtype=autocast_dtype, kv_cache=kv_cache,
+        )
+        responses = {field: getattr(drawn, field) for field in ("response_tokens", "token_log_q", "entropies",
+                                                                "tempered_entropies", "response_lens",
+                                                                "stopped_at_eos", "stop_reason")}
         texts = response_texts(tokenizer, responses["response_tokens"], responses["response_lens"],
                                responses["stopped_at_eos"])
         golds = [examples[i]["answer"] for i in ids for _ in range(G)]
@@ -158,7 +159,7 @@ def _assemble(chunks: list[dict], prompt_ids: list[int], G: int, pad: int) -> di
 
 
 def check_shapes(tensors: dict[str, Tensor]) -> tuple[int, int, int]:
-    """The shard invariants (the seed's smoke test): returns (B, G, width)."""
+    """The shard invariants: returns (B, G, width)."""
     B, G, L = tensors["sequences"].shape
     T = tensors["token_log_q"].shape[-1]
     expected = {
@@ -170,3 +171,15 @@ def check_shapes(tensors: dict[str, Tensor]) -> tuple[int, int, int]:
         if tuple(tensors[name].shape) != shape:
             raise ValueError(f"shard tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}")
     return B, G, L
+
+
+def rows_in(table: dict[str, Tensor], tensors: dict[str, Tensor], where: str) -> Tensor:
+    """Indices of the rows of a whole-batch per-prompt-group table (``prompt_ids`` ``[B]``, e.g.
+    the U objective's weights) that hold a rollout shard's prompt groups, in the shard's order
+    (the U batch's prompts are distinct)."""
+    ids, mine = table["prompt_ids"], tensors["prompt_ids"]
+    match = ids[:, None] == mine[None, :]
+    if not bool((match.sum(0) == 1).all()):
+        raise ShardError(f"{where}: does not hold each prompt group of the rollout shard exactly once "
+                         "(a batch table of another run?)")
+    return match.int().argmax(0)

@@ -1,8 +1,9 @@
-"""The one module that reads and writes shard files (safetensors) and stage JSON outputs.
+"""The one module that reads and writes a stage's files: shards (safetensors), JSON and text.
 
 Every write goes to a temporary name in the same directory and is renamed into place, so a
 killed job never leaves a truncated file under a final name. Metadata rides in the safetensors
-header as one JSON string; readers check it against what they expect.
+header as one JSON string; readers check it against what they expect, and a set of shards read
+together (:func:`read_set`) against each other.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import os
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,6 +54,16 @@ def write_json(path: str | Path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=1) + "\n")
 
 
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_bytes(path: str | Path, blob: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(blob)
+
+
 def read_json(path: str | Path):
     with open(path) as f:
         return json.load(f)
@@ -91,3 +103,50 @@ def read_shard(path: str | Path, expect: dict | None = None) -> tuple[dict[str, 
     except (SafetensorError, OSError, ValueError) as err:
         raise ShardError(f"{path}: corrupt safetensors shard ({err})") from err
     return tensors, meta
+
+
+@dataclass
+class ShardSet:
+    """Shards read together (:func:`read_set`): their tensors and headers, in the order given
+    (shard-index order once :meth:`complete`), and the header values they agree on."""
+
+    paths: list[str]
+    tensors: list[dict[str, torch.Tensor]]
+    metas: list[dict]
+    common: dict
+
+    def cat(self, name: str, dim: int = 0) -> torch.Tensor:
+        """One field of every shard, concatenated along ``dim``."""
+        return torch.cat([t[name] for t in self.tensors], dim=dim)
+
+    def subset(self, indices: list[int]) -> "ShardSet":
+        return ShardSet([self.paths[i] for i in indices], [self.tensors[i] for i in indices],
+                        [self.metas[i] for i in indices], self.common)
+
+    def complete(self) -> "ShardSet":
+        """The set in shard-index order, checked to be one whole batch: the headers'
+        ``shard_index`` runs over 0..n−1 once each and ``num_shards`` is n."""
+        indices = [meta.get("shard_index") for meta in self.metas]
+        counts = {meta.get("num_shards") for meta in self.metas}
+        if counts != {len(self.paths)} or sorted(indices) != list(range(len(self.paths))):
+            raise ShardError(f"not one complete set of shards (indices {indices} of {sorted(counts, key=str)}): "
+                             f"{self.paths}")
+        return self.subset(sorted(range(len(self.paths)), key=lambda i: indices[i]))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def read_set(paths, expect: dict | None = None, agree: tuple[str, ...] = ()) -> ShardSet:
+    """Every shard of ``paths`` (:func:`read_shard` with ``expect``), checked to agree on each
+    header key of ``agree`` (a :class:`ShardError` naming the key and the values)."""
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise ShardError("no shard given")
+    loaded = [read_shard(p, expect) for p in paths]
+    for key in agree:
+        values = {json.dumps(meta.get(key), sort_keys=True) for _, meta in loaded}
+        if len(values) > 1:
+            raise ShardError(f"the shards disagree on {key!r} ({', '.join(sorted(values))}): {paths}")
+    common = {key: loaded[0][1].get(key) for key in agree}
+    return ShardSet(paths, [t for t, _ in loaded], [m for _, m in loaded], common)

@@ -1,20 +1,94 @@
-"""What every stage script shares: its entry point (run by Snakemake or by hand), the stage's view
-of the config, logging to the rule's log file, torch's thread pool sized by the rule's
-``threads``, one-line errors, config hashing."""
+"""How a stage runs: one function per rule (:mod:`entropy_probe.stages`) whose signature says
+everything — ``cfg`` (the stage's view of the config), the files it reads (:class:`In`), the files
+it writes (:class:`Out`) and the values it takes (:class:`Arg`: a job's wildcards, a rule's other
+params), each as ``Annotated[type, In("what it is")]``. One adapter maps a Snakemake job onto it (:func:`run_job`,
+by the names of the rule's input, output, wildcards and params) and builds the command line of
+``python -m entropy_probe run STAGE`` from the same signature (:func:`run_cli`).
+
+Both run the stage inside :func:`stage_run`: logging to stderr and the rule's log file, torch's
+thread pool sized by the rule's ``threads``, and a :class:`~entropy_probe.errors.ProbeError` (a
+problem with the user's or the stage's inputs) reported as exactly one line, ``ERROR: <message>``,
+with exit status 1; any other exception (a bug) keeps its traceback, in the rule's log too.
+"""
 from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import logging
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, get_args, get_origin, get_type_hints
 
+from .config import load_config
 from .errors import ProbeError
+from .stage_keys import stage_config, stage_config_from
 
+
+@dataclass(frozen=True)
+class In:
+    """``Annotated[str, In(help)]``: a file the stage reads; ``Annotated[list[str], In(help)]``:
+    several, in the rule's order."""
+
+    help: str
+
+
+@dataclass(frozen=True)
+class Out:
+    """``Annotated[str, Out(help)]``: a file the stage writes (a list: several)."""
+
+    help: str
+
+
+@dataclass(frozen=True)
+class Arg:
+    """``Annotated[int, Arg(help)]``: a value, a job's wildcard or a rule's param, converted to the
+    annotated type."""
+
+    help: str
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A rule's stage: its function and the name of its defining keys
+    (:data:`entropy_probe.stage_keys.STAGE_KEYS`), or a function of its values giving that name
+    (the plan of batch E or U); None for a stage that reads no config."""
+
+    run: Callable
+    keys: str | Callable[[dict], str] | None = None
+
+    def keys_for(self, values: dict) -> str | None:
+        return self.keys(values) if callable(self.keys) else self.keys
+
+
+Role = In | Out | Arg
+
+
+def _parameters(fn: Callable) -> list[tuple[str, inspect.Parameter, type, Role | None]]:
+    """(name, parameter, type, role) of every parameter of a stage function (``cfg``: no role)."""
+    hints = get_type_hints(fn, include_extras=True)
+    out = []
+    for name, param in inspect.signature(fn).parameters.items():
+        hint = hints.get(name)
+        role = None
+        if get_origin(hint) is Annotated:
+            base, *extras = get_args(hint)
+            role = next((e for e in extras if isinstance(e, (In, Out, Arg))), None)
+            hint = base
+        out.append((name, param, hint, role))
+    return out
+
+
+def _is_list(kind) -> bool:
+    return get_origin(kind) is list
+
+
+# --------------------------------------------------------------------------------- the runtime
 
 def setup_logging(log_file: str | Path | None = None) -> None:
     """INFO logs to stderr and, when given, to the rule's log file."""
@@ -30,22 +104,6 @@ def setup_logging(log_file: str | Path | None = None) -> None:
 def one_line(err: BaseException) -> str:
     """The error's message on one line (line breaks of wrapped library messages folded)."""
     return re.sub(r"\s*\n\s*", " ", str(err).strip()) or type(err).__name__
-
-
-def rule_config(smk) -> dict:
-    """The config a rule's script sees: its params (the defining values, see
-    :mod:`entropy_probe.stage_keys`) and the execution knobs of ``snakemake.config``."""
-    from .stage_keys import stage_config
-
-    return stage_config(smk.params.values, smk.config)
-
-
-def config_for(path: str | Path, stage: str) -> dict:
-    """The same view of a config file, for running stage ``stage`` by hand."""
-    from .config import load_config
-    from .stage_keys import stage_config_from
-
-    return stage_config_from(load_config(path), stage)
 
 
 def set_threads(threads: int | None) -> None:
@@ -66,11 +124,10 @@ def log_peak_cuda_memory() -> None:
 
 @contextmanager
 def stage_run(log_file: str | Path | None = None, threads: int | None = None) -> Iterator[None]:
-    """Run a stage's body with logging set up (:func:`setup_logging`). A :class:`ProbeError` (a
-    problem with the user's or the stage's inputs) is logged as exactly one line,
-    ``ERROR: <message>``, to stderr and the rule's log, and the process exits with status 1, no
-    traceback. Any other exception (a bug) propagates with its traceback, which also goes to the
-    rule's log (on a cluster the console is a scheduler's file)."""
+    """Run a stage's body with logging set up (:func:`setup_logging`). A :class:`ProbeError` is
+    logged as exactly one line, ``ERROR: <message>``, to stderr and the rule's log, and the process
+    exits with status 1, no traceback. Any other exception (a bug) propagates with its traceback,
+    which also goes to the rule's log (on a cluster the console is a scheduler's file)."""
     setup_logging(log_file)
     set_threads(threads)
     try:
@@ -103,33 +160,74 @@ def config_hash(values: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def run_stage(namespace: dict, main, cli: list, from_snakemake, stage=None) -> None:
-    """The entry point of a stage script, called at its end with ``globals()``.
+# ------------------------------------------------------------------------------ under Snakemake
 
-    Under Snakemake (a ``snakemake`` object in ``namespace``): ``main(**from_snakemake(smk))``, with
-    ``cfg`` = :func:`rule_config` first when the stage reads the config (``stage`` set). By hand
-    (``__name__ == "__main__"``): the script's docstring is the help, ``cli`` lists the arguments —
-    a name, or (name, help), or (name, help, argparse keywords); names with ``--`` are options —
-    and the config file comes first when ``stage`` is set (a stage name, or a function of the
-    parsed arguments giving it). Both run inside :func:`stage_run`; ``main``'s parameters are the
-    argument names."""
-    smk = namespace.get("snakemake")
-    if smk is not None:
-        with stage_run(smk.log[0], smk.threads):
-            main(**({"cfg": rule_config(smk)} if stage else {}), **from_snakemake(smk))
-        return
-    if namespace.get("__name__") != "__main__":
-        return
-    parser = argparse.ArgumentParser(description=namespace.get("__doc__"),
+def _from_job(smk, name: str, kind, role: Role | None, default):
+    """The value of one stage parameter in a Snakemake job: an input or output by its name in the
+    rule (lists as lists), a value from the job's wildcards or the rule's params."""
+    if isinstance(role, (In, Out)):
+        files = smk.input if isinstance(role, In) else smk.output
+        value = files.get(name)
+        if value is None:
+            return default
+        return [str(v) for v in value] if _is_list(kind) else str(value)
+    value = smk.wildcards.get(name, smk.params.get(name))
+    return default if value is None else kind(value)
+
+
+def job_arguments(smk, stage: Stage) -> dict:
+    """The keyword arguments of ``stage.run`` for a Snakemake job (``cfg``: the rule's params
+    ``values``, the defining values of its output, with the execution knobs of the job's config)."""
+    kwargs = {}
+    for name, param, kind, role in _parameters(stage.run):
+        default = None if param.default is inspect.Parameter.empty else param.default
+        if name == "cfg":
+            kwargs[name] = stage_config(smk.params.values, smk.config, stage.keys_for(dict(smk.wildcards.items())))
+            continue
+        kwargs[name] = _from_job(smk, name, kind, role, default)
+        if kwargs[name] is None and param.default is inspect.Parameter.empty:
+            raise TypeError(f"rule {smk.rule}: no input, output, wildcard or param named {name!r} for its stage")
+    return kwargs
+
+
+def run_job(smk, stage: Stage) -> None:
+    """Run ``stage`` on a Snakemake job's files (the entry point of every rule's script)."""
+    with stage_run(smk.log[0], smk.threads):
+        stage.run(**job_arguments(smk, stage))
+
+
+# ----------------------------------------------------------------------------------- by hand
+
+def parser_for(name: str, stage: Stage) -> argparse.ArgumentParser:
+    """``python -m entropy_probe run NAME``'s arguments, from the stage function's signature."""
+    doc = inspect.getdoc(stage.run) or ""
+    parser = argparse.ArgumentParser(prog=f"python -m entropy_probe run {name}", description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    if stage:
-        parser.add_argument("config", help="the run's config file (config/config.yaml format)")
-    for spec in cli:
-        name, help_text, extra = (spec, None, {}) if isinstance(spec, str) else (*spec, {})[:3]
-        parser.add_argument(name, help=help_text, **extra)
-    values = vars(parser.parse_args())
+    for param_name, param, kind, role in _parameters(stage.run):
+        if param_name == "cfg":
+            parser.add_argument("--config", required=True, metavar="FILE",
+                                help="the run's config file (config/config.yaml format; the schema's defaults "
+                                     "fill in the rest)")
+            continue
+        required = param.default is inspect.Parameter.empty
+        options = {"help": role.help if role else None, "required": required}
+        if not required:
+            options["default"] = param.default
+        if isinstance(role, (In, Out)):
+            options["metavar"] = "FILE"
+            if _is_list(kind):
+                options["nargs"] = "+"
+        else:
+            options["type"] = kind
+        parser.add_argument(f"--{param_name}", **options)
+    return parser
+
+
+def run_cli(name: str, stage: Stage, argv: list[str]) -> None:
+    """Run ``stage`` (rule ``name``) by hand: its files and values as options, the config from
+    ``--config``."""
+    values = vars(parser_for(name, stage).parse_args(argv))
     with stage_run():
-        if stage:
-            path = values.pop("config")
-            values["cfg"] = config_for(path, stage(values) if callable(stage) else stage)
-        main(**values)
+        if "config" in values:
+            values["cfg"] = stage_config_from(load_config(values.pop("config")), stage.keys_for(values))
+        stage.run(**values)

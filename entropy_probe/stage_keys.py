@@ -6,9 +6,9 @@ its output (:data:`STAGE_KEYS`), in a canonical form (sorted keys, numbers as th
 them), so that neither the key order of the config file nor an unrelated key of the same section
 reruns it. Pure execution knobs (:data:`EXECUTION_KEYS`: device, batch and chunk sizes) change no
 stored number beyond float rounding and are no rule's params: a stage reads them from the config
-as it stands. A stage sees only its defining keys and the execution knobs
-(:func:`stage_config`): reading any other key is a KeyError, so a stage cannot silently depend
-on a value its cache does not track.
+as it stands. A stage sees only its defining keys, the execution knobs and the keys it reads to
+decide whether to stop (:data:`GUARD_KEYS`) (:func:`stage_config`): reading any other key is a
+KeyError, so a stage cannot silently depend on a value its cache does not track.
 
 E-side stages never list U-side keys and the other way round (a test checks it). Torch-free: the
 Snakefile imports this while it parses.
@@ -16,18 +16,19 @@ Snakefile imports this while it parses.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
-from pathlib import Path
+
+from .config_schema import number_keys
+from .sweep import fresh_etas
 
 SAMPLING = ("generation.temperature", "generation.top_p", "generation.max_new_tokens", "generation.stop_strings")
-# what a rollout shard's header records and every reader of it checks (entropy_probe.stage_inputs)
+# what a rollout shard's header records and every reader of it checks (entropy_probe.stages.inputs)
 ROLLOUT_PROVENANCE = SAMPLING + ("batch_config.seed", "batch_config.G", "model.precision")
 REWARD = ("reward.name", "reward.function", "reward.format_weight")
-PASS_NUMERICS = ("model.dtype", "model.trainable", "estimator.param_filter")  # + model.precision (provenance)
-X_ESTIMATOR = ("estimator.normalization", "estimator.baseline", "generation.rb_requires_grad", "estimator.entropy")
+PASS_NUMERICS = ("model.dtype", "model.trainable", "model.param_filter")  # + model.precision (provenance)
+X_ESTIMATOR = ("estimator.normalization", "estimator.baseline", "estimator.pathwise_term", "estimator.entropy")
 UPDATE_RULE = ("update.optimizer", "update.optimizer_state", "update.optimizer_param_names", "update.max_grad_norm",
                "model.name_or_path", "model.dtype", "model.checkpoint", "model.trainable", "update.next_checkpoint",
-               "estimator.param_filter")
+               "model.param_filter")
 ETA_SWEEP = ("estimator.eta_list", "estimator.central_difference")
 
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
@@ -41,9 +42,8 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "plan_U": ("batch_config.seed", "batch_config.B_U", "batch_config.U_num_shards"),
     "rollout": ROLLOUT_PROVENANCE + REWARD + ("model.dtype",),
     "e_stats": ROLLOUT_PROVENANCE + ("estimator.entropy",),
-    "u_objective": ROLLOUT_PROVENANCE + ("batch_config.scale_rewards", "update.loss_type",
-                                         "update.max_completion_length", "update.loss_scale_factor",
-                                         "update.micro_batch_size"),
+    "u_objective": ROLLOUT_PROVENANCE + ("update.scale_rewards", "update.loss_type", "update.max_completion_length",
+                                         "update.loss_scale_factor", "update.micro_batch_size"),
     "teacher_force_x": ROLLOUT_PROVENANCE + PASS_NUMERICS + X_ESTIMATOR,
     "teacher_force_y": ROLLOUT_PROVENANCE + PASS_NUMERICS,
     "update_vector": UPDATE_RULE,
@@ -61,14 +61,14 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     # the probe's own AdamW step (checkpoint's state, U batch's Y) against the trainer's step
     "step_comparison": ("model.checkpoint", "model.trainable", "model.dtype", "update.max_grad_norm"),
     "trajectory": (),  # reads the pairs' summaries only
-    # where δH₁ comes from (issue 15): the forward pass over the U shards along J·X (J = ∂v/∂Y),
-    # the token shares of both batches, the U-batch SE and the covariance view
+    # the forward pass over the U shards along J·X (J = ∂v/∂Y), the token shares of both batches,
+    # the U-batch SE and the covariance view
     "attribution": ROLLOUT_PROVENANCE + PASS_NUMERICS + UPDATE_RULE + X_ESTIMATOR,
 }
 # The per-variant stages (entropy_probe.variants; wildcard {variant}, or {objective} for the Y of
 # a loss that differs from the main one). Their keys are looked up in the variant's effective
 # config (the overrides applied, plus its section `variant`), so each rule's params are exactly
-# that variant's defining values; the scripts are the main stages' own.
+# that variant's defining values; the stages are the main ones.
 VARIANT_STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "variant_u_objective": STAGE_KEYS["u_objective"],
     "variant_teacher_force_y": STAGE_KEYS["teacher_force_y"],
@@ -82,39 +82,28 @@ STAGE_KEYS["summary"] = tuple(sorted({key for keys in STAGE_KEYS.values() for ke
 STAGE_KEYS.update(VARIANT_STAGE_KEYS)
 
 # Change no stored number beyond float rounding (tests hold the summary to that): read, not tracked.
-EXECUTION_KEYS = ("model.device", "batch_config.rollout_batch_size", "generation.gen_batch_size",
-                  "generation.tf_batch_size", "generation.tf_chunk_tokens", "generation.gradient_checkpointing",
-                  "generation.kv_cache")
+EXECUTION_KEYS = ("model.device", "generation.rollout_batch_size", "generation.gen_batch_size",
+                  "generation.kv_cache", "teacher_forcing.batch_size", "teacher_forcing.chunk_tokens",
+                  "teacher_forcing.gradient_checkpointing")
+# Read to decide whether the run stops, never to compute a number: read, not tracked.
+GUARD_KEYS: dict[str, tuple[str, ...]] = {
+    # a U batch without signal stops an SGD run before any teacher forcing
+    "u_objective": ("update.optimizer",),
+}
 # Decide which files exist (the DAG), not what a file holds: no stage reads them as values.
 STRUCTURE_KEYS = ("data.split", "data.E_split", "data.U_split", "model.checkpoints")
 
 # The two batches: a stage of one side never depends on the other side's keys.
-U_ONLY_KEYS = ("batch_config.B_U", "batch_config.U_num_shards", "batch_config.scale_rewards", "data.U_split",
+U_ONLY_KEYS = ("batch_config.B_U", "batch_config.U_num_shards", "update.scale_rewards", "data.U_split",
                "update.loss_type", "update.max_completion_length", "update.loss_scale_factor",
                "update.micro_batch_size", "update.optimizer", "update.optimizer_state",
                "update.optimizer_param_names", "update.max_grad_norm", "update.next_checkpoint", "update.variants")
 E_ONLY_KEYS = ("batch_config.E_total_sequences", "batch_config.E_sampling_mode", "batch_config.E_num_shards",
-               "data.E_split", "estimator.normalization", "estimator.baseline", "generation.rb_requires_grad",
+               "data.E_split", "estimator.normalization", "estimator.baseline", "estimator.pathwise_term",
                "estimator.entropy", "estimator.fresh_etas")
 E_SIDE_STAGES = ("plan_E", "e_stats", "teacher_force_x", "fresh_rollout", "delta_h_sampler")
 U_SIDE_STAGES = ("plan_U", "u_objective", "teacher_force_y", "update_vector", "u_jackknife", "step_comparison",
                  "variant_u_objective", "variant_teacher_force_y", "variant_update_vector")
-
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
-
-
-@lru_cache(maxsize=1)
-def _number_keys() -> frozenset[str]:
-    """Dotted keys the schema types as ``number`` (or arrays of numbers): 1 and 1.0 are one value."""
-    import yaml
-
-    schema = yaml.safe_load(SCHEMA_PATH.read_text())
-    keys = set()
-    for section, sub in schema["properties"].items():
-        for key, spec in sub.get("properties", {}).items():
-            if spec.get("type") == "number" or spec.get("items", {}).get("type") == "number":
-                keys.add(f"{section}.{key}")
-    return frozenset(keys)
 
 
 def lookup(config: dict, dotted: str):
@@ -122,25 +111,12 @@ def lookup(config: dict, dotted: str):
     return config[section][key]
 
 
-def fresh_etas(estimator: dict) -> list[float]:
-    """The η of the fresh rollouts (``estimator.fresh_etas``): the listed values, or ``eta_list``
-    when it is null (the default); sorted, distinct. Torch-free (the Snakefile's DAG uses it)."""
-    etas = estimator.get("fresh_etas")
-    return sorted({float(e) for e in (estimator["eta_list"] if etas is None else etas)})
-
-
-def eta_tag(eta) -> str:
-    """The η in a file name (results/fresh/eta_<tag>/): Python's shortest repr, which float()
-    reads back exactly ("1e-05", "0.0003", "-0.001")."""
-    return repr(float(eta))
-
-
 # keys whose defining value is derived from the config (a null resolved), not the raw value
 _DERIVED = {"estimator.fresh_etas": lambda config: fresh_etas(config["estimator"])}
 
 
 # values spelled in two ways (entropy_probe.losses.scale_mode reads both)
-_SYNONYMS = {"batch_config.scale_rewards": {True: "group", False: "none"}}
+_SYNONYMS = {"update.scale_rewards": {True: "group", False: "none"}}
 
 
 # numbers inside the variants map (update.variants.<name>.<key>): 1 and 1.0 are one value
@@ -150,11 +126,11 @@ _VARIANT_NUMBERS = ("lr_factor", "max_grad_norm", "loss_scale_factor")
 def _canonical(dotted: str, value):
     if dotted == "update.variants":
         return {name: {k: (float(v) if k in _VARIANT_NUMBERS else
-                           _canonical("batch_config.scale_rewards", v) if k == "scale_rewards" else v)
+                           _canonical("update.scale_rewards", v) if k == "scale_rewards" else v)
                        for k, v in (overrides or {}).items()} for name, overrides in (value or {}).items()}
     if dotted in _SYNONYMS and not isinstance(value, (list, dict)):
         return _SYNONYMS[dotted].get(value, value)
-    if dotted in _number_keys():
+    if dotted in number_keys():
         if isinstance(value, list):
             return [float(x) for x in value]
         return float(value)
@@ -181,14 +157,15 @@ def nest(flat: dict) -> dict:
     return out
 
 
-def stage_config(defining: dict | str, full_config: dict) -> dict:
-    """What a stage sees: its defining values (a dict, or the rule's params string) and the
-    execution knobs of the full config, as a nested config dict with nothing else in it."""
+def stage_config(defining: dict | str, full_config: dict, stage: str | None = None) -> dict:
+    """What a stage sees: its defining values (a dict, or the rule's params string), the
+    execution knobs and the guard keys of ``stage`` from the full config, as a nested config dict
+    with nothing else in it."""
     flat = json.loads(defining) if isinstance(defining, str) else dict(defining)
-    flat |= {key: lookup(full_config, key) for key in EXECUTION_KEYS}
+    flat |= {key: lookup(full_config, key) for key in EXECUTION_KEYS + GUARD_KEYS.get(stage, ())}
     return nest(flat)
 
 
 def stage_config_from(full_config: dict, stage: str) -> dict:
     """:func:`stage_config` of a full (validated) config, for running a stage by hand."""
-    return stage_config(defining_values(full_config, stage), full_config)
+    return stage_config(defining_values(full_config, stage), full_config, stage)

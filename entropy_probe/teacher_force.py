@@ -16,16 +16,16 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from . import measure
+from . import measure, parameters
 from .fused_head import head_surrogate
 from .precision import autocast
 from .tf_layout import TokenBatch, chunk_sizes, scatter_tokens, valid_pairs
 
 
 class ResponseLogits(nn.Module):
-    """The decoder and the output embedding that score each response token. A module, so that
-    ``torch.func.functional_call`` can evaluate it at other parameters (keys as in the policy,
-    prefixed ``policy.``).
+    """The decoder and the output embedding that score each response token. The passes evaluate
+    it at other parameters with :func:`entropy_probe.parameters.call_at` on its ``policy`` (keys as
+    in the policy).
 
     :meth:`forward` returns the full ``[n, T, V]`` logits (a reference; the passes never build
     it): the passes call :meth:`response_hidden` and apply the output embedding a chunk of
@@ -59,24 +59,6 @@ class ResponseLogits(nn.Module):
         return hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat)
 
 
-class _WithParameters(nn.Module):
-    """Runs a function while ``functional_call`` has put other parameters into the scorer."""
-
-    def __init__(self, scorer: ResponseLogits):
-        super().__init__()
-        self.scorer = scorer
-
-    def forward(self, fn):
-        return fn()
-
-
-def _call_at(scorer: ResponseLogits, params: dict | None, fn):
-    """``fn()`` with the scorer's parameters replaced by ``params`` (keys ``policy.<name>``)."""
-    if params is None:
-        return fn()
-    return torch.func.functional_call(_WithParameters(scorer), {f"scorer.{k}": v for k, v in params.items()}, (fn,))
-
-
 def response_hidden_and_head(scorer: ResponseLogits, batch: TokenBatch, rows: Tensor, cols: Tensor,
                              params: dict | None = None, autocast_dtype: torch.dtype | None = None):
     """(hidden ``[R, d]``, head) at ``params``: the final hidden states of the response tokens
@@ -91,7 +73,7 @@ def response_hidden_and_head(scorer: ResponseLogits, batch: TokenBatch, rows: Te
         state = dict(module.named_parameters()) | dict(module.named_buffers())
         return hidden, state
 
-    hidden, state = _call_at(scorer, params, run)
+    hidden, state = run() if params is None else parameters.call_at(scorer.policy, params, run)
 
     def head(h: Tensor) -> Tensor:
         with autocast(device, autocast_dtype):
@@ -100,16 +82,14 @@ def response_hidden_and_head(scorer: ResponseLogits, batch: TokenBatch, rows: Te
     return hidden, head
 
 
-
 @dataclass
 class Scores:
     """Per-token quantities of a batch, ``[n, T]``, zero past each response's end."""
 
     token_log_q: Tensor | None = None  # log q_k(y_k)
-    entropy: Tensor | None = None  # h_k (the RB entropy of q, or the full tempered one: measure.ENTROPIES)
+    entropy: Tensor | None = None  # h_k (the RB entropy of q, or the full tempered one: entropies.ENTROPY_KINDS)
     tempered_log_p: Tensor | None = None  # log softmax(z_k/τ)(y_k)
     outside_nucleus: Tensor | None = None  # [n] per sequence: tokens kept outside their recomputed S_k (bf16)
-
 
 
 def _outside(in_nucleus, tokens, rows, cols, temperature, top_p, keep_tokens: bool, n: int) -> Tensor:
@@ -129,7 +109,6 @@ def check_nucleus(in_nucleus: Tensor, tokens: Tensor, rows: Tensor, cols: Tensor
         )
 
 
-
 def score(
     scorer: ResponseLogits, batch: TokenBatch, temperature: float, top_p: float, *,
     want_q: bool = True, want_tempered: bool = False, params: dict | None = None,
@@ -147,7 +126,7 @@ def score(
     embedding under autocast; the measure is always computed on fp32 logits. With ``keep_tokens``
     (:func:`entropy_probe.precision.keeps_sampled_tokens`) a token outside its recomputed nucleus
     is kept in it and counted (``Scores.outside_nucleus``) instead of being an error. ``entropy``: which
-    per-prefix entropy the ``entropy`` column holds (:data:`measure.ENTROPIES`).
+    per-prefix entropy the ``entropy`` column holds (:data:`entropies.ENTROPY_KINDS`).
     """
     device = next(scorer.parameters()).device
     rows, cols, tokens = valid_pairs(batch, device)
@@ -185,7 +164,7 @@ def score(
                 parts.append(chunk_scores(h, y, *head_params))
         return [torch.cat(column) for column in zip(*parts)]
 
-    columns = _call_at(scorer, params, run)
+    columns = run() if params is None else parameters.call_at(scorer.policy, params, run)
     out = Scores()
     if want_q:
         token_log_q, h, in_nucleus = columns[:3]
@@ -197,7 +176,6 @@ def score(
     return out
 
 
-
 def surrogate(
     scorer: ResponseLogits, batch: TokenBatch, temperature: float, top_p: float, *,
     coef_entropy: Tensor | None = None, coef_log_q: Tensor | None = None, coef_tempered: Tensor | None = None,
@@ -207,7 +185,7 @@ def surrogate(
     """F = Σ_ik [c^h_ik h_ik + c^q_ik log q_ik(y_ik) + c^p_ik log p_ik(y_ik)] (p: tempered, no
     nucleus) over the valid response tokens, differentiable in the parameters (the nucleus held
     fixed), and the detached per-token :class:`Scores`. Coefficients ``[n, T]`` (None = 0); h is
-    the per-prefix entropy ``entropy`` (:data:`measure.ENTROPIES`).
+    the per-prefix entropy ``entropy`` (:data:`entropies.ENTROPY_KINDS`).
 
     The X and Y passes' objective; the output embedding and its backward go through
     :func:`entropy_probe.fused_head.head_surrogate` (two ``[chunk, V]`` fp32 buffers).

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from .optimizer_state import LoadedState, OptimizerStateError, load_adamw_state, read_state_dict
-from .trainer_files import (SCHEDULER_FILE, TRAINER_STATE_FILE, CheckpointFilesError,
+from .trainable import set_trainable, trainable_mode
+from .trainer_files import (SCHEDULER_FILE, TRAINER_STATE_FILE, CheckpointFilesError, CheckpointLayout,
                             logged_learning_rates, read_layout)
 
 
@@ -39,41 +40,40 @@ class TrainerCheckpointError(OptimizerStateError, CheckpointFilesError):
 
 
 @dataclass
-class CheckpointFiles:
-    """What a ``checkpoint-N`` directory holds (no model loaded)."""
-
-    path: Path
-    kind: str  # "model" (config.json + weights) or "adapter" (PEFT)
-    base_model: str | None  # adapter: adapter_config.json's base_model_name_or_path
-    optimizer: Path | None
-    global_step: int
-    learning_rate: float | None
-    learning_rate_source: str
-
-
-@dataclass
 class TrainerCheckpoint:
-    files: CheckpointFiles
+    layout: CheckpointLayout
     param_group_names: list[list[str]]  # [decay names, no-decay names], the optimizer's order
-    state: LoadedState  # AdamW state per parameter name (for update.adamw_direction)
+    state: LoadedState  # AdamW state per parameter name (for the adamw update rule)
 
 
 def _error(path: Path, message: str) -> TrainerCheckpointError:
     return TrainerCheckpointError(f"{path}: {message}")
 
 
-def _learning_rate(directory: Path, step: int, logged: dict[int, float]) -> tuple[float | None, str]:
-    """(rate of step N + 1 from scheduler.pt, or step N's from the log history; its source)."""
-    scheduler = directory / SCHEDULER_FILE
-    if scheduler.is_file():
+def layout_of(checkpoint_dir: str | Path, require_optimizer: bool = True) -> CheckpointLayout:
+    """:func:`entropy_probe.trainer_files.read_layout`, its errors as :class:`TrainerCheckpointError`."""
+    try:
+        return read_layout(checkpoint_dir, require_optimizer)
+    except CheckpointFilesError as err:
+        raise TrainerCheckpointError(str(err)) from err
+
+
+def learning_rate(layout: CheckpointLayout) -> tuple[float | None, str]:
+    """(the rate of step N + 1 from scheduler.pt, or step N's from the log history; its source)."""
+    step = layout.global_step
+    if layout.scheduler is not None:
         try:
-            saved = torch.load(str(scheduler), map_location="cpu", weights_only=True)
+            saved = torch.load(str(layout.scheduler), map_location="cpu", weights_only=True)
         except Exception as err:  # unpickling errors come in many types
-            raise _error(scheduler, f"cannot load the scheduler state ({type(err).__name__}: {err})") from err
+            raise _error(layout.scheduler, f"cannot load the scheduler state ({type(err).__name__}: {err})") from err
         rates = {float(r) for r in (saved.get("_last_lr") or [])} if isinstance(saved, dict) else set()
         if len(rates) != 1:
-            raise _error(scheduler, f"expected one learning rate in _last_lr, found {sorted(rates)}")
+            raise _error(layout.scheduler, f"expected one learning rate in _last_lr, found {sorted(rates)}")
         return rates.pop(), f"{SCHEDULER_FILE} _last_lr (the rate of step {step + 1}, the next step)"
+    try:
+        logged = logged_learning_rates(layout)
+    except CheckpointFilesError as err:
+        raise TrainerCheckpointError(str(err)) from err
     if step in logged:
         return logged[step], (
             f"{TRAINER_STATE_FILE} log_history (the rate step {step} used; step {step + 1}'s only under a constant "
@@ -81,18 +81,13 @@ def _learning_rate(directory: Path, step: int, logged: dict[int, float]) -> tupl
     return None, "none: no scheduler.pt and no learning_rate logged at this step"
 
 
-def inspect_checkpoint(checkpoint_dir: str | Path, require_optimizer: bool = True) -> CheckpointFiles:
-    """Model or adapter, the optimizer file, the global step and the learning rate of a checkpoint
-    (:func:`entropy_probe.trainer_files.read_layout`; ``optimizer`` is None when there is no
-    optimizer.pt and ``require_optimizer`` is False)."""
-    try:
-        layout = read_layout(checkpoint_dir, require_optimizer)
-        logged = logged_learning_rates(layout)
-    except CheckpointFilesError as err:
-        raise TrainerCheckpointError(str(err)) from err
-    rate, source = _learning_rate(layout.path, layout.global_step, logged)
-    return CheckpointFiles(layout.path, layout.kind, layout.base_model, layout.optimizer, layout.global_step, rate,
-                           source)
+def spec_entry(layout: CheckpointLayout) -> dict:
+    """What the policy spec records about a trainer checkpoint (and v's header, the report): its
+    path, kind, global step and the learning rate of the step after it, with its source."""
+    rate, source = learning_rate(layout)
+    return {"path": str(layout.path.resolve()), "kind": layout.kind, "global_step": layout.global_step,
+            "learning_rate": rate, "learning_rate_source": source,
+            "optimizer": str(layout.optimizer.resolve()) if layout.optimizer else ""}
 
 
 def trainer_param_groups(model: nn.Module) -> list[list[str]]:
@@ -139,11 +134,11 @@ def match_parameter_order(saved: dict, path: Path, model: nn.Module) -> list[lis
 def load_trainer_checkpoint(checkpoint_dir: str | Path, model: nn.Module) -> TrainerCheckpoint:
     """The checkpoint's files, the optimizer's parameter order rebuilt for ``model`` (the model of
     the checkpoint, with the run's trainable parameters) and its AdamW state by name."""
-    files = inspect_checkpoint(checkpoint_dir)
-    saved = read_state_dict(files.optimizer)
-    names = match_parameter_order(saved, files.optimizer, model)
-    state = load_adamw_state(str(files.optimizer), names, dict(model.named_parameters()), state_dict=saved)
-    return TrainerCheckpoint(files, names, state)
+    layout = layout_of(checkpoint_dir)
+    saved = read_state_dict(layout.optimizer)
+    names = match_parameter_order(saved, layout.optimizer, model)
+    state = load_adamw_state(str(layout.optimizer), names, dict(model.named_parameters()), state_dict=saved)
+    return TrainerCheckpoint(layout, names, state)
 
 
 def skeleton_model(checkpoint_dir: str | Path, trainable: str = "auto", base_model: str | None = None,
@@ -154,25 +149,23 @@ def skeleton_model(checkpoint_dir: str | Path, trainable: str = "auto", base_mod
     checkpoint is put on its base (``base_model``, default adapter_config.json's) as PEFT does."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from . import models
-
-    files = inspect_checkpoint(checkpoint_dir, require_optimizer=False)
-    source = str(files.path) if files.kind == "model" else (base_model or files.base_model)
+    layout = layout_of(checkpoint_dir, require_optimizer=False)
+    source = str(layout.path) if layout.kind == "model" else (base_model or layout.base_model)
     if not source:
-        raise _error(files.path, "adapter_config.json names no base_model_name_or_path; set model.name_or_path")
+        raise _error(layout.path, "adapter_config.json names no base_model_name_or_path; set model.name_or_path")
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-            if files.kind == "adapter":
+            if layout.kind == "adapter":
                 from peft import PeftConfig, get_peft_model
 
-                adapter = PeftConfig.from_pretrained(str(files.path))
+                adapter = PeftConfig.from_pretrained(str(layout.path))
                 adapter.inference_mode = False
                 model = get_peft_model(model, adapter)
     except Exception as err:  # config or remote-code errors come in many types
-        raise _error(files.path, f"cannot build the model of this checkpoint ({type(err).__name__}: {err})") from err
-    models.set_trainable(model, models.trainable_mode(trainable, files.kind == "adapter"), str(files.path))
+        raise _error(layout.path, f"cannot build the model of this checkpoint ({type(err).__name__}: {err})") from err
+    set_trainable(model, trainable_mode(trainable, layout.kind == "adapter"), str(layout.path))
     return model
 
 
@@ -181,35 +174,9 @@ def check_state_fits(checkpoint_dir: str | Path, trainable: str = "auto", base_m
     """Check, before any job runs, that the checkpoint's optimizer.pt is an AdamW state that fits
     its model with ``model.trainable``'s parameters (the checks of :func:`load_trainer_checkpoint`,
     on a weightless model, the state memory-mapped). Returns the Trainer's name groups."""
-    files = inspect_checkpoint(checkpoint_dir)
-    model = skeleton_model(files.path, trainable, base_model, trust_remote_code)
-    saved = read_state_dict(files.optimizer, mmap=True)
-    names = match_parameter_order(saved, files.optimizer, model)
-    load_adamw_state(str(files.optimizer), names, dict(model.named_parameters()), state_dict=saved)
+    layout = layout_of(checkpoint_dir)
+    model = skeleton_model(layout.path, trainable, base_model, trust_remote_code)
+    saved = read_state_dict(layout.optimizer, mmap=True)
+    names = match_parameter_order(saved, layout.optimizer, model)
+    load_adamw_state(str(layout.optimizer), names, dict(model.named_parameters()), state_dict=saved)
     return names
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m entropy_probe.trainer_checkpoint [--trainable MODE] [--base PATH] CHECKPOINT...``:
-    :func:`check_state_fits` for each checkpoint (the workflow's check before any job runs); one
-    ``ERROR:`` line and exit status 1 at the first that does not fit."""
-    import argparse
-    import logging
-
-    from .stage import stage_run
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--trainable", default="auto")
-    parser.add_argument("--base", default=None, help="the base model of adapter checkpoints (model.name_or_path)")
-    parser.add_argument("--trust-remote-code", action="store_true")
-    parser.add_argument("checkpoints", nargs="+")
-    args = parser.parse_args(argv)
-    with stage_run():
-        logging.getLogger().setLevel(logging.WARNING)  # one line: the error, if any
-        torch.set_num_threads(1)
-        for checkpoint in args.checkpoints:
-            check_state_fits(checkpoint, args.trainable, args.base, args.trust_remote_code)
-
-
-if __name__ == "__main__":
-    main()

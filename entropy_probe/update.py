@@ -27,6 +27,7 @@ where r = 0). Held fixed: κ (its dependence on ‖Y‖ is not linearized).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -96,7 +97,7 @@ def adamw_direction(
         if uncovered:
             raise ValueError(
                 f"{len(uncovered)} parameters with a gradient are in no param group of the optimizer state "
-                f"(it would not update them), e.g. {uncovered[:3]}; narrow estimator.param_filter to the "
+                f"(it would not update them), e.g. {uncovered[:3]}; narrow model.param_filter to the "
                 "optimized parameters"
             )
     grads = {name: -g.double() for name, g in Y.items()}
@@ -145,24 +146,12 @@ def _adamw_param_jacobian(name: str, g: Tensor, st: AdamWParamState, coef: float
     return coef * ((1.0 - beta1) / (bias1 * d) - through_s)
 
 
-def _check_rule(optimizer: str) -> None:
-    if optimizer not in UPDATE_RULES:
-        raise ValueError(f"update.optimizer: unknown optimizer {optimizer!r} ({' | '.join(UPDATE_RULES)})")
+def _sgd_jacobian(Y, params, state, max_grad_norm):
+    coef = clip_coefficient(Y, max_grad_norm)
+    return {name: torch.full_like(g, coef, dtype=torch.float64) for name, g in Y.items()}
 
 
-def update_jacobian(
-    optimizer: str,
-    Y: dict[str, Tensor],
-    params: dict[str, Tensor] | None = None,
-    state: dict[str, AdamWParamState] | None = None,
-    max_grad_norm: float = 0.0,
-) -> dict[str, Tensor]:
-    """The diagonal of J = ∂v/∂Y at this Y (module docstring: the clip coefficient held fixed),
-    float64, keyed like Y. X·J·Y is the part of X·v that is linear in the batch gradient."""
-    _check_rule(optimizer)
-    if optimizer == "sgd":
-        coef = clip_coefficient(Y, max_grad_norm)
-        return {name: torch.full_like(g, coef, dtype=torch.float64) for name, g in Y.items()}
+def _adamw_jacobian(Y, params, state, max_grad_norm):
     grads = {name: -g.double() for name, g in Y.items()}
     coef = clip_coefficient(grads, max_grad_norm)
     out = {}
@@ -172,29 +161,58 @@ def update_jacobian(
     return out
 
 
-def _sgd_rule(Y, params, state, max_grad_norm):
+def _sgd_direction(Y, params, state, max_grad_norm):
     if state is not None:
         raise ValueError("update.optimizer: sgd takes no optimizer state")
     return sgd_direction(Y, max_grad_norm)
 
 
-def _adamw_rule(Y, params, state, max_grad_norm):
+def _adamw_direction(Y, params, state, max_grad_norm):
     if params is None:
         raise ValueError("update.optimizer: adamw needs the parameters θ (for the weight decay)")
     return adamw_direction(Y, params, state, max_grad_norm)
 
 
-# update.optimizer -> v(Y, θ, saved state, max_grad_norm); v is keyed like Y (AdamW: like θ)
-UPDATE_RULES = {"sgd": _sgd_rule, "adamw": _adamw_rule}
+@dataclass(frozen=True)
+class UpdateRule:
+    """One optimizer step as a function of the batch gradient Y (``update.optimizer``):
+    ``direction(Y, θ, saved state, max_grad_norm)`` = v, keyed like Y (AdamW: like θ), and
+    ``jacobian(...)`` = the diagonal of ∂v/∂Y at this Y (the clip coefficient held fixed),
+    keyed like Y; ``uses_state``: it reads the optimizer's saved state (and θ)."""
+
+    name: str
+    direction: Callable
+    jacobian: Callable
+    uses_state: bool
 
 
-def update_direction(
-    optimizer: str,
-    Y: dict[str, Tensor],
-    params: dict[str, Tensor] | None = None,
-    state: dict[str, AdamWParamState] | None = None,
-    max_grad_norm: float = 0.0,
-) -> dict[str, Tensor]:
+UPDATE_RULES = {
+    "sgd": UpdateRule("sgd", _sgd_direction, _sgd_jacobian, uses_state=False),
+    "adamw": UpdateRule("adamw", _adamw_direction, _adamw_jacobian, uses_state=True),
+}
+
+
+def get(optimizer: str) -> UpdateRule:
+    if optimizer not in UPDATE_RULES:
+        raise ValueError(f"update.optimizer: unknown optimizer {optimizer!r} ({' | '.join(UPDATE_RULES)})")
+    return UPDATE_RULES[optimizer]
+
+
+def update_direction(optimizer: str, Y: dict[str, Tensor], params: dict[str, Tensor] | None = None,
+                     state: dict[str, AdamWParamState] | None = None, max_grad_norm: float = 0.0) -> dict[str, Tensor]:
     """v of the update rule ``optimizer`` (:data:`UPDATE_RULES`)."""
-    _check_rule(optimizer)
-    return UPDATE_RULES[optimizer](Y, params, state, max_grad_norm)
+    return get(optimizer).direction(Y, params, state, max_grad_norm)
+
+
+def update_jacobian(optimizer: str, Y: dict[str, Tensor], params: dict[str, Tensor] | None = None,
+                    state: dict[str, AdamWParamState] | None = None, max_grad_norm: float = 0.0) -> dict[str, Tensor]:
+    """The diagonal of J = ∂v/∂Y of the update rule ``optimizer`` at this Y (module docstring: the
+    clip coefficient held fixed), float64, keyed like Y. X·J·Y is the part of X·v that is linear
+    in the batch gradient."""
+    return get(optimizer).jacobian(Y, params, state, max_grad_norm)
+
+
+def scaled(v: dict[str, Tensor], factor: float) -> dict[str, Tensor]:
+    """factor·v: the step of an update variant with ``lr_factor`` = factor, at the same η (its
+    rule's step at learning rate factor·η)."""
+    return v if factor == 1.0 else {name: factor * t for name, t in v.items()}

@@ -12,6 +12,10 @@ defining keys (:mod:`entropy_probe.stage_keys`) serve the variants unchanged. Va
 objective (loss type, its settings, scale_rewards) is the main update's reuse the main Y;
 variants that share an objective share one Y (:func:`objective_id`).
 
+Variants vary the update rule on the U batch, so they do not apply where v is not an update on
+a U batch (``update.optimizer: checkpoint_diff``, v the trainer's step): there they are skipped
+with a note (:func:`skipped_note`), never an error.
+
 Torch-free: the Snakefile imports this while it parses.
 """
 from __future__ import annotations
@@ -21,13 +25,19 @@ import hashlib
 import json
 import re
 
+from . import losses
+from .errors import ConfigError
+from .input_files import check_state_files
+from .model_config import CHECKPOINT_DIFF, is_embedded
+from .stage_keys import ROLLOUT_PROVENANCE, STAGE_KEYS, defining_values
+
 # variant key -> the config key it overrides
 OVERRIDES = {
     "loss_type": "update.loss_type",
     "max_completion_length": "update.max_completion_length",
     "loss_scale_factor": "update.loss_scale_factor",
     "micro_batch_size": "update.micro_batch_size",
-    "scale_rewards": "batch_config.scale_rewards",
+    "scale_rewards": "update.scale_rewards",
     "optimizer": "update.optimizer",
     "optimizer_state": "update.optimizer_state",
     "optimizer_param_names": "update.optimizer_param_names",
@@ -38,10 +48,24 @@ NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 RESERVED = ("main",)
 
 
-def names(config: dict) -> list[str]:
-    """The variants of ``update.variants``, sorted by name (the order of every list of them: rule
-    inputs, tables; independent of how a config file or a canonical JSON orders its keys)."""
+def configured(config: dict) -> list[str]:
+    """The variants ``update.variants`` names, sorted by name."""
     return sorted((config.get("update") or {}).get("variants") or {})
+
+
+def names(config: dict) -> list[str]:
+    """The variants the run computes, sorted by name (the order of every list of them: rule
+    inputs, tables; independent of how a config file or a canonical JSON orders its keys): none
+    where they do not apply (:func:`skipped_note`)."""
+    return [] if skipped_note(config) else configured(config)
+
+
+def skipped_note(config: dict) -> str | None:
+    """Why the configured variants are not computed, or None."""
+    if configured(config) and config["update"]["optimizer"] == CHECKPOINT_DIFF:
+        return (f"update.variants ({', '.join(configured(config))}) skipped: a variant is another update rule on "
+                f"the U batch, and with update.optimizer {CHECKPOINT_DIFF} v is the trainer's step (no U batch)")
+    return None
 
 
 def variant_config(config: dict, name: str) -> dict:
@@ -68,31 +92,31 @@ def objective_id(config: dict) -> str:
     the values that define the u_objective stage beyond the rollouts (loss type and settings,
     scale_rewards), so equal objectives share their Y and the name survives a change of the
     rollouts (which reruns it in place)."""
-    from .stage_keys import ROLLOUT_PROVENANCE, STAGE_KEYS, defining_values
-
     values = {k: v for k, v in defining_values(config, "u_objective").items() if k not in ROLLOUT_PROVENANCE}
     digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
     assert set(values) | set(ROLLOUT_PROVENANCE) == set(STAGE_KEYS["u_objective"])
     return f"{config['update']['loss_type']}-{digest}"
 
 
-def check(config: dict, check_update) -> None:
-    """Names usable as file names and wildcards; each variant's effective config passes
-    ``check_update`` (the main update's checks: loss settings, optimizer state); a ValueError
-    names ``update.variants.<name>`` first."""
+def check_config(config: dict) -> None:
+    """Names usable as file names and wildcards; each variant's effective config passes the main
+    update's checks (loss settings, optimizer state files); a :class:`ConfigError` names
+    ``update.variants.<name>`` first."""
     for name in names(config):
         where = f"update.variants.{name}"
         if not NAME_PATTERN.match(name) or name in RESERVED:
-            raise ValueError(f"{where}: a variant name is a letter followed by letters, digits or _ "
-                             f"(and not {', '.join(RESERVED)})")
+            raise ConfigError(f"{where}: a variant name is a letter followed by letters, digits or _ "
+                              f"(and not {', '.join(RESERVED)})")
         overrides = config["update"]["variants"][name] or {}
         unknown = sorted(set(overrides) - set(OVERRIDES) - {LR_FACTOR})
         if unknown:
-            raise ValueError(f"{where}: unknown override {unknown[0]!r} ({', '.join([*OVERRIDES, LR_FACTOR])})")
+            raise ConfigError(f"{where}: unknown override {unknown[0]!r} ({', '.join([*OVERRIDES, LR_FACTOR])})")
+        effective = variant_config(config, name)
         try:
-            check_update(variant_config(config, name))
-        except ValueError as err:
-            raise ValueError(f"{where}: {err}") from err
+            losses.check_config(effective)
+            check_state_files(effective["update"], is_embedded(effective["model"]))
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from err
 
 
 def describe(config: dict, name: str) -> str:

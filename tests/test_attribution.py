@@ -1,4 +1,4 @@
-"""Attribution of δH₁ (issue 15): exact additive splits of X·v over E tokens and U tokens, their
+"""Attribution of δH₁: exact additive splits of X·v over E tokens and U tokens, their
 agreement with the influence contributions that make the error bars and with exact enumeration,
 the U-batch noise of δH₁, and the covariance view on a tabular softmax bandit."""
 from __future__ import annotations
@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from entropy_probe import (attribution, covariance, estimators, exact, losses, normalization, parameters, passes,
-                           rewards, rollout, stage_inputs, update)
+from entropy_probe import (attribution, covariance, estimators, exact_terms, losses, normalization, parameters,
+                           passes, rewards, rollout, update)
+from entropy_probe.stages import inputs as stage_inputs
 from entropy_probe.optimizer_state import load_adamw_state
 from entropy_probe.input_files import NAMES_FILE, STATE_FILE
 
@@ -35,7 +36,7 @@ def random_direction(model, seed=7):
 def e_tokens(model, tokenizer, batch, direction, normalization, baseline, top_p=0.9):
     return passes.directional_tokens(
         model, direction, batch, pad_token_id=tokenizer.pad_token_id, temperature=1.0, top_p=top_p,
-        normalization=normalization, baseline=baseline, rb_requires_grad=True, tf_batch_size=512)
+        normalization=normalization, baseline=baseline, pathwise_term=True, tf_batch_size=512)
 
 
 def e_shares(tokens, batch, normalization):
@@ -93,14 +94,14 @@ def normalization_denominators(lengths, name):
 
 def test_per_prompt_contributions_match_exact_enumeration(toy_model):
     """Over a large E batch (1024 sequences on 4 prompts), the mean influence contribution of the
-    groups of each prompt matches that prompt's exact term φ_x of ∇H·v (exact.py), within 4 SE,
+    groups of each prompt matches that prompt's exact term φ_x of ∇H·v (exact_terms.py), within 4 SE,
     along the exact expected GRPO gradient (top-p 0.9, token normalization, loo)."""
     model, tokenizer = toy_model
     batch = sample(model, tokenizer, 256, seed=11)
     prompts = [p["prompt"] for p in PROMPTS]
-    v = exact.exact_grpo_gradient(model, tokenizer, prompts, [p["answer"] for p in PROMPTS], temperature=1.0,
+    v = exact_terms.exact_grpo_gradient(model, tokenizer, prompts, [p["answer"] for p in PROMPTS], temperature=1.0,
                                   top_p=0.9, max_new_tokens=MAX_NEW_TOKENS, G=G)
-    truth = exact.exact_prompt_contributions(model, tokenizer, prompts, v, temperature=1.0, top_p=0.9,
+    truth = exact_terms.exact_prompt_contributions(model, tokenizer, prompts, v, temperature=1.0, top_p=0.9,
                                              max_new_tokens=MAX_NEW_TOKENS, normalization="token")
     assert float(truth["influence_form"].mean()) == pytest.approx(truth["grad_H_dot_u"], rel=1e-9)
     tokens = e_tokens(model, tokenizer, batch, v, "token", "loo")
@@ -141,7 +142,7 @@ def x_direction(toy_model):
     stats = stage_inputs.e_batch_stats([batch])
     grads, _ = passes.x_gradient(model, parameters.select(model), batch, pad_token_id=tokenizer.pad_token_id,
                                  temperature=1.0, top_p=0.95, H_bar=stats["H_bar_token"], normalization="token",
-                                 baseline="loo", rb_requires_grad=True, tf_batch_size=512)
+                                 baseline="loo", pathwise_term=True, tf_batch_size=512)
     return {k: g / stats["sum_T"] for k, g in grads.items()}
 
 
@@ -325,7 +326,7 @@ def test_covariance_lemma_on_a_tabular_softmax_bandit():
     params = dict(bandit.named_parameters())
     # X: with one token per response the score term has no entropy-to-go: X = ∇h from any batch
     X_sum, _ = passes.x_gradient(bandit, params, batch, pad_token_id=0, temperature=1.0, top_p=1.0, H_bar=h,
-                                 normalization="token", baseline="loo", rb_requires_grad=True, tf_batch_size=V)
+                                 normalization="token", baseline="loo", pathwise_term=True, tf_batch_size=V)
     X = {k: g / V for k, g in X_sum.items()}
     # vanilla: Y = E_π[A ∇log π] exactly (each action weighted by π_a) = π⊙A on the logits
     Y = y_of_bandit(bandit, batch, pi * A)
@@ -338,7 +339,7 @@ def test_covariance_lemma_on_a_tabular_softmax_bandit():
         assert eta * dot(X, v) == pytest.approx(expected, rel=1e-5)
         # the probe's forward-mode path and its E token shares give the same
         tokens = passes.directional_tokens(bandit, v, batch, pad_token_id=0, temperature=1.0, top_p=1.0,
-                                           normalization="token", baseline="loo", rb_requires_grad=True,
+                                           normalization="token", baseline="loo", pathwise_term=True,
                                            tf_batch_size=V)
         shares = attribution.e_token_shares(tokens["d_entropy"], tokens["d_log_q"], tokens["weight_a"],
                                             tokens["weight_beta"], tokens["entropy"], batch["response_lens"].reshape(-1),

@@ -1,5 +1,5 @@
 """Bad inputs fail before any real work, each with one line naming the key or the file, and leave
-nothing half-written under results/ (issue 7).
+nothing half-written under results/.
 
 One table: every case is a config (the default one, made tiny, on a local checkpoint and a local
 jsonl file, plus the case's overrides) run through Snakemake's default target. Config mistakes

@@ -1,4 +1,4 @@
-"""Cached means cached (issue 12): after the default run, each kind of config change schedules
+"""Cached means cached: after the default run, each kind of config change schedules
 exactly the jobs whose output it can change — an η sweep only the η stages (the fresh rollouts of
 the new η included: one job per η and E shard), a U-only key only the U side and what follows it,
 an E-only key only the E side, the entropy choice only the X side and the reductions (no
@@ -27,8 +27,8 @@ pytestmark = pytest.mark.workflow
 # and the report
 AFTER_V = {"update_vector": 1, "directional": 2, "snis_shard": 2, "delta_h1": 1, "delta_h_snis": 1,
            "fresh_rollout": 6, "delta_h_sampler": 1, "exact_reference": 1, "attribution": 1, "summary": 1, "all": 1}
-# the default config's two update variants (dapo: its own objective and Y; adamw: the main Y), two
-# E shards each: a variant's E passes, and what a new U batch reruns on the variants' side
+# the run's two update variants (dapo: its own objective and Y; adamw: the main Y; conftest), two E
+# shards each: a variant's E passes, and what a new U batch reruns on the variants' side
 VARIANT_E = {"variant_e_pass": 4}
 VARIANT_V = {"variant_update_vector": 2} | VARIANT_E
 VARIANT_U = {"variant_u_objective": 1, "variant_teacher_force_y": 2, "variant_reduce_y": 1} | VARIANT_V
@@ -102,7 +102,7 @@ def test_a_generation_key_reruns_everything_from_the_rollouts(cache_dir):
 def test_a_variant_change_reruns_only_that_variant(cache_dir):
     config = yaml.safe_load((cache_dir / RUN_CONFIG).read_text())
     variants = config["update"]["variants"]
-    assert set(variants) == {"dapo", "adamw"}  # the default config's variants (the sets below count them)
+    assert set(variants) == {"dapo", "adamw"}  # the run's variants (the sets below count them)
     jobs = jobs_after(cache_dir, {"update.variants": variants | {"adamw": variants["adamw"] | {"lr_factor": 0.2}}},
                       "variant_lr.yaml")
     assert jobs == {"variant_update_vector": 1, "variant_e_pass": 2, "summary": 1, "all": 1}
@@ -119,8 +119,8 @@ def test_a_variant_change_reruns_only_that_variant(cache_dir):
 
 
 # other layouts than the defaults (1024, 64, 64, 16, auto), not so small that the forced run is slow
-EXECUTION = {"generation.tf_chunk_tokens": 100, "generation.tf_batch_size": 48, "generation.gen_batch_size": 24,
-             "batch_config.rollout_batch_size": 5, "model.device": "cpu", "generation.gradient_checkpointing": True,
+EXECUTION = {"teacher_forcing.chunk_tokens": 100, "teacher_forcing.batch_size": 48, "generation.gen_batch_size": 24,
+             "generation.rollout_batch_size": 5, "model.device": "cpu", "teacher_forcing.gradient_checkpointing": True,
              "generation.kv_cache": "static"}
 
 

@@ -1,4 +1,4 @@
-"""Trainer checkpoints as the probe's input, below the workflow (issue 14): the checkpoint files
+"""Trainer checkpoints as the probe's input, below the workflow: the checkpoint files
 read without torch, the config checks of model.checkpoint / update.next_checkpoint /
 model.checkpoints, the optimizer-state check run before any job, the policy spec of a checkpoint,
 v = θ_{t+1} − θ_t (checkpoint_diff), the AdamW v of a checkpoint with its training η, and the
@@ -18,8 +18,9 @@ import torch
 
 pytest.importorskip("trl")
 
-from entropy_probe import checkpoint_config, checkpoint_step, models, report, toy, update  # noqa: E402
-from entropy_probe.config import ConfigError, load_config, sweep_etas, with_training_eta  # noqa: E402
+from entropy_probe import checkpoint_step, model_config, models, report, shards, toy, update  # noqa: E402
+from entropy_probe.config import ConfigError, load_config  # noqa: E402
+from entropy_probe.sweep import sweep_etas, with_training_eta  # noqa: E402
 from entropy_probe.trainer_checkpoint import (  # noqa: E402
     TrainerCheckpointError, check_state_fits, load_trainer_checkpoint, trainer_param_groups)
 from entropy_probe.trainer_files import (  # noqa: E402
@@ -74,7 +75,7 @@ def test_parse_time_checkpoint_code_is_torch_free(trl_run, toy_policy_dir):
     code = (
         "import sys\n"
         "from entropy_probe.config import load_config\n"
-        "from entropy_probe.checkpoint_config import state_checks, trajectory_pairs\n"
+        "from entropy_probe.model_config import state_checks, trajectory_pairs\n"
         f"config = load_config({str(REPO / 'config' / 'config.yaml')!r}, {overrides!r})\n"
         "assert len(trajectory_pairs(config)) == 3 and state_checks(config)\n"
         "assert 'torch' not in sys.modules, 'torch imported at parse time'\n"
@@ -89,12 +90,12 @@ def test_parse_time_checkpoint_code_is_torch_free(trl_run, toy_policy_dir):
 def test_checkpoint_configs(trl_run, trl_lora_run, toy_policy_dir):
     full, lora = str(trl_run.checkpoint(2)), str(trl_lora_run.checkpoint(2))
     config = _config(toy_policy_dir, {"checkpoint": full}, {"optimizer": "adamw"})
-    assert not checkpoint_config.is_embedded(config["model"])
-    assert checkpoint_config.state_checks(config) == ["--trainable", "auto", full]
+    assert not model_config.is_embedded(config["model"])
+    assert model_config.state_checks(config) == ["--trainable", "auto", full]
     config = _config(toy_policy_dir, {"checkpoint": lora}, {"optimizer": "checkpoint_diff",
                                                              "next_checkpoint": str(trl_lora_run.checkpoint(3))})
-    assert checkpoint_config.compares_steps(config)
-    pairs = checkpoint_config.trajectory_pairs(_config(
+    assert model_config.compares_steps(config)
+    pairs = model_config.trajectory_pairs(_config(
         toy_policy_dir, {"checkpoints": [str(trl_run.checkpoint(s)) for s in (3, 1, 2)]},
         {"optimizer": "checkpoint_diff"}))
     assert list(pairs) == ["checkpoint-1_to_checkpoint-2", "checkpoint-2_to_checkpoint-3"]
@@ -111,9 +112,6 @@ def test_checkpoint_config_errors_name_the_key(trl_run, trl_lora_run, toy_policy
         ({"checkpoint": full}, {"optimizer": "checkpoint_diff"}, "update.next_checkpoint: update.optimizer"),
         ({}, {"optimizer": "checkpoint_diff"}, "update.optimizer: checkpoint_diff needs model.checkpoint"),
         ({"checkpoint": full}, {"next_checkpoint": nxt}, "update.next_checkpoint is set but update.optimizer is 'sgd'"),
-        ({"checkpoint": full}, diff | {"variants": {"dapo": {"loss_type": "dapo"}}},
-         "update.variants: a variant is another update rule on the U batch, and with update.optimizer "
-         "checkpoint_diff there is none"),
         ({"checkpoint": full}, {"optimizer": "adamw", "variants": {"d": {"optimizer": "checkpoint_diff"}}},
          "update.variants.d.optimizer: 'checkpoint_diff' is not one of ['sgd', 'adamw']"),
         ({"checkpoint": full, "name_or_path": str(toy_policy_dir)}, {}, "model.name_or_path: model.checkpoint"),
@@ -146,6 +144,20 @@ def test_checkpoint_config_errors_name_the_key(trl_run, trl_lora_run, toy_policy
     # the embedded prompts only go with the embedded policy
     with pytest.raises(ConfigError, match="data.source: 'embedded' prompts only go with the embedded policy"):
         load_config(REPO / "config" / "config.yaml", {"model": {"checkpoint": full}})
+
+
+def test_variants_with_a_checkpoint_difference_are_skipped_with_a_note(trl_run, toy_policy_dir):
+    """A variant is another update rule on the U batch; v = θ_next − θ has none: the variants are
+    skipped, said in one line, never an error."""
+    from entropy_probe import variants
+
+    config = load_config(REPO / "config" / "config.yaml", {
+        "model": {"checkpoint": str(trl_run.checkpoint(2))}, "data": {"source": str(toy_policy_dir / "prompts.jsonl")},
+        "update": {"optimizer": "checkpoint_diff", "next_checkpoint": str(trl_run.checkpoint(3)),
+                   "variants": {"dapo": {"loss_type": "dapo"}}}})
+    assert variants.configured(config) == ["dapo"] and variants.names(config) == []
+    note = variants.skipped_note(config)
+    assert note.startswith("update.variants (dapo) skipped") and "checkpoint_diff" in note and "\n" not in note
 
 
 # ----------------------------------------------------- the optimizer-state check before any job
@@ -181,7 +193,7 @@ def test_the_state_check_before_any_job(trl_run, trl_lora_run, tmp_path, monkeyp
                                                      r"'base_model\.model\.model\.embed_tokens\.weight'"):
         check_state_fits(trl_lora_run.checkpoint(2), trainable="all")
     # the command the workflow runs at its start: one ERROR line, status 1
-    result = subprocess.run([sys.executable, "-m", "entropy_probe.trainer_checkpoint", str(trl_run.checkpoint(1)),
+    result = subprocess.run([sys.executable, "-m", "entropy_probe", "check-checkpoints", str(trl_run.checkpoint(1)),
                              str(other)], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 1 and result.stdout == ""
     errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR: ")]
@@ -193,8 +205,10 @@ def test_the_state_check_before_any_job(trl_run, trl_lora_run, tmp_path, monkeyp
 
 
 def _spec(tmp_path, checkpoint, name="policy.json", **model):
-    return models.write_spec({"name_or_path": "embedded", "adapter_path": "", "trust_remote_code": False,
-                              "checkpoint": str(checkpoint)} | model, tmp_path / name)
+    spec = models.resolve_spec({"name_or_path": "embedded", "adapter_path": "", "trust_remote_code": False,
+                                "checkpoint": str(checkpoint)} | model)
+    shards.write_json(tmp_path / name, spec)
+    return spec
 
 
 def test_policy_spec_of_a_checkpoint(trl_run, trl_lora_run, toy_policy_dir, tmp_path):
@@ -216,7 +230,7 @@ def test_checkpoint_diff_is_the_step_the_trainer_took(kind, trl_run, trl_lora_ru
     run = {"full": trl_run, "lora": trl_lora_run}[kind]
     spec = tmp_path / "policy.json"
     _spec(tmp_path, run.checkpoint(2))
-    cfg = {"model": {"dtype": "float32", "trainable": "auto"}, "estimator": {"param_filter": ""}}
+    cfg = {"model": {"dtype": "float32", "trainable": "auto", "param_filter": ""}}
     v, meta = checkpoint_step.step_vector(cfg, str(spec), str(run.checkpoint(3)))
     before = dict(models.load_policy(spec, "float32", "cpu").named_parameters())
     after_spec = checkpoint_step.next_spec(models.read_spec(spec), run.checkpoint(3))
@@ -231,7 +245,7 @@ def test_checkpoint_diff_is_the_step_the_trainer_took(kind, trl_run, trl_lora_ru
     if kind == "full":  # a parameter the trainer changed but the probe leaves out: not the whole step
         with pytest.raises(checkpoint_step.CheckpointStepError, match="parameter 'model.embed_tokens.weight' "
                                                                       "differs from model.checkpoint's"):
-            checkpoint_step.step_vector(cfg | {"estimator": {"param_filter": "layers"}}, str(spec),
+            checkpoint_step.step_vector({"model": cfg["model"] | {"param_filter": "layers"}}, str(spec),
                                         str(run.checkpoint(3)))
 
 
@@ -250,8 +264,8 @@ def test_adamw_from_a_checkpoint_records_the_training_lr(trl_run, tmp_path):
     assert build.meta["training_eta"] == build.meta["training_lr"] == spec["checkpoint"]["learning_rate"]
     assert build.meta["training_eta_label"] == "training lr" and "(parameter order)" in build.meta[
         "optimizer_param_names"]
-    step, _ = checkpoint_step.step_vector({"model": cfg["model"] | {"trainable": "auto"},
-                                           "estimator": {"param_filter": ""}}, str(tmp_path / "policy.json"),
+    step, _ = checkpoint_step.step_vector({"model": cfg["model"] | {"trainable": "auto", "param_filter": ""}},
+                                          str(tmp_path / "policy.json"),
                                           str(trl_run.checkpoint(3)))
     lr = build.meta["training_lr"]
     compared = checkpoint_step.compare_steps(v, lr, step)
@@ -279,7 +293,7 @@ def test_the_training_eta_joins_the_sweep_and_is_marked():
     rows = report.combine(first_order, snis, None)
     assert [r.get("training") for r in rows] == [None, "trainer's step (η = 1)"]
     comparison = {"cosine": 0.5, "norm_ratio": 1.1, "sign_agreement": 0.7, "probe_delta_h1": -0.2}
-    table = report.format_table(rows, "nats/token", None, update=update_, comparison=comparison)
+    table = report.format_table(rows, "nats/token", notes=[report.update_note(update_, comparison)])
     assert [line.split()[0] for line in table.splitlines() if line.split()[0] in ("0.5", "1*")] == ["0.5", "1*"]
     assert "η = 1 is that step" in table and "cosine 0.500, norm ratio 1.100" in table
     assert "global step 2" in table and "learning rate: 0.0001 (scheduler.pt)" in table
@@ -288,16 +302,15 @@ def test_the_training_eta_joins_the_sweep_and_is_marked():
 def test_the_trl_example_config(trl_run):
     """config/examples/trl-grpo-run.yaml passes the schema, and the cross-field checks with its
     checkpoints pointed at a real TRL run's output folder."""
-    import jsonschema
     import yaml
 
-    from entropy_probe.config import SCHEMA_PATH, _fill_defaults, check_config
+    from entropy_probe.config import check_config
+    from entropy_probe.config_schema import fill_defaults, validate
 
-    schema = yaml.safe_load(SCHEMA_PATH.read_text())
     example = yaml.safe_load((REPO / "config" / "examples" / "trl-grpo-run.yaml").read_text())
-    _fill_defaults(schema, example)
-    jsonschema.Draft202012Validator(schema).validate(example)
+    fill_defaults(example)
+    validate(example)
     assert example["update"]["optimizer"] == "checkpoint_diff" and example["model"]["checkpoints"].endswith("-*")
     example["model"].update(checkpoints=str(trl_run.output_dir / "checkpoint-*"), device="cpu")
     check_config(example)
-    assert len(checkpoint_config.trajectory_pairs(example)) == 3
+    assert len(model_config.trajectory_pairs(example)) == 3

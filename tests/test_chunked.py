@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from entropy_probe import estimators, generate, losses, measure, parameters, passes, snis, teacher_force, tf_layout
+from entropy_probe import (estimators, generate, logit_gradient, losses, measure, parameters, passes, snis_pass,
+                           teacher_force, tf_layout)
 from entropy_probe.noise import STREAM_E, NoiseKey
 
 SETTINGS = [(1.0, 1.0), (0.7, 0.8), (1.3, 0.95)]  # (temperature, top_p)
@@ -67,7 +68,7 @@ def test_closed_form_logit_gradient_matches_autograd(temperature, top_p, terms):
                                                               coef["h"], coef["q"], coef["p"])
     value.backward()
     workspace = torch.empty(R * V + 13)
-    scores, grad = measure.scores_with_logit_gradient(
+    scores, grad = logit_gradient.scores_with_logit_gradient(
         logits.clone(), tokens, temperature, top_p, want_q="h" in terms or "q" in terms, want_tempered="p" in terms,
         coef_entropy=coef["h"], coef_log_q=coef["q"], coef_tempered=coef["p"], overwrite=True, workspace=workspace,
     )
@@ -82,7 +83,7 @@ def test_closed_form_logit_gradient_matches_autograd(temperature, top_p, terms):
 
 def test_closed_form_scores_flag_tokens_outside_the_nucleus():
     logits = torch.tensor([[5.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
-    scores, _ = measure.scores_with_logit_gradient(logits, torch.tensor([2, 1]), 1.0, 0.5)
+    scores, _ = logit_gradient.scores_with_logit_gradient(logits, torch.tensor([2, 1]), 1.0, 0.5)
     assert scores["in_nucleus"].tolist() == [False, True]
     assert torch.isneginf(scores["token_log_q"][0]) and torch.isfinite(scores["token_log_q"][1])
     assert torch.equal(logits, torch.tensor([[5.0, 0.0, -1.0], [0.0, 0.0, 0.0]]))  # not overwritten by default
@@ -220,10 +221,10 @@ def test_fused_surrogate_value_and_gradients_equal_autograd(temperature, top_p, 
 # the passes
 
 
-def reference_x_gradient(model, rollout, pad, temperature, top_p, H_bar, rb_requires_grad=True):
+def reference_x_gradient(model, rollout, pad, temperature, top_p, H_bar, pathwise_term=True):
     batch = tf_layout.from_rollout(rollout, pad)
     coefs = estimators.x_coefficients(rollout["rb_entropies"], rollout["response_lens"], H_bar, "token", "loo",
-                                      rb_requires_grad)
+                                      pathwise_term)
     lq, h, _ = reference_scores(model, batch, temperature, top_p)
     value = estimators.surrogate_value(coefs, h, lq)
     return dict(zip([n for n, p in model.named_parameters()], grads_of(model, value))), h.double().sum(-1)
@@ -239,7 +240,7 @@ def test_x_and_y_passes_equal_the_unchunked_gradients(temperature, top_p):
     for tf_batch_size, chunk in ((5, 7), (1000, 1), (2, 10**6)):
         grads, stats = passes.x_gradient(model, params, rollout, pad_token_id=pad, temperature=temperature,
                                          top_p=top_p, H_bar=H_bar, normalization="token", baseline="loo",
-                                         rb_requires_grad=True, tf_batch_size=tf_batch_size, chunk_tokens=chunk)
+                                         pathwise_term=True, tf_batch_size=tf_batch_size, chunk_tokens=chunk)
         assert_grads_close([grads[k] for k in expected], [expected[k].double() for k in expected])
         torch.testing.assert_close(stats["S"], S, atol=1e-5, rtol=1e-6)
     # Y: the GRPO objective's gradient
@@ -258,9 +259,9 @@ def test_x_pass_without_rb_gradient_drops_only_the_pathwise_term():
     model = small_qwen2(tied=True)
     rollout, pad = sampled_rollout(model, temperature=0.7, top_p=0.8, seed=5)
     params = parameters.select(model)
-    expected, _ = reference_x_gradient(model, rollout, pad, 0.7, 0.8, 1.0, rb_requires_grad=False)
+    expected, _ = reference_x_gradient(model, rollout, pad, 0.7, 0.8, 1.0, pathwise_term=False)
     grads, _ = passes.x_gradient(model, params, rollout, pad_token_id=pad, temperature=0.7, top_p=0.8, H_bar=1.0,
-                                 normalization="token", baseline="loo", rb_requires_grad=False, tf_batch_size=4,
+                                 normalization="token", baseline="loo", pathwise_term=False, tf_batch_size=4,
                                  chunk_tokens=5)
     assert_grads_close([grads[k] for k in expected], [expected[k].double() for k in expected])
 
@@ -270,7 +271,7 @@ def test_bf16_autocast_x_pass_is_close_to_fp32():
     rollout, pad = sampled_rollout(model, seed=6)
     params = parameters.select(model)
     kwargs = dict(pad_token_id=pad, temperature=1.0, top_p=1.0, H_bar=1.0, normalization="token", baseline="loo",
-                  rb_requires_grad=True, tf_batch_size=64, chunk_tokens=7)
+                  pathwise_term=True, tf_batch_size=64, chunk_tokens=7)
     fp32, _ = passes.x_gradient(model, params, rollout, **kwargs)
     bf16, _ = passes.x_gradient(model, params, rollout, autocast_dtype="bfloat16", **kwargs)
     num = sum(float(((fp32[k] - bf16[k]) ** 2).sum()) for k in fp32)
@@ -285,7 +286,7 @@ def test_chunked_directional_sums_equal_one_chunk(temperature, top_p):
     gen = torch.Generator().manual_seed(3)
     v = {k: torch.randn(p.shape, generator=gen, dtype=torch.float64) for k, p in model.named_parameters()}
     kwargs = dict(pad_token_id=pad, temperature=temperature, top_p=top_p, normalization="token", baseline="loo",
-                  rb_requires_grad=True)
+                  pathwise_term=True)
     one = passes.directional_sums(model, v, rollout, tf_batch_size=100, chunk_tokens=10**6, **kwargs)
     chunked = passes.directional_sums(model, v, rollout, tf_batch_size=3, chunk_tokens=4, **kwargs)
     for key in one:
@@ -337,7 +338,7 @@ def test_chunked_snis_pass_equals_unchunked(temperature, top_p):
     etas = [0.0, -0.01, 0.3]
     expected = reference_snis(model, v, rollout, etas, pad, temperature, top_p)
     for tf_batch_size, chunk in ((5, 4), (100, 10**6)):
-        got = snis.snis_pass(model, v, rollout, etas, pad_token_id=pad, temperature=temperature, top_p=top_p,
+        got = snis_pass.snis_pass(model, v, rollout, etas, pad_token_id=pad, temperature=temperature, top_p=top_p,
                              tf_batch_size=tf_batch_size, chunk_tokens=chunk)
         assert got["log_w"][0].abs().max() == 0.0  # η = 0: exactly θ
         for key in ("log_w", "S_shifted", "S"):

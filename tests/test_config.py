@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import re
-import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from entropy_probe.config import ConfigError, check_config, load_config
+from entropy_probe import config_schema
+from entropy_probe.config import ConfigError, load_config
+from entropy_probe.config_schema import RENAMED
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = REPO / "config" / "config.yaml"
@@ -65,13 +66,16 @@ def test_the_limits_themselves_pass():
     load_config(GOOD, {"generation": {"top_p": 1.0}})
 
 
-def test_check_config_rejects_top_p_for_direct_callers():
-    config = load_config(GOOD)
-    for top_p in (0.0, 1.5):
-        bad = copy.deepcopy(config)
-        bad["generation"]["top_p"] = top_p
-        with pytest.raises(ConfigError, match="generation.top_p"):
-            check_config(bad)
+@pytest.mark.parametrize("old", sorted(f"{s}.{k}" for s, k in RENAMED))
+def test_a_key_that_moved_fails_with_one_line_naming_its_new_place(old):
+    section, key = old.split(".")
+    new = RENAMED[(section, key)].split(" ")[0]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {section: {key: 1}})
+    message = str(info.value)
+    assert message.startswith(f"{old}: renamed to {new}") and "\n" not in message
+    new_section, new_key = new.split(".")
+    assert new_key in config_schema.schema()["properties"][new_section]["properties"], new  # the new place exists
 
 
 def _snakemake(workdir, *args):
@@ -101,7 +105,7 @@ def test_snakemake_rejects_a_bad_config_before_any_job(tmp_path, section, key, v
 
 def test_package_does_not_import_snakemake():
     package = REPO / "entropy_probe"
-    for path in sorted(package.glob("*.py")):
+    for path in sorted(package.rglob("*.py")):
         tree = ast.parse(path.read_text(), filename=str(path))
         for node in ast.walk(tree):
             names = []
@@ -110,10 +114,11 @@ def test_package_does_not_import_snakemake():
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
             assert not any(n.split(".")[0] == "snakemake" for n in names), f"{path.name} imports snakemake"
-    modules = sorted(p.stem for p in package.glob("*.py") if p.stem != "__init__")
+    modules = sorted(".".join(p.relative_to(REPO).with_suffix("").parts) for p in package.rglob("*.py")
+                     if p.stem not in ("__init__", "__main__"))
     code = (
         "import importlib, sys\n"
-        f"for m in {modules!r}: importlib.import_module('entropy_probe.' + m)\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
         "assert not any(k == 'snakemake' or k.startswith('snakemake.') for k in sys.modules), 'snakemake imported'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -138,3 +143,30 @@ def test_snakefile_parse_time_imports_are_torch_free():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def _jobs(workdir, *args):
+    from workflow_util import dry_run_jobs_with
+
+    return dry_run_jobs_with(workdir, *args)
+
+
+def test_a_users_config_file_means_what_it_says(tmp_path):
+    """With --configfile, the workflow reads the user's file on the schema's defaults, never merged
+    into config/config.yaml: an empty mapping there (update.variants: {}) means none, and a key the
+    file leaves out takes the schema's default. With several files, a later file's mapping replaces
+    an earlier one's."""
+    work = tmp_path / "work"
+    (work / "config").mkdir(parents=True)
+    default = yaml.safe_load(GOOD.read_text())
+    default["update"]["variants"] = {"dapo": {"loss_type": "dapo"}}
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump(default))
+    assert _jobs(work)["variant_e_pass"] == 2  # config/config.yaml alone: its variant runs
+    (work / "none.yaml").write_text("update:\n  variants: {}\n")
+    jobs = _jobs(work, "--configfile", str(work / "none.yaml"))
+    assert not any(rule.startswith("variant_") for rule in jobs), jobs
+    assert "exact_reference" not in jobs  # max_new_tokens is the schema's 256, not config.yaml's 3
+    (work / "some.yaml").write_text(yaml.safe_dump({"update": {"variants": {"dapo": {"loss_type": "dapo"}}}}))
+    assert _jobs(work, "--configfile", str(work / "some.yaml"))["variant_e_pass"] == 2
+    jobs = _jobs(work, "--configfile", str(work / "some.yaml"), str(work / "none.yaml"))
+    assert not any(rule.startswith("variant_") for rule in jobs), jobs

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from entropy_probe import estimators, losses, parameters, passes, rollout, rewards, stage_inputs, teacher_force, tf_layout
+from entropy_probe import estimators, exact_terms, gradients, losses, parameters, passes, rollout, rewards, teacher_force, tf_layout
+from entropy_probe.stages import inputs as stage_inputs
 
 from entropy_probe import exact
 
@@ -61,12 +62,12 @@ def test_x_estimator_is_unbiased_against_exact_gradient(toy_model, batches, temp
         for baseline in ("loo", "none"):
             grads, _ = passes.x_gradient(
                 model, params, batch, pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
-                H_bar=stats["H_bar_token"], normalization=normalization, baseline=baseline, rb_requires_grad=True,
+                H_bar=stats["H_bar_token"], normalization=normalization, baseline=baseline, pathwise_term=True,
                 tf_batch_size=512)
             for u in us:
                 sums = passes.directional_sums(
                     model, u, batch, pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
-                    normalization=normalization, baseline=baseline, rb_requires_grad=True, tf_batch_size=512)
+                    normalization=normalization, baseline=baseline, pathwise_term=True, tf_batch_size=512)
                 forward, se = estimators.directional_estimate(sums["P"], sums["Q"], sums["S"], sums["T"], G,
                                                               normalization)
                 estimate = x_dot(grads, u, denom)
@@ -85,13 +86,13 @@ def test_loo_baseline_cuts_the_variance_of_x_dot_v(toy_model, batches, temperatu
     directions: the entropy-to-go depends mostly on the sampled prefix, not on the prompt.)"""
     model, tokenizer = toy_model
     batch = batches[(temperature, top_p)]
-    v = exact.exact_grpo_gradient(model, tokenizer, [p["prompt"] for p in PROMPTS], [p["answer"] for p in PROMPTS],
+    v = exact_terms.exact_grpo_gradient(model, tokenizer, [p["prompt"] for p in PROMPTS], [p["answer"] for p in PROMPTS],
                                   temperature=temperature, top_p=top_p, max_new_tokens=MAX_NEW_TOKENS, G=G)
     ses = {}
     for baseline in ("none", "loo"):
         sums = passes.directional_sums(
             model, v, batch, pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
-            normalization="token", baseline=baseline, rb_requires_grad=True, tf_batch_size=512)
+            normalization="token", baseline=baseline, pathwise_term=True, tf_batch_size=512)
         ses[baseline] = estimators.directional_estimate(sums["P"], sums["Q"], sums["S"], sums["T"], G, "token")[1]
     assert ses["loo"] < ses["none"], ses
 
@@ -107,7 +108,7 @@ def test_x_does_not_depend_on_the_sharding(toy_model, batches):
     stats = stage_inputs.e_batch_stats([batch])
     params = parameters.select(model)
     kwargs = dict(pad_token_id=tokenizer.pad_token_id, temperature=0.7, top_p=0.8, H_bar=stats["H_bar_token"],
-                  normalization="token", baseline="loo", rb_requires_grad=True, tf_batch_size=100)
+                  normalization="token", baseline="loo", pathwise_term=True, tf_batch_size=100)
     whole, _ = passes.x_gradient(model, params, batch, **kwargs)
     bounds = [0, 60, 130, 200, NUM_PROMPTS]
     parts = [passes.x_gradient(model, params, _slice_groups(batch, lo, hi), **kwargs)[0]
@@ -118,15 +119,15 @@ def test_x_does_not_depend_on_the_sharding(toy_model, batches):
         torch.testing.assert_close(total, whole[name], rtol=1e-4, atol=1e-5 * whole[name].abs().max().item())
 
 
-def test_rb_requires_grad_false_drops_the_pathwise_term(toy_model, batches):
+def test_pathwise_term_false_drops_the_pathwise_term(toy_model, batches):
     model, tokenizer = toy_model
     batch = _slice_groups(batches[(1.0, 1.0)], 0, 32)
     stats = stage_inputs.e_batch_stats([batch])
     params = parameters.select(model)
     kwargs = dict(pad_token_id=tokenizer.pad_token_id, temperature=1.0, top_p=1.0, H_bar=stats["H_bar_token"],
                   normalization="token", baseline="loo", tf_batch_size=64)
-    with_rb, _ = passes.x_gradient(model, params, batch, rb_requires_grad=True, **kwargs)
-    without, _ = passes.x_gradient(model, params, batch, rb_requires_grad=False, **kwargs)
+    with_rb, _ = passes.x_gradient(model, params, batch, pathwise_term=True, **kwargs)
+    without, _ = passes.x_gradient(model, params, batch, pathwise_term=False, **kwargs)
     # score term only: weights zeroed out entirely would give no gradient, the pathwise term alone
     # is the difference
     diff = sum(float((with_rb[k] - without[k]).abs().sum()) for k in with_rb)
@@ -150,7 +151,7 @@ def test_y_estimator_is_unbiased_against_exact_grpo_gradient(toy_model):
     temperature, top_p, num_groups = 0.7, 0.8, 96
     batch = sample_batch(model, tokenizer, temperature, top_p, num_prompts=num_groups, seed=5)
     params = parameters.select(model)
-    expected_y = exact.exact_grpo_gradient(
+    expected_y = exact_terms.exact_grpo_gradient(
         model, tokenizer, [p["prompt"] for p in PROMPTS], [p["answer"] for p in PROMPTS], temperature=temperature,
         top_p=top_p, max_new_tokens=MAX_NEW_TOKENS, G=G)
     u = {k: g.double() for k, g in expected_y.items()}
@@ -167,6 +168,6 @@ def test_y_estimator_is_unbiased_against_exact_grpo_gradient(toy_model):
     estimate = x_dot(whole, u, float(terms.sum()))
     assert estimate == pytest.approx(float(per_group.mean()), rel=1e-4)
     se = float(per_group.std() / num_groups**0.5)
-    truth = exact.dot(expected_y, u)
+    truth = gradients.dot(gradients.restrict(expected_y, u), u)
     assert abs(estimate - truth) < 4 * se, (estimate, truth, se)
     assert se < abs(truth)  # the test has power: the signal is resolved

@@ -15,7 +15,7 @@ import types
 import pytest
 import torch
 
-from entropy_probe import generate, measure, parameters, rewards
+from entropy_probe import exact_terms, generate, gradients, measure, parameters, rewards
 from entropy_probe.noise import STREAM_E, NoiseKey
 from entropy_probe.toy import EOS, PAD, VOCAB
 
@@ -213,7 +213,7 @@ def test_entropy_grad_matches_finite_difference(toy_model, smooth_model, normali
                                              max_new_tokens=MAX_NEW)
         values.append(exact.exact_entropy(enum, normalization).item())
     finite_difference = (values[0] - values[1]) / (2 * eps)
-    directional = exact.dot(grad, direction)
+    directional = gradients.dot(gradients.restrict(grad, direction), direction)
     assert abs(directional) > 0.1
     assert finite_difference == pytest.approx(directional, rel=1e-5)
 
@@ -257,7 +257,7 @@ def test_entropy_at_is_first_order_in_eta(smooth_model, normalization="token"):
     kw = dict(temperature=1.0, top_p=1.0, max_new_tokens=MAX_NEW, normalization=normalization)
     h, grad = exact.exact_entropy_and_grad(model64, tokenizer, PROMPTS, **kw)
     direction = _random_direction(model64, seed=3, scale=0.1)
-    slope = exact.dot(grad, direction)
+    slope = gradients.dot(gradients.restrict(grad, direction), direction)
     errors = []
     for eta in (1e-3, 1e-4):
         h_eta = exact.exact_entropy_at(model64, tokenizer, PROMPTS, direction=direction, eta=eta, **kw)
@@ -279,7 +279,7 @@ def test_fixed_nucleus_gradient_with_top_p(smooth_model):
                                nucleus="base", **kw)
         for s in (1.0, -1.0)
     )
-    directional = exact.dot(grad, direction)
+    directional = gradients.dot(gradients.restrict(grad, direction), direction)
     assert abs(directional) > 1e-3
     assert (plus - minus) / (2 * eps) == pytest.approx(directional, rel=1e-5)
 
@@ -348,6 +348,11 @@ def _brute_force_grpo(groups, G: int) -> torch.Tensor:
     return total / len(groups)
 
 
+def _flatten(tensors: dict, names: list[str]) -> torch.Tensor:
+    """A name -> tensor dict as one float64 vector, in ``names`` order."""
+    return torch.cat([tensors[k].reshape(-1).to(torch.float64) for k in names])
+
+
 @pytest.mark.parametrize(
     "prompts,golds,temperature,top_p,max_new_tokens,group_sizes",
     [
@@ -362,7 +367,7 @@ def test_grpo_gradient_matches_brute_force(smooth_model, prompts, golds, tempera
     kw = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
     groups, names = _per_response_scores(model64, tokenizer, prompts, golds, **kw)
     for G in group_sizes:
-        closed = exact.flatten(exact.exact_grpo_gradient(model64, tokenizer, prompts, golds, G=G, **kw), names)
+        closed = _flatten(exact_terms.exact_grpo_gradient(model64, tokenizer, prompts, golds, G=G, **kw), names)
         assert all(p.grad is None for p in model64.parameters())
         brute = _brute_force_grpo(groups, G)
         assert float(brute.norm()) > 1e-3

@@ -15,7 +15,7 @@ import torch
 
 from toy_batches import G, MAX_NEW_TOKENS, PROMPTS, direction, sample_batch
 
-from entropy_probe import exact, fresh, report, shards, snis
+from entropy_probe import exact, fresh, fresh_pass, report, shards, snis, snis_pass
 
 SETTINGS = [(1.0, 1.0), (0.7, 1.0), (1.0, 0.8), (0.7, 0.8)]
 ETAS = [1e-3, 3e-3, 1e-2, 3e-2]  # along direction(): responses change from a few to most
@@ -23,7 +23,7 @@ ETAS = [1e-3, 3e-3, 1e-2, 3e-2]  # along direction(): responses change from a fe
 
 def redraw(model, tokenizer, batch, u, eta, temperature, top_p, seed=0, num_prompts=None):
     n = batch["prompt_ids"].numel() if num_prompts is None else num_prompts
-    return fresh.fresh_rollout_shard(model, tokenizer, batch, u, eta, slots=range(n), seed=seed,
+    return fresh_pass.fresh_rollout_shard(model, tokenizer, batch, u, eta, slots=range(n), seed=seed,
                                      temperature=temperature, top_p=top_p, max_new_tokens=MAX_NEW_TOKENS,
                                      gen_batch_size=4096)
 
@@ -133,7 +133,7 @@ def test_sampler_delta_h_matches_exact_own_nucleus(toy_model, fresh_runs, temper
     if top_p < 1.0:  # the test has power where it matters: the sampler's change is not SNIS's there
         assert any(nucleus_changes), nucleus_changes
     else:  # top_p = 1: the same quantity as SNIS (one nucleus), from the same E batch
-        out = snis.snis_pass(model, u, batch, ETAS, pad_token_id=tokenizer.pad_token_id, temperature=temperature,
+        out = snis_pass.snis_pass(model, u, batch, ETAS, pad_token_id=tokenizer.pad_token_id, temperature=temperature,
                              top_p=top_p, tf_batch_size=1024)
         for j, eta in enumerate(ETAS):
             row = reduce(redraws[eta])
@@ -180,17 +180,31 @@ def test_coupling_saving_is_estimated_from_the_coupled_data(toy_model, fresh_run
     assert reduce(redraws[ETAS[0]])["coupling_se_factor"] > 2
 
 
-def test_reduction_needs_every_shard_of_every_eta(toy_model):
+def test_reduction_needs_every_shard_of_every_eta(toy_model, tmp_path):
+    """The delta_h_sampler stage reduces the whole E batch at every η of estimator.fresh_etas: a
+    missing shard or η is an error naming it."""
+    from entropy_probe.stages.fresh import delta_h_sampler
+
     model, tokenizer = toy_model
     batch = sample_batch(model, tokenizer, 1.0, 1.0, num_prompts=8)
     tensors = redraw(model, tokenizer, batch, direction(model), 1e-3, 1.0, 1.0)
-    meta = {"model_fingerprint": "f", "eta": 1e-3, "shard_index": 0, "num_shards": 2}
-    with pytest.raises(shards.ShardError, match="η = 0.001 has shards \\[0\\] of 2"):
-        fresh.reduce_shards([(tensors, meta)], [1e-3], G, "token", "sampler")
-    with pytest.raises(shards.ShardError, match="expected"):
-        fresh.reduce_shards([(tensors, meta | {"num_shards": 1})], [1e-3, 1e-2], G, "token", "sampler")
-    rows, _ = fresh.reduce_shards([(tensors, meta | {"num_shards": 1})], [1e-3], G, "token", "sampler")
-    assert rows[0]["delta_h"] == reduce(tensors)["delta_h"]
+
+    def shard(num_shards: int) -> str:
+        path = tmp_path / f"fresh_{num_shards}.safetensors"
+        shards.write_shard(path, tensors, {"kind": "fresh", "model_fingerprint": "f", "eta": 1e-3, "shard_index": 0,
+                                           "num_shards": num_shards})
+        return str(path)
+
+    cfg = {"estimator": {"fresh_etas": [1e-3], "normalization": "token", "entropy": "sampler"},
+           "batch_config": {"G": G}}
+    out = tmp_path / "delta_h_sampler.json"
+    with pytest.raises(shards.ShardError, match=r"not one complete set of shards \(indices \[0\] of \[2\]\)"):
+        delta_h_sampler(cfg, redrawn=[shard(2)], report=str(out))
+    with pytest.raises(shards.ShardError, match=r"hold η \[0.001\], expected \[0.001, 0.01\]"):
+        delta_h_sampler({**cfg, "estimator": cfg["estimator"] | {"fresh_etas": [1e-3, 1e-2]}}, redrawn=[shard(1)],
+                        report=str(out))
+    delta_h_sampler(cfg, redrawn=[shard(1)], report=str(out))
+    assert shards.read_json(out)["rows"][0]["delta_h"] == reduce(tensors)["delta_h"]
 
 
 def test_low_ess_rows_are_flagged_and_point_to_the_sampler():

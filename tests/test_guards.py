@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from entropy_probe import guards, shards, stage_inputs
+from entropy_probe import guards, shards
+from entropy_probe.stages import inputs as stage_inputs
 
 
 def test_non_finite_gradient_names_the_parameter():
@@ -27,7 +28,7 @@ def _rollout_like(tmp_path, **overrides):
     tensors.update(overrides)
     cfg = {"generation": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 3}, "batch_config": {"seed": 0, "G": 2},
            "model": {"precision": "float32"}}
-    meta = stage_inputs.rollout_expectations(cfg, "E", "abc")
+    meta = stage_inputs.rollout_header(cfg, "E", "abc")
     path = tmp_path / "shard.safetensors"
     shards.write_shard(path, tensors, meta)
     return path, cfg

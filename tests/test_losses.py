@@ -22,7 +22,7 @@ def test_group_advantages_values():
     torch.testing.assert_close(losses.group_advantages(r4, "group"), (r4 - 0.25) / (std + 1e-4))
     for scale in ("none", "group", "batch"):  # G = 1: every advantage is 0, never NaN
         assert torch.equal(losses.group_advantages(torch.tensor([[1.0], [0.0]]), scale), torch.zeros(2, 1))
-    with pytest.raises(ValueError, match="batch_config.scale_rewards"):
+    with pytest.raises(ValueError, match="update.scale_rewards"):
         losses.group_advantages(r, "sometimes")
 
 

@@ -1,4 +1,4 @@
-"""bf16 end to end (issue 16): ``model.precision: bfloat16`` runs generation, the X and Y passes,
+"""bf16 end to end: ``model.precision: bfloat16`` runs generation, the X and Y passes,
 the directional pass and SNIS under bf16 autocast, with the measure on fp32 logits and float64
 reductions.
 
@@ -19,7 +19,7 @@ import torch
 import yaml
 from conftest import REPO
 
-from entropy_probe import first_order, precision
+from entropy_probe import first_order, logit_gradient, precision
 from entropy_probe.config import ConfigError, load_config
 from workflow_util import dry_run_jobs, run_snakemake
 
@@ -115,7 +115,7 @@ def test_a_token_outside_its_recomputed_nucleus_is_kept_only_when_asked():
     torch.testing.assert_close(h, measure.rb_entropy(expected, kept))
     c_h, c_q = torch.rand(6, generator=g), torch.randn(6, generator=g)
     (c_h * h + c_q * lq).sum().backward()
-    scores, grad = measure.scores_with_logit_gradient(logits.detach(), tokens, 0.8, 0.7, coef_entropy=c_h,
+    scores, grad = logit_gradient.scores_with_logit_gradient(logits.detach(), tokens, 0.8, 0.7, coef_entropy=c_h,
                                                       coef_log_q=c_q, keep_tokens=True)
     assert not scores["in_nucleus"].any()
     torch.testing.assert_close(scores["token_log_q"], lq.detach())

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,11 +15,13 @@ import torch
 import yaml
 from workflow_util import REPO, run_snakemake
 
-from entropy_probe import data, generate, gradients, models, rewards
+from entropy_probe import data, generate, gradients, models, prompts, rewards
 from entropy_probe.noise import STREAM_E, NoiseKey
-from entropy_probe.config import SCHEMA_PATH, ConfigError, _fill_defaults, check_config, load_config
+from entropy_probe.config import ConfigError, check_config, load_config
+from entropy_probe.config_schema import fill_defaults, validate
+from entropy_probe.plan import check_against_prepared
 from entropy_probe.optimizer_state import OptimizerStateError, load_adamw_state
-from entropy_probe.shards import read_json, read_shard
+from entropy_probe.shards import read_json, read_shard, write_json
 from entropy_probe.toy import _answer_log_likelihood, _training_batch, arithmetic_examples
 
 LORA_TARGETS = ["q_proj", "v_proj"]
@@ -196,7 +197,7 @@ def test_prepared_data_plan_and_rollouts_agree(probe_run, data_dir):
     assert max(plan["E"]["prompt_ids"]) < 30 and len(set(plan["U"]["prompt_ids"])) == 6
     tokenizer = models.load_tokenizer(results / "policy.json")
     for kind in ("E", "U"):
-        records = data.load_prepared(plan[kind]["data"]["file"] if Path(plan[kind]["data"]["file"]).is_absolute()
+        records = prompts.load_prepared(plan[kind]["data"]["file"] if Path(plan[kind]["data"]["file"]).is_absolute()
                                      else results.parent / plan[kind]["data"]["file"], plan[kind]["data"]["sha256"])
         assert all(len(r["prompt_token_ids"]) <= MAX_PROMPT_TOKENS for r in records)
         assert all(r["answer"] == str(eval(r["prompt"].rstrip("="))) for r in records)  # "#### N" cut to N
@@ -272,22 +273,22 @@ def _data_cfg(**overrides) -> dict:
 def test_prompt_template_chat_template_and_budget(toy_model):
     _, tokenizer = toy_model
     rows = [{"a": "1", "b": "2", "answer": "3"}, {"a": "12", "b": "13", "answer": "25"}]
-    records, report = data.prepare_split(rows, _data_cfg(prompt_template="{a}+{b}="), tokenizer, "train")
+    records, report = prompts.prepare_split(rows, _data_cfg(prompt_template="{a}+{b}="), tokenizer, "train")
     assert [r["prompt"] for r in records] == ["1+2=", "12+13="]
     assert records[1]["prompt_token_ids"] == tokenizer("12+13=")["input_ids"] and report["num_dropped_too_long"] == 0
-    records, report = data.prepare_split(rows, _data_cfg(prompt_template="{a}+{b}=", max_prompt_tokens=4), tokenizer, "x")
+    records, report = prompts.prepare_split(rows, _data_cfg(prompt_template="{a}+{b}=", max_prompt_tokens=4), tokenizer, "x")
     assert [r["index"] for r in records] == [0] and report["num_dropped_too_long"] == 1
     chat = copy.deepcopy(tokenizer)
     chat.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}={% endif %}"
                           "{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
                           "{% if add_generation_prompt %}={% endif %}")
-    records, _ = data.prepare_split(rows, _data_cfg(prompt_template="{a}+{b}", use_chat_template=True,
+    records, _ = prompts.prepare_split(rows, _data_cfg(prompt_template="{a}+{b}", use_chat_template=True,
                                                     system_prompt="0"), chat, "train")
     assert records[0]["prompt"] == "0=1+2=" and records[0]["prompt_token_ids"] == tokenizer("0=1+2=")["input_ids"]
     with pytest.raises(data.DataError, match="no chat template"):
-        data.prepare_split(rows, _data_cfg(prompt_template="{a}", use_chat_template=True), tokenizer, "train")
+        prompts.prepare_split(rows, _data_cfg(prompt_template="{a}", use_chat_template=True), tokenizer, "train")
     with pytest.raises(data.DataError, match="no prompt left"):
-        data.prepare_split(rows, _data_cfg(prompt_template="{a}+{b}=", max_prompt_tokens=1), tokenizer, "train")
+        prompts.prepare_split(rows, _data_cfg(prompt_template="{a}+{b}=", max_prompt_tokens=1), tokenizer, "train")
 
 
 @pytest.mark.parametrize("row,cfg,match", [
@@ -300,7 +301,7 @@ def test_prompt_template_chat_template_and_budget(toy_model):
 ])
 def test_bad_rows_are_errors_naming_the_row(toy_model, row, cfg, match):
     with pytest.raises(data.DataError, match=match) as info:
-        data.prepare_split([{"prompt": "2+2=", "question": "2+2=", "answer": "#### 4"}, row], _data_cfg(**cfg),
+        prompts.prepare_split([{"prompt": "2+2=", "question": "2+2=", "answer": "#### 4"}, row], _data_cfg(**cfg),
                            toy_model[1], "train")
     assert "row 1" in str(info.value)
 
@@ -341,7 +342,7 @@ def test_model_hub_ids_are_accepted_and_fail_clearly_when_loaded(tmp_path):
     config = _config({"model": {"name_or_path": "entropy-probe-tests/no-such-model"}, "data": {"source": str(rows)}})
     assert config["model"]["name_or_path"] == "entropy-probe-tests/no-such-model"
     with pytest.raises(models.PolicyLoadError, match="could not be fetched from the Hugging Face hub"):
-        models.write_spec(config["model"], tmp_path / "policy.json")
+        models.resolve_spec(config["model"])
     for bad, key in [("/no/such/checkpoint", "model.name_or_path"), ("./missing-dir", "model.name_or_path"),
                      ("a/b/c", "model.name_or_path")]:
         with pytest.raises(ConfigError, match=key):
@@ -382,24 +383,18 @@ def test_sizes_checked_early_for_files_and_at_plan_time_after_filtering(tmp_path
     base = {"model": {"name_or_path": str(toy_policy_dir)}, "data": {"source": str(rows)}}
     with pytest.raises(ConfigError, match="batch_config.B_U: 6 distinct prompts > dataset size 5"):
         _config(base | {"batch_config": {"B_U": 6}})
-    spec = importlib.util.spec_from_file_location("plan_script", REPO / "scripts" / "plan.py")
-    plan_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plan_script)
     prepared = {"split": "train", "num_kept": 3, "num_dropped_too_long": 2}
     with pytest.raises(ConfigError, match="B_U: 4 distinct prompts, but .* 3 prompts after data.max_prompt_tokens dropped 2"):
-        plan_script.check_size("U", {"B_U": 4}, prepared)
+        check_against_prepared("U", {"B_U": 4}, prepared)
     with pytest.raises(ConfigError, match="E_total_sequences: distinct mode needs 4 prompts"):
-        plan_script.check_size("E", {"E_total_sequences": 8, "G": 2, "E_sampling_mode": "distinct"}, prepared)
-    plan_script.check_size("E", {"E_total_sequences": 8, "G": 2, "E_sampling_mode": "replacement"}, prepared)
+        check_against_prepared("E", {"E_total_sequences": 8, "G": 2, "E_sampling_mode": "distinct"}, prepared)
+    check_against_prepared("E", {"E_total_sequences": 8, "G": 2, "E_sampling_mode": "replacement"}, prepared)
 
 
 def test_example_config_is_valid_against_the_schema():
-    import jsonschema
-
-    schema = yaml.safe_load(SCHEMA_PATH.read_text())
     example = yaml.safe_load((REPO / "config" / "examples" / "qwen2.5-1.5b-lora-gsm8k.yaml").read_text())
-    _fill_defaults(schema, example)
-    jsonschema.Draft202012Validator(schema).validate(example)
+    fill_defaults(example)
+    validate(example)
     assert example["model"]["adapter_path"] and example["update"]["optimizer"] == "adamw"
     assert example["data"]["source"] == "openai/gsm8k" and example["reward"]["name"] == "math"
     # the parts of the cross-field check that need no files pass too
@@ -413,7 +408,7 @@ def test_example_config_is_valid_against_the_schema():
 
 def test_adapter_loading_trainable_modes_and_optimizer_names(toy_policy_dir, adapter_dir, tmp_path):
     spec_path = tmp_path / "policy.json"
-    models.write_spec({"name_or_path": str(toy_policy_dir), "adapter_path": str(adapter_dir)}, spec_path)
+    write_json(spec_path, models.resolve_spec({"name_or_path": str(toy_policy_dir), "adapter_path": str(adapter_dir)}))
     model = models.load_policy(spec_path, "float32", "cpu")  # trainable "auto": the adapters
     assert not model.training and all(not m.training for m in model.modules())  # dropout off
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

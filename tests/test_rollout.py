@@ -10,7 +10,7 @@ from entropy_probe.generate import response_lengths
 from entropy_probe.plan import plan_batch
 from entropy_probe.rollout import check_shapes, rollout_shard
 
-# The seed's smoke test: E_total_sequences = 16, B_U = 8, G = 2.
+# A small smoke test: E_total_sequences = 16, B_U = 8, G = 2.
 SMOKE = dict(seed=0, G=2, E_total_sequences=16, E_sampling_mode="replacement", B_U=8, E_num_shards=1, U_num_shards=1)
 PLAN = {kind: plan_batch(kind, SMOKE, 400) for kind in ("E", "U")}
 

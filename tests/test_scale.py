@@ -1,4 +1,4 @@
-"""Disk and memory at full-parameter scale (issue 16).
+"""Disk and memory at full-parameter scale.
 
 - Float32 storage of the X side's gradient-sized files (per-shard partial sums, the reduced X;
   ``entropy_probe.gradients.STORAGE_DTYPE``): every stage from the gradient passes to the summary,
@@ -6,72 +6,66 @@
   reports the same numbers to 1e-6 relative. (The U side, Y and v, stays float64: see
   ``entropy_probe.gradients``.)
 - The X partial sums are ``temp()``: gone after the reduction, and the run stays complete.
-- Gradient checkpointing of the decoder layers (``generation.gradient_checkpointing``) gives the
+- Gradient checkpointing of the decoder layers (``teacher_forcing.gradient_checkpointing``) gives the
   gradients of the plain passes.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 
 import pytest
 import torch
-from conftest import REPO, RUN_CONFIG
+from conftest import RUN_CONFIG
 
 from entropy_probe import gradients, passes, parameters, shards
-from entropy_probe.stage import config_for
+from entropy_probe.config import load_config
+from entropy_probe.stage_keys import stage_config_from
+from entropy_probe.stages import report, statistics, teacher_force, update
 from workflow_util import json_numbers
-
-SCRIPTS = REPO / "scripts"
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_stages(run, out):
-    """Every stage from the gradient passes on, by hand, on ``run``'s rollouts and batch tables;
-    outputs under ``out``. Returns summary.json's contents."""
-    res, config = run / "results", run / RUN_CONFIG
+    """Every stage from the gradient passes on, by hand (the stage functions the rules run), on
+    ``run``'s rollouts and batch tables; outputs under ``out``. Returns summary.json's contents."""
+    res, config = run / "results", load_config(run / RUN_CONFIG)
     policy = str(res / "policy")
-    cfg = lambda stage: config_for(config, stage)  # noqa: E731
+    cfg = lambda stage: stage_config_from(config, stage)  # noqa: E731
     e_shards = sorted(str(p) for p in (res / "rollouts" / "E").glob("shard_*.safetensors"))
     u_shards = sorted(str(p) for p in (res / "rollouts" / "U").glob("shard_*.safetensors"))
-    tf, reduce = _script("teacher_force"), _script("reduce_gradients")
     paths = {"X": [], "Y": []}
     for kind, rollouts, batch in (("X", e_shards, res / "estimates" / "e_stats.json"),
                                   ("Y", u_shards, res / "estimates" / "u_objective.safetensors")):
+        stage = teacher_force.teacher_force_x if kind == "X" else teacher_force.teacher_force_y
         for i, rollout in enumerate(rollouts):
             paths[kind].append(str(out / f"tf_{kind}_{i}.safetensors"))
-            tf.main(cfg(f"teacher_force_{kind.lower()}"), kind, rollout, policy, paths[kind][-1], str(batch))
-        reduce.main(kind, paths[kind], str(out / f"{kind}.safetensors"))
+            stage(cfg(f"teacher_force_{kind.lower()}"), rollout=rollout, policy=policy, batch=str(batch),
+                  gradient=paths[kind][-1])
+        teacher_force.reduce_gradients(kind=kind, partials=paths[kind], reduced=str(out / f"{kind}.safetensors"))
     v = str(out / "v.safetensors")
-    _script("update_vector").main(cfg("update_vector"), str(out / "Y.safetensors"), policy, v)
+    update.update_vector(cfg("update_vector"), policy=policy, Y=str(out / "Y.safetensors"), v=v)
     directional, snis = [], []
     for i, rollout in enumerate(e_shards):
         directional.append(str(out / f"directional_{i}.safetensors"))
-        _script("directional").main(cfg("directional"), rollout, policy, v, directional[-1])
+        statistics.directional(cfg("directional"), rollout=rollout, policy=policy, v=v, sums=directional[-1])
         snis.append(str(out / f"snis_{i}.safetensors"))
-        _script("snis_shard").main(cfg("snis_shard"), rollout, policy, v, snis[-1])
-    _script("delta_h1").main(cfg("delta_h1"), str(out / "X.safetensors"), v, str(out / "delta_h1.json"),
-                             str(out / "delta_h1.txt"), directional)
-    _script("delta_h_snis").main(cfg("delta_h_snis"), snis, str(out / "delta_h_snis.json"))
-    _script("u_jackknife").main(cfg("u_jackknife"), str(out / "X.safetensors"), policy, paths["Y"],
-                                str(out / "u_jackknife.json"))
+        statistics.snis_shard(cfg("snis_shard"), rollout=rollout, policy=policy, v=v, weights=snis[-1])
+    statistics.delta_h1(cfg("delta_h1"), X=str(out / "X.safetensors"), v=v, directional=directional,
+                        report=str(out / "delta_h1.json"), table=str(out / "delta_h1.txt"))
+    statistics.delta_h_snis(cfg("delta_h_snis"), weights=snis, report=str(out / "delta_h_snis.json"))
+    update.u_jackknife(cfg("u_jackknife"), X=str(out / "X.safetensors"), policy=policy, Y=paths["Y"],
+                       jackknife=str(out / "u_jackknife.json"))
     [prepared] = (res / "data").glob("*.json")
     with contextlib.chdir(run):  # the prepared set names its prompt file relative to the run directory
-        _script("exact_reference").main(cfg("exact_reference"), policy, v, str(prepared), str(out / "exact.json"))
-    summary = _script("summary")
+        statistics.exact_reference(cfg("exact_reference"), policy=policy, v=v, data_set=str(prepared),
+                                   exact_values=str(out / "exact.json"))
     summary_cfg = cfg("summary")
     summary_cfg["update"]["variants"] = {}  # the variants' passes are not run here
-    summary.main(summary_cfg, str(out / "delta_h1.json"), str(out / "delta_h_snis.json"), str(out / "summary.json"),
-                 str(out / "summary.txt"), str(out / "plot.png"), directional, snis,
-                 jackknife_path=str(out / "u_jackknife.json"),
-                 objective_path=str(res / "estimates" / "u_objective.safetensors"), exact_path=str(out / "exact.json"))
+    report.summary(summary_cfg, delta_h1=str(out / "delta_h1.json"), delta_h_snis=str(out / "delta_h_snis.json"),
+                   directional=directional, snis=snis, summary_json=str(out / "summary.json"),
+                   summary_table=str(out / "summary.txt"), summary_plot=str(out / "plot.png"),
+                   landing=str(out / "landing.rst"), u_jackknife=str(out / "u_jackknife.json"),
+                   u_objective=str(res / "estimates" / "u_objective.safetensors"), exact=str(out / "exact.json"))
     return json.loads((out / "summary.json").read_text()), out
 
 
@@ -131,7 +125,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(kind, monkeypatch):
     if kind == "X":
         run = lambda ckpt: passes.x_gradient(  # noqa: E731
             model, params, rollout, top_p=0.9, H_bar=1.0, normalization="token", baseline="loo",
-            rb_requires_grad=True, gradient_checkpointing=ckpt, **common)[0]
+            pathwise_term=True, gradient_checkpointing=ckpt, **common)[0]
     else:
         coefficients = torch.linspace(-1, 1, rollout["response_lens"].numel()).reshape(rollout["response_lens"].shape)
         run = lambda ckpt: passes.y_gradient(model, params, rollout, coefficients,  # noqa: E731

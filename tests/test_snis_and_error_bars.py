@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from entropy_probe import estimators, passes, rewards, rollout, snis
+from entropy_probe import estimators, passes, rewards, rollout, snis, snis_pass
 
 PROMPTS = [{"prompt": p, "answer": a} for p, a in [("3+5=", "8"), ("12+7=", "19"), ("9+9=", "18"), ("0+0=", "0")]]
 G = 4
@@ -27,7 +27,7 @@ def test_snis_at_eta_zero_is_exactly_zero_with_full_ess(toy_model):
     model, tokenizer = toy_model
     batch = sample(model, tokenizer, 32, seed=1)
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
-    out = snis.snis_pass(model, random_direction(model), batch, [0.0, 0.01], pad_token_id=tokenizer.pad_token_id,
+    out = snis_pass.snis_pass(model, random_direction(model), batch, [0.0, 0.01], pad_token_id=tokenizer.pad_token_id,
                          temperature=1.0, top_p=0.9, tf_batch_size=50)
     for k, p in model.named_parameters():  # parameters applied functionally, never in place
         assert torch.equal(p, before[k])
@@ -44,7 +44,7 @@ def test_snis_pass_keeps_the_base_nucleus(toy_model):
     finite even when θ''s own nucleus would exclude one of its tokens."""
     model, tokenizer = toy_model
     batch = sample(model, tokenizer, 32, seed=2, top_p=0.8)
-    out = snis.snis_pass(model, random_direction(model), batch, [0.5], pad_token_id=tokenizer.pad_token_id,
+    out = snis_pass.snis_pass(model, random_direction(model), batch, [0.5], pad_token_id=tokenizer.pad_token_id,
                          temperature=1.0, top_p=0.8, tf_batch_size=64)
     assert torch.isfinite(out["log_w"]).all()
     assert out["own_nucleus_differs"].any()  # a large step changes some nuclei
@@ -58,7 +58,7 @@ def test_reported_se_of_delta_h1_is_calibrated(toy_model):
     for seed in range(80):
         batch = sample(model, tokenizer, 48, seed=100 + seed)
         sums = passes.directional_sums(model, v, batch, pad_token_id=tokenizer.pad_token_id, temperature=1.0,
-                                       top_p=0.9, normalization="token", baseline="loo", rb_requires_grad=True,
+                                       top_p=0.9, normalization="token", baseline="loo", pathwise_term=True,
                                        tf_batch_size=256)
         estimate, se = estimators.directional_estimate(sums["P"], sums["Q"], sums["S"], sums["T"], G, "token")
         estimates.append(estimate)

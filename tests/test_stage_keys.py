@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
-from entropy_probe import stage_keys
+from entropy_probe import config_schema, stage_keys
 from entropy_probe.config import load_config
 
-SCHEMA = yaml.safe_load(stage_keys.SCHEMA_PATH.read_text())
+SCHEMA = config_schema.schema()
 SCHEMA_KEYS = {f"{section}.{key}" for section, sub in SCHEMA["properties"].items()
                for key in sub.get("properties", {})}
 # a variant's effective config adds its own section (entropy_probe.variants): its name and lr factor
@@ -47,8 +46,8 @@ def test_params_are_canonical():
     reordered["estimator"]["eta_list"] = [float(e) for e in config["estimator"]["eta_list"]]
     for stage in MAIN_STAGES:
         assert stage_keys.rule_params(reordered, stage) == stage_keys.rule_params(config, stage), stage
-    config["batch_config"]["scale_rewards"] = True
-    grouped = dict(config, batch_config=dict(config["batch_config"], scale_rewards="group"))
+    config["update"]["scale_rewards"] = True
+    grouped = dict(config, update=dict(config["update"], scale_rewards="group"))
     assert stage_keys.rule_params(config, "u_objective") == stage_keys.rule_params(grouped, "u_objective")
     values = json.loads(stage_keys.rule_params(config, "rollout"))
     assert list(values) == sorted(values) and set(values) == set(stage_keys.STAGE_KEYS["rollout"])
@@ -58,6 +57,6 @@ def test_a_stage_sees_only_its_keys_and_the_execution_knobs():
     config = load_config()
     view = stage_keys.stage_config_from(config, "plan_U")
     assert view["batch_config"]["B_U"] == config["batch_config"]["B_U"]
-    assert view["generation"]["tf_batch_size"] == config["generation"]["tf_batch_size"]  # an execution knob
+    assert view["teacher_forcing"]["batch_size"] == config["teacher_forcing"]["batch_size"]  # an execution knob
     with pytest.raises(KeyError):
         view["batch_config"]["E_total_sequences"]  # an E key: the U plan must not depend on it

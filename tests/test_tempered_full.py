@@ -13,7 +13,9 @@ import torch
 
 from toy_batches import G, MAX_NEW_TOKENS, PROMPTS, direction, sample_batch
 
-from entropy_probe import (estimators, exact, fresh, measure, parameters, passes, snis, stage_inputs, teacher_force,
+from entropy_probe.stages import inputs as stage_inputs
+from entropy_probe import (entropies, estimators, exact, fresh, fresh_pass, gradients, logit_gradient, measure,
+                           parameters, passes, snis, snis_pass, teacher_force,
                            tf_layout)
 
 SETTINGS = [(1.0, 0.8), (0.7, 0.8)]  # top_p < 1: the two entropies differ
@@ -40,7 +42,7 @@ def batches(toy_model):
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.8), (0.7, 0.6)])
 def test_closed_form_logit_gradient_of_the_full_entropy(temperature, top_p):
-    """measure.scores_with_logit_gradient(entropy="tempered_full"): h = −Σ_V p log p and
+    """logit_gradient.scores_with_logit_gradient(entropy="tempered_full"): h = −Σ_V p log p and
     ∂h/∂z_v = −p_v (log p_v + h)/τ, with the log q and log p terms beside it, against autograd."""
     gen = torch.Generator().manual_seed(0)
     z = 2 * torch.randn(64, 50, generator=gen)
@@ -55,7 +57,7 @@ def test_closed_form_logit_gradient_of_the_full_entropy(temperature, top_p):
         log_p = measure.tempered_token_log_prob(leaf, y, temperature)
         F = sum((ci * x).sum() for ci, x in zip(c, (h, token_log_q, log_p)) if ci is not None)
         (grad,) = torch.autograd.grad(F, leaf)
-        scores, closed = measure.scores_with_logit_gradient(
+        scores, closed = logit_gradient.scores_with_logit_gradient(
             z.clone(), y, temperature, top_p, want_tempered=c[2] is not None, coef_entropy=c[0], coef_log_q=c[1],
             coef_tempered=c[2], entropy="tempered_full")
         torch.testing.assert_close(closed, grad, atol=2e-6, rtol=1e-4)
@@ -92,14 +94,14 @@ def test_x_estimator_of_the_full_entropy_is_unbiased(toy_model, batches, tempera
         grads = {e: exact.exact_entropy_grad(model, tokenizer, prompts,
                                              **exact_kwargs(temperature, top_p, normalization, e))
                  for e in ("tempered_full", "sampler")}
-        truth = {e: exact.dot(g, u) for e, g in grads.items()}
+        truth = {e: gradients.dot(gradients.restrict(g, u), u) for e, g in grads.items()}
         X, _ = passes.x_gradient(model, params, batch, pad_token_id=tokenizer.pad_token_id, temperature=temperature,
                                  top_p=top_p, H_bar=stats["H_bar_token"], normalization=normalization, baseline="loo",
-                                 rb_requires_grad=True, tf_batch_size=1024, entropy="tempered_full")
+                                 pathwise_term=True, tf_batch_size=1024, entropy="tempered_full")
         denom = stats["sum_T"] if normalization == "token" else stats["num_sequences"]
-        estimate = exact.dot(X, u) / denom
+        estimate = gradients.dot(gradients.restrict(X, u), u) / denom
         sums = passes.directional_sums(model, u, batch, pad_token_id=tokenizer.pad_token_id, temperature=temperature,
-                                       top_p=top_p, normalization=normalization, baseline="loo", rb_requires_grad=True,
+                                       top_p=top_p, normalization=normalization, baseline="loo", pathwise_term=True,
                                        tf_batch_size=1024, entropy="tempered_full")
         forward, se = estimators.directional_estimate(sums["P"], sums["Q"], sums["S"], sums["T"], G, normalization)
         assert forward == pytest.approx(estimate, rel=1e-4, abs=1e-6)
@@ -115,9 +117,9 @@ def test_snis_and_fresh_rollouts_of_the_full_entropy_match_exact(toy_model, batc
     model, tokenizer = toy_model
     batch = batches[(temperature, top_p)]
     u = direction(model)
-    out = snis.snis_pass(model, u, batch, ETAS, pad_token_id=tokenizer.pad_token_id, temperature=temperature,
+    out = snis_pass.snis_pass(model, u, batch, ETAS, pad_token_id=tokenizer.pad_token_id, temperature=temperature,
                          top_p=top_p, tf_batch_size=1024)
-    S_field, S_shifted_field = snis.ENTROPY_FIELDS["tempered_full"]
+    S_field, S_shifted_field = entropies.get("tempered_full").snis_fields
     torch.testing.assert_close(out[S_field].float(), batch["tempered_entropies"].sum(-1).reshape(-1), atol=1e-4,
                                rtol=0)
     power = []
@@ -128,7 +130,7 @@ def test_snis_and_fresh_rollouts_of_the_full_entropy_match_exact(toy_model, batc
         assert abs(row["delta_h"] - truth) < 4 * row["se"], (eta, row["delta_h"], truth, row["se"])
         other = exact_delta(model, tokenizer, u, eta, temperature, top_p, "base", entropy="sampler")
         power.append(abs(truth - other) > 4 * row["se"])
-        redrawn = fresh.fresh_rollout_shard(model, tokenizer, batch, u, eta, slots=range(len(batch["prompt_ids"])),
+        redrawn = fresh_pass.fresh_rollout_shard(model, tokenizer, batch, u, eta, slots=range(len(batch["prompt_ids"])),
                                             seed=0, temperature=temperature, top_p=top_p,
                                             max_new_tokens=MAX_NEW_TOKENS, gen_batch_size=4096)
         row = fresh.delta_h_sampler(**fresh.per_response(redrawn, "tempered_full"), G=G, normalization="token")
@@ -147,32 +149,32 @@ def test_top_p_one_gives_identical_numbers(toy_model):
     temperature, top_p = 0.7, 1.0
     batch = sample_batch(model, tokenizer, temperature, top_p, num_prompts=24, seed=3)
     assert torch.equal(batch["tempered_entropies"], batch["rb_entropies"])
-    stats = {e: stage_inputs.e_batch_stats([batch], e) for e in measure.ENTROPIES}
+    stats = {e: stage_inputs.e_batch_stats([batch], e) for e in entropies.ENTROPY_KINDS}
     assert stats["sampler"]["H_bar_token"] == stats["tempered_full"]["H_bar_token"]
     params = parameters.select(model)
     u = direction(model)
     common = dict(pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, normalization="token",
-                  baseline="loo", rb_requires_grad=True, tf_batch_size=64)
+                  baseline="loo", pathwise_term=True, tf_batch_size=64)
     X = {e: passes.x_gradient(model, params, batch, H_bar=stats[e]["H_bar_token"], entropy=e, **common)
-         for e in measure.ENTROPIES}
+         for e in entropies.ENTROPY_KINDS}
     for name in params:
         assert torch.equal(X["sampler"][0][name], X["tempered_full"][0][name]), name
     assert torch.equal(X["sampler"][1]["S"], X["tempered_full"][1]["S"])
-    sums = {e: passes.directional_sums(model, u, batch, entropy=e, **common) for e in measure.ENTROPIES}
+    sums = {e: passes.directional_sums(model, u, batch, entropy=e, **common) for e in entropies.ENTROPY_KINDS}
     assert all(torch.equal(sums["sampler"][k], sums["tempered_full"][k]) for k in sums["sampler"])
-    out = snis.snis_pass(model, u, batch, ETAS, pad_token_id=tokenizer.pad_token_id, temperature=temperature,
+    out = snis_pass.snis_pass(model, u, batch, ETAS, pad_token_id=tokenizer.pad_token_id, temperature=temperature,
                          top_p=top_p, tf_batch_size=64)
-    for a, b in zip(snis.ENTROPY_FIELDS["sampler"], snis.ENTROPY_FIELDS["tempered_full"]):
+    for a, b in zip(entropies.get("sampler").snis_fields, entropies.get("tempered_full").snis_fields):
         assert torch.equal(out[a], out[b])
-    redrawn = fresh.fresh_rollout_shard(model, tokenizer, batch, u, ETAS[0], slots=range(24), seed=3,
+    redrawn = fresh_pass.fresh_rollout_shard(model, tokenizer, batch, u, ETAS[0], slots=range(24), seed=3,
                                         temperature=temperature, top_p=top_p, max_new_tokens=MAX_NEW_TOKENS,
                                         gen_batch_size=64)
     rows = {e: fresh.delta_h_sampler(**fresh.per_response(redrawn, e), G=G, normalization="token")
-            for e in measure.ENTROPIES}
+            for e in entropies.ENTROPY_KINDS}
     assert rows["sampler"] == rows["tempered_full"]
     prompts = [p["prompt"] for p in PROMPTS]
     values = {e: exact.exact_entropy_and_grad(model, tokenizer, prompts, **exact_kwargs(temperature, top_p, entropy=e))
-              for e in measure.ENTROPIES}
+              for e in entropies.ENTROPY_KINDS}
     assert values["sampler"][0] == values["tempered_full"][0]
     assert all(torch.equal(values["sampler"][1][k], values["tempered_full"][1][k]) for k in values["sampler"][1])
     for nucleus in ("base", "own"):

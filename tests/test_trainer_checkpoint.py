@@ -17,7 +17,7 @@ pytest.importorskip("trl")
 import trl_harness as H  # noqa: E402
 from entropy_probe import losses, update  # noqa: E402
 from entropy_probe.trainer_checkpoint import (  # noqa: E402
-    TrainerCheckpointError, inspect_checkpoint, load_trainer_checkpoint, trainer_param_groups)
+    TrainerCheckpointError, layout_of, learning_rate, load_trainer_checkpoint, trainer_param_groups)
 
 STEPS = (1, 2, 3)  # checkpoints t whose next step t + 1 the run recorded
 
@@ -26,7 +26,7 @@ def _load_model(run, step: int):
     """The checkpoint's model in float32 with the run's trainable parameters (PEFT: the adapter)."""
     from transformers import AutoModelForCausalLM
 
-    files = inspect_checkpoint(run.checkpoint(step))
+    files = layout_of(run.checkpoint(step))
     if files.kind == "model":
         return AutoModelForCausalLM.from_pretrained(files.path, dtype=torch.float32)
     from peft import PeftModel
@@ -57,17 +57,18 @@ def test_every_checkpoint_loads_without_a_names_file(run, monkeypatch):
     for step in (1, 2, 3, 4):
         model = _load_model(run, step)
         ckpt = load_trainer_checkpoint(run.checkpoint(step), model)
-        assert ckpt.files.global_step == step
-        assert ckpt.files.kind == ("adapter" if hasattr(model, "peft_config") else "model")
-        assert "scheduler.pt" in ckpt.files.learning_rate_source
+        assert ckpt.layout.global_step == step
+        assert ckpt.layout.kind == ("adapter" if hasattr(model, "peft_config") else "model")
+        rate, source = learning_rate(ckpt.layout)
+        assert "scheduler.pt" in source
         if step + 1 in lr_logged:  # scheduler.pt's rate is the one the next step used
-            assert ckpt.files.learning_rate == pytest.approx(lr_logged[step + 1], rel=1e-12)
+            assert rate == pytest.approx(lr_logged[step + 1], rel=1e-12)
         assert ckpt.param_group_names == trainer_param_groups(model)
         assert set(ckpt.state.per_param) == set(_trainable(model))
         assert [g["weight_decay"] for g in ckpt.state.groups] == [0.1, 0.0]
         assert ckpt.state.steps == [float(step)]
     decay, no_decay = ckpt.param_group_names
-    if ckpt.files.kind == "model":
+    if ckpt.layout.kind == "model":
         assert len(no_decay) == 5 and all("norm" in n for n in no_decay) and len(decay) == 16
     else:
         assert no_decay == [] and len(decay) == 8 and all(".lora_" in n for n in decay)
@@ -86,7 +87,7 @@ def test_adamw_direction_from_a_checkpoint_is_the_step_the_trainer_took(run, ste
     gradient = run.steps[step].gradient  # the step after checkpoint t (records are 0-based)
     assert set(gradient) == set(theta)
     v = update.adamw_direction({n: -g for n, g in gradient.items()}, theta, ckpt.state.per_param)
-    lr = ckpt.files.learning_rate
+    lr, _ = learning_rate(ckpt.layout)
     moved = 0.0
     for name, t in theta.items():
         predicted = t.double() + lr * v[name]
@@ -152,11 +153,11 @@ def test_checkpoint_files_and_learning_rate_fallback(trl_run, tmp_path):
     copy = tmp_path / "checkpoint-3"
     shutil.copytree(trl_run.checkpoint(3), copy)
     (copy / "scheduler.pt").unlink()
-    files = inspect_checkpoint(copy)
+    rate, source = learning_rate(layout_of(copy))
     logged = [e["learning_rate"] for e in trl_run.log_history if e.get("step") == 3 and "learning_rate" in e]
-    assert files.learning_rate == pytest.approx(logged[0]) and "trainer_state.json" in files.learning_rate_source
+    assert rate == pytest.approx(logged[0]) and "trainer_state.json" in source
     (copy / "optimizer.pt").unlink()
     with pytest.raises(TrainerCheckpointError, match="no optimizer.pt"):
-        inspect_checkpoint(copy)
+        layout_of(copy)
     with pytest.raises(TrainerCheckpointError, match="neither a PEFT adapter"):
-        inspect_checkpoint(tmp_path)
+        layout_of(tmp_path)

@@ -1,4 +1,4 @@
-"""The workflow over a real TRL run (issue 14): ``model.checkpoints`` on the checkpoints of a
+"""The workflow over a real TRL run: ``model.checkpoints`` on the checkpoints of a
 GRPOTrainer run (tests/conftest.py ``trl_run``: the embedded policy trained four steps with torch
 AdamW, weight decay, a linear schedule and clipping, a checkpoint after each), one probe per pair
 of consecutive checkpoints with ``update.optimizer: checkpoint_diff``.
@@ -22,7 +22,7 @@ import yaml
 
 pytest.importorskip("trl")
 
-from entropy_probe import data, exact, models, shards  # noqa: E402
+from entropy_probe import exact, gradients, models, prompts, shards  # noqa: E402
 from workflow_util import REPO, dry_run_jobs, run_snakemake  # noqa: E402
 
 pytestmark = pytest.mark.workflow
@@ -111,7 +111,7 @@ def _exact_step(trl_run, step: int, prompts: list[str], generation: dict) -> dic
         at = {(eta, nucleus): exact.exact_entropy_at(before, tokenizer, prompts, direction=v, eta=eta,
                                                      nucleus=nucleus, **kwargs) - H
               for eta, nucleus in ((1.0, "base"), (-1.0, "base"), (1.0, "own"))}
-    return {"H": float(H), "delta_h1": exact.dot(grad, v), "delta_h": at[1.0, "base"],
+    return {"H": float(H), "delta_h1": gradients.dot(gradients.restrict(grad, v), v), "delta_h": at[1.0, "base"],
             "central": (at[1.0, "base"] - at[-1.0, "base"]) / 2, "delta_h_own": at[1.0, "own"]}
 
 
@@ -124,8 +124,8 @@ def test_delta_h1_of_each_step_agrees_with_the_exact_change(trajectory_run, trl_
     summary = _summary(trajectory_run, pair)
     generation = summary["config"]["generation"]
     e_set = shards.read_json(trajectory_run / "results" / "pairs" / pair / "data" / "train.json")
-    prompts = [e["prompt"] for e in data.load_prepared(trajectory_run / e_set["file"], e_set["sha256"])]
-    truth = _exact_step(trl_run, step, prompts, generation)
+    texts = [e["prompt"] for e in prompts.load_prepared(trajectory_run / e_set["file"], e_set["sha256"])]
+    truth = _exact_step(trl_run, step, texts, generation)
     [row] = [r for r in summary["rows"] if r.get("training")]
     second_order = abs(truth["delta_h"] - truth["delta_h1"])
     report = (f"step {step}->{step + 1}: δH₁ {row['delta_h1']:.4g} ± {row['delta_h1_se']:.2g}, SNIS ΔH "

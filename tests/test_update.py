@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from entropy_probe import models, shards
 from entropy_probe.config import load_config
 from entropy_probe.input_files import NAMES_FILE, STATE_FILE, resolve_state_paths
 from entropy_probe.optimizer_state import OptimizerStateError, load_adamw_state
+from entropy_probe.stages import update as update_stage
 from entropy_probe.update import (
     FRESH_HYPER,
     adamw_direction,
@@ -23,7 +23,6 @@ from entropy_probe.update import (
     update_direction,
 )
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "update_vector.py"
 TOL = 1e-12
 LR = 0.05  # large, so a wrong term moves θ_after by far more than float64 rounding
 SHAPES = {"layer.weight": (5, 4), "layer.bias": (5,), "norm.weight": (4,), "head.weight": (3, 5)}
@@ -323,13 +322,9 @@ def _write_y(path, Y, policy_dir):
                                  "param_filter": "", "loss_normalization": "seq_mean_token_mean"})
 
 
-def _run_script(cfg, y_path, policy_dir, out_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("update_vector_script", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    script.main(cfg, str(y_path), str(policy_dir), str(out_path))
+def _run_stage(cfg, y_path, policy_dir, out_path):
+    """The update_vector stage as its rule runs it (entropy_probe.stages.update)."""
+    update_stage.update_vector(cfg, policy=str(policy_dir), Y=str(y_path), v=str(out_path))
     return shards.read_shard(out_path, {"kind": "v"})
 
 
@@ -342,7 +337,7 @@ def test_embedded_toy_state_matches_a_real_adamw_step(toy_policy_dir, tmp_path):
     y_path, out_path = tmp_path / "Y.safetensors", tmp_path / "v.safetensors"
     _write_y(y_path, Y, toy_policy_dir)
     cfg = load_config(None, {"update": {"optimizer": "adamw", "optimizer_state": "embedded", "max_grad_norm": 0.5}})
-    v, meta = _run_script(cfg, y_path, toy_policy_dir, out_path)
+    v, meta = _run_stage(cfg, y_path, toy_policy_dir, out_path)
 
     assert set(v) == set(Y)
     assert meta["optimizer"] == "adamw" and meta["model_fingerprint"] == models.fingerprint(toy_policy_dir)
@@ -372,14 +367,14 @@ def test_embedded_toy_state_matches_a_real_adamw_step(toy_policy_dir, tmp_path):
     assert max((fresh[n] - v[n]).abs().max().item() for n in v) > 0.1
 
 
-def test_script_sgd_and_fresh_adamw(toy_policy_dir, tmp_path):
+def test_stage_sgd_and_fresh_adamw(toy_policy_dir, tmp_path):
     Y = _toy_y(toy_policy_dir, ["model.norm.weight", "lm_head.weight"], seed=1)
     y_path = tmp_path / "Y.safetensors"
     _write_y(y_path, Y, toy_policy_dir)
-    v, meta = _run_script(load_config(), y_path, toy_policy_dir, tmp_path / "v_sgd.safetensors")
+    v, meta = _run_stage(load_config(), y_path, toy_policy_dir, tmp_path / "v_sgd.safetensors")
     assert meta["optimizer"] == "sgd" and all(torch.equal(v[n], Y[n]) for n in Y)
     cfg = load_config(None, {"update": {"optimizer": "adamw"}})
-    v, meta = _run_script(cfg, y_path, toy_policy_dir, tmp_path / "v_fresh.safetensors")
+    v, meta = _run_stage(cfg, y_path, toy_policy_dir, tmp_path / "v_fresh.safetensors")
     assert meta["optimizer_state"] == "" and meta["optimizer_step"] == 0
     theta = dict(models.load_policy(toy_policy_dir, "float32", "cpu").named_parameters())
     for n in Y:
@@ -387,7 +382,7 @@ def test_script_sgd_and_fresh_adamw(toy_policy_dir, tmp_path):
         assert (v[n] - expected).abs().max().item() < 1e-12
 
 
-def test_script_refuses_a_broken_configured_state(toy_policy_dir, tmp_path):
+def test_stage_refuses_a_broken_configured_state(toy_policy_dir, tmp_path):
     """A configured state that fails to load stops the stage; no fresh-optimizer fallback, no v."""
     Y = _toy_y(toy_policy_dir, ["lm_head.weight"], seed=2)
     y_path, out_path = tmp_path / "Y.safetensors", tmp_path / "v.safetensors"
@@ -398,5 +393,5 @@ def test_script_refuses_a_broken_configured_state(toy_policy_dir, tmp_path):
     cfg = load_config(None, {"update": {"optimizer": "adamw"}})
     cfg["update"]["optimizer_state"] = str(broken)  # past the config check (which refuses it: not a torch.save file)
     with pytest.raises(OptimizerStateError, match=re.escape(str(broken))):
-        _run_script(cfg, y_path, toy_policy_dir, out_path)
+        _run_stage(cfg, y_path, toy_policy_dir, out_path)
     assert not out_path.exists()

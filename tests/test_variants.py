@@ -1,9 +1,9 @@
-"""What-if over update rules (update.variants, issue 15): each variant's v is the v of a run with the
+"""What-if over update rules (update.variants): each variant's v is the v of a run with the
 variant's overrides as the main update (times its lr_factor), X is computed once however many
 variants there are, and the config checks name the variant.
 
 Works on copies of the session's uninterrupted default run (conftest.default_run), whose config
-ships two variants (dapo: its own objective; adamw: the main Y, lr_factor 0.1)."""
+has two variants (dapo: its own objective; adamw: the main Y, lr_factor 0.02)."""
 from __future__ import annotations
 
 import shutil
@@ -11,13 +11,11 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import RUN_CONFIG
+from conftest import REPO, RUN_CONFIG
 
 from entropy_probe import shards, variants
 from entropy_probe.config import ConfigError, load_config
 from workflow_util import dry_run_jobs, run_snakemake
-
-from conftest import REPO
 
 
 @pytest.mark.workflow
@@ -30,7 +28,6 @@ def test_a_variants_v_is_the_main_update_of_a_run_with_its_overrides(default_run
     lr_factor = overrides.pop("lr_factor", 1.0)
     effective = variants.variant_config(config, name)
     config["update"] = {k: v for k, v in effective["update"].items()} | {"variants": {}}
-    config["batch_config"] = effective["batch_config"]
     (work / "as_main.yaml").write_text(yaml.safe_dump(config))
     run_snakemake(work, "as_main.yaml", "--cores", "2", "results/update/v.safetensors")
     as_main, main_meta = shards.read_shard(work / "results" / "update" / "v.safetensors", {"kind": "v"})
@@ -83,7 +80,7 @@ def test_variant_config_and_objectives():
     # overriding the optimizer drops the main's state (it belongs to adamw)
     assert sgd["update"]["optimizer"] == "sgd" and sgd["update"]["optimizer_state"] == ""
     assert variants.variant_config(config, "half")["variant"] == {"name": "half", "lr_factor": 0.5}
-    assert variants.variant_config(config, "dapo_std")["batch_config"]["scale_rewards"] is True
+    assert variants.variant_config(config, "dapo_std")["update"]["scale_rewards"] is True
     ids = {name: variants.objective_id(variants.variant_config(config, name)) for name in variants.names(config)}
     main = variants.objective_id(config)
     assert ids["sgd"] == ids["half"] == main  # same loss: the main Y

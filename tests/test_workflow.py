@@ -109,7 +109,7 @@ def test_lint(workflow_dir):
 def test_inspector_prints_decoded_responses(workflow_dir):
     shard = workflow_dir / SHARDS[0]
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "inspect_shard.py"), str(shard),
+        [sys.executable, "-m", "entropy_probe", "inspect", str(shard),
          "--policy", str(workflow_dir / "results" / "policy"), "-n", "3"],
         cwd=workflow_dir, capture_output=True, text=True, timeout=300,
     )

@@ -92,7 +92,7 @@ def test_coupling_pays_at_the_smallest_eta(probe_dir, summary):
     shards at θ + ηv with another noise seed (measured on this run: SE 1.26e-4 coupled, 1.10e-3
     independent, 8.8x; 4 of 2048 responses changed); the factor the report estimates from the
     coupled data alone (8.0x) agrees with it within 30%."""
-    from entropy_probe import fresh, models, shards
+    from entropy_probe import fresh, fresh_pass, models, shards
     from entropy_probe.plan import shard_slots
 
     results = probe_dir / "results"
@@ -105,7 +105,7 @@ def test_coupling_pays_at_the_smallest_eta(probe_dir, summary):
     parts = []
     for k in range(len(plan["shards"])):
         rollout, _ = shards.read_shard(results / "rollouts" / "E" / f"shard_{k:03d}.safetensors")
-        redrawn = fresh.fresh_rollout_shard(
+        redrawn = fresh_pass.fresh_rollout_shard(
             model, tokenizer, rollout, v, eta, slots=shard_slots(plan, k), seed=config["batch_config"]["seed"] + 1,
             temperature=gen["temperature"], top_p=gen["top_p"], max_new_tokens=gen["max_new_tokens"],
             gen_batch_size=4096, stop_strings=gen["stop_strings"])

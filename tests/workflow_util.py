@@ -23,13 +23,7 @@ def run_snakemake(workdir: Path, configfile: str, *args: str, check: bool = True
 def dry_run_jobs(workdir: Path, configfile: str, *targets: str) -> dict[str, int]:
     """Rule name -> number of jobs a dry run would execute ({} when there is nothing to do)."""
     result = run_snakemake(workdir, configfile, *targets, "-n")
-    out = result.stdout + result.stderr
-    if "Nothing to be done" in out:
-        return {}
-    table = out.split("Job stats:", 1)[1]
-    jobs = dict((name, int(n)) for name, n in re.findall(r"^(\w+)\s+(\d+)\s*$", table, flags=re.M))
-    jobs.pop("total", None)
-    return jobs
+    return _job_table(result.stdout + result.stderr)
 
 
 def json_numbers(obj, path: str = "") -> dict[str, float]:
@@ -41,3 +35,21 @@ def json_numbers(obj, path: str = "") -> dict[str, float]:
     if isinstance(obj, (int, float)) and not isinstance(obj, bool):
         return {path: float(obj)}
     return {}
+
+
+def dry_run_jobs_with(workdir: Path, *args: str) -> dict[str, int]:
+    """Rule name -> number of jobs of ``snakemake -n ARGS`` in ``workdir`` (no config file added)."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "-n", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-6000:]}")
+    return _job_table(result.stdout + result.stderr)
+
+
+def _job_table(out: str) -> dict[str, int]:
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:", 1)[1]
+    jobs = dict((name, int(n)) for name, n in re.findall(r"^(\w+)\s+(\d+)\s*$", table, flags=re.M))
+    jobs.pop("total", None)
+    return jobs

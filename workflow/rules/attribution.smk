@@ -1,15 +1,14 @@
-# Where δH₁ comes from (issue 15): the exact split of X·v over the E tokens (from the directional
-# shards' per-token derivatives) and over the U tokens (a forward pass over the U shards along
-# J·X, J = ∂v/∂Y the linearized optimizer step), the U-batch SE of δH₁ and the covariance view.
-# The U pass lives here, not in a rule per U shard: it reruns in exactly the cases this stage does
-# (any change of X, Y or the U batch), and one start-up is cheaper than one per shard.
+# Where δH₁ comes from: the exact split of X·v over the E tokens (from the directional shards'
+# per-token derivatives) and over the U tokens (a forward pass over the U shards along J·X,
+# J = ∂v/∂Y the linearized optimizer step), the U-batch SE of δH₁ and the covariance view.
+# Stage: entropy_probe/stages/attribution.py.
 rule attribution:
     input:
         unpack(update_state_inputs),
         policy=POLICY,
         X=f"{RESULTS}/gradients/X.safetensors",
         Y=f"{RESULTS}/gradients/Y.safetensors",
-        v=rules.update_vector.output[0],
+        v=rules.update_vector.output.v,
         u_objective=U_OBJECTIVE,
         e_rollouts=shard_paths(f"{RESULTS}/rollouts/E/shard_{{shard}}.safetensors", "E"),
         directional=shard_paths(
@@ -19,7 +18,7 @@ rule attribution:
     output:
         e_tokens=f"{RESULTS}/attribution/E_tokens.safetensors",
         u_tokens=f"{RESULTS}/attribution/U_tokens.safetensors",
-        json=f"{RESULTS}/attribution/attribution.json",
+        summary=f"{RESULTS}/attribution/attribution.json",
         table=report(
             f"{RESULTS}/attribution.txt",
             caption="../report/attribution.rst",
@@ -37,4 +36,4 @@ rule attribution:
     params:
         values=params_of("attribution"),
     script:
-        "../../scripts/attribution.py"
+        STAGE

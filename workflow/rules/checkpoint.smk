@@ -1,6 +1,6 @@
-# Trainer checkpoints (model.checkpoint, update.optimizer: checkpoint_diff, model.checkpoints):
-# the probe's own AdamW step against the trainer's, the report over a trajectory, and, before any
-# job runs, the check that every optimizer state used fits its model.
+# Trainer checkpoints (model.checkpoint, update.optimizer: checkpoint_diff, model.checkpoints): the
+# probe's own AdamW step against the trainer's, and, before any job runs, the check that every
+# optimizer state used fits its model. Stage: entropy_probe/stages/checkpoint.py.
 if COMPARES_STEPS:
 
     rule step_comparison:
@@ -8,65 +8,37 @@ if COMPARES_STEPS:
             unpack(update_state_inputs),
             Y=f"{RESULTS}/gradients/Y.safetensors",
             X=f"{RESULTS}/gradients/X.safetensors",
-            v=rules.update_vector.output[0],
+            v=rules.update_vector.output.v,
             policy=POLICY,
         output:
-            STEP_COMPARISON,
+            comparison=STEP_COMPARISON,
         log:
             f"{RESULTS}/logs/step_comparison.log",
+        benchmark:
+            benchmark_path("step_comparison")
         conda:
             "../envs/probe.yaml"
         threads: 1
         params:
             values=params_of("step_comparison"),
         script:
-            "../../scripts/step_comparison.py"
-
-
-if PAIR_CONFIGS:
-
-    rule trajectory:
-        input:
-            every_run(rules.summary.output.json),
-        output:
-            json=f"{RESULTS_ROOT}/trajectory.json",
-            table=report(
-                f"{RESULTS_ROOT}/trajectory.txt",
-                caption="../report/trajectory.rst",
-                category="Entropy over training",
-            ),
-            plot=report(
-                f"{RESULTS_ROOT}/trajectory.png",
-                caption="../report/trajectory.rst",
-                category="Entropy over training",
-            ),
-        log:
-            f"{RESULTS_ROOT}/logs/trajectory.log",
-        conda:
-            "../envs/probe.yaml"
-        threads: 1
-        params:
-            values=rule_params(config, "trajectory"),
-        script:
-            "../../scripts/trajectory.py"
+            STAGE
 
 
 # An optimizer state that does not fit its model fails here, in one line naming the file and the
 # first mismatching tensor, before any job runs (torch is loaded in a subprocess: the parse stays
 # torch-free; the model is built without weights, the state memory-mapped).
 STATE_CHECKS = state_checks(config)
-if STATE_CHECKS:
 
-    onstart:
+
+onstart:
+    if SKIPPED_VARIANTS:
+        logger.warning(f"NOTE: {SKIPPED_VARIANTS}")
+    if STATE_CHECKS:
         import subprocess
 
         checked = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "entropy_probe.trainer_checkpoint",
-                *STATE_CHECKS,
-            ]
+            [sys.executable, "-m", "entropy_probe", "check-checkpoints", *STATE_CHECKS]
         )
         if checked.returncode:
             raise WorkflowError(

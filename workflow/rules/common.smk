@@ -1,5 +1,6 @@
-# Config validation first (schema: types, ranges, defaults; then cross-field checks), so a bad
-# value fails before any job runs; then the paths and helpers every rule shares.
+# Config validation first (keys that moved, the schema: types, ranges, defaults; then each
+# section's own checks), so a bad value fails in one line before any job runs; then the paths and
+# helpers every rule shares.
 import os
 import re
 import sys
@@ -17,8 +18,18 @@ os.environ.update(
     )
 )
 
-from entropy_probe.config import ConfigError, check_config, check_renamed
-from entropy_probe.checkpoint_config import (
+from entropy_probe import data as probe_data
+from entropy_probe import variants as probe_variants
+from entropy_probe.config import ConfigError, check_config, honour_user_mappings
+from entropy_probe.config_schema import check_renamed, dotted_path
+from entropy_probe.input_files import (
+    EMBEDDED,
+    adapter_files,
+    checkpoint_files,
+    resolve_state_paths,
+)
+from entropy_probe.prompts import prepared_name
+from entropy_probe.model_config import (
     CHECKPOINT_DIFF,
     compares_steps,
     is_embedded,
@@ -26,17 +37,11 @@ from entropy_probe.checkpoint_config import (
     state_checks,
     trajectory_pairs,
 )
-from entropy_probe import data as probe_data
-from entropy_probe import variants as probe_variants
-from entropy_probe.input_files import (
-    EMBEDDED,
-    adapter_files,
-    checkpoint_files,
-    resolve_state_paths,
-)
-from entropy_probe.stage_keys import eta_tag, fresh_etas, rule_params
+from entropy_probe.stage_keys import rule_params
+from entropy_probe.sweep import eta_tag, fresh_etas
 from entropy_probe.trainer_files import read_layout
 
+honour_user_mappings(config, workflow.overwrite_configfiles)
 try:
     check_renamed(config)
 except ConfigError as err:
@@ -49,13 +54,14 @@ except (
     bad = err.__context__
     if not hasattr(bad, "absolute_path"):
         raise
-    raise WorkflowError(
-        f"Invalid config: {'.'.join(map(str, bad.absolute_path)) or '(top level)'}: {bad.message}"
-    )
+    raise WorkflowError(f"Invalid config: {dotted_path(bad.absolute_path)}: {bad.message}")
 try:
     check_config(config)
 except ConfigError as err:
     raise WorkflowError(f"Invalid config: {err}")
+
+# Every rule runs its stage of the package (entropy_probe.stages, looked up by the rule's name).
+STAGE = "../../scripts/run_stage.py"
 
 RESULTS_ROOT = "results"
 # A trajectory (model.checkpoints): one probe per pair of consecutive checkpoints, every stage of
@@ -75,9 +81,9 @@ EMBEDDED_MODEL = is_embedded(config["model"])
 POLICY = f"{RESULTS}/policy" if EMBEDDED_MODEL else f"{RESULTS}/policy.json"
 # The prepared prompt set of each batch's split (prepare_data rule, one job per split).
 SPLIT_OF_KIND = probe_data.kind_splits(config["data"])
-SPLIT_OF_NAME = {probe_data.prepared_name(s): s for s in SPLIT_OF_KIND.values()}
+SPLIT_OF_NAME = {prepared_name(s): s for s in SPLIT_OF_KIND.values()}
 PREPARED = {
-    kind: f"{RESULTS}/data/{probe_data.prepared_name(split)}.json"
+    kind: f"{RESULTS}/data/{prepared_name(split)}.json"
     for kind, split in SPLIT_OF_KIND.items()
 }
 # The embedded policy is small enough to enumerate every response: its exact ΔH(η) is drawn too.
@@ -151,7 +157,7 @@ def shard_paths(template, kind):
 
 
 def benchmark_path(name):
-    """Per-job benchmark file (wall time, peak memory) of a model stage, for sizing resources."""
+    """Per-job benchmark file (wall time, peak memory) of a stage, for sizing resources."""
     return f"{RESULTS}/benchmarks/{name}.tsv"
 
 
@@ -176,6 +182,7 @@ def update_state_inputs(wildcards):
 # What-if over update rules (update.variants, entropy_probe.variants): each variant's stages run
 # on its effective config (its params: rule_params of that config); a variant whose objective is
 # the main one reuses the main Y, variants sharing an objective share one Y ({objective} wildcard).
+# Variants do not apply to a checkpoint difference: skipped with a note (variants.skipped_note).
 VARIANTS = probe_variants.names(config)
 VARIANT_CONFIG = {
     name: probe_variants.variant_config(config, name) for name in VARIANTS
@@ -251,7 +258,7 @@ def summary_inputs(wildcards):
         inputs |= {
             "u_jackknife": f"{RESULTS}/estimates/u_jackknife.json",
             "u_objective": f"{RESULTS}/estimates/u_objective.safetensors",
-            "attribution": f"{RESULTS}/attribution/attribution.json",
+            "attribution_summary": f"{RESULTS}/attribution/attribution.json",
         }
     if VARIANTS:
         inputs |= {
@@ -271,3 +278,6 @@ def summary_inputs(wildcards):
     if FRESH_ETAS:
         inputs["delta_h_sampler"] = f"{RESULTS}/delta_h_sampler.json"
     return inputs
+
+
+SKIPPED_VARIANTS = probe_variants.skipped_note(config)

@@ -1,6 +1,7 @@
 # The sampler's own entropy change ΔH_sampler(η) (DESIGN §2b): every E response slot redrawn at
 # θ + ηv with the same sampling noise, under θ + ηv's own sampler, one job per (η, E shard); then
 # the paired reduction over the whole E batch. Only when estimator.fresh_etas is not [].
+# Stages: entropy_probe/stages/fresh.py.
 if FRESH_ETAS:
 
     rule fresh_rollout:
@@ -8,9 +9,9 @@ if FRESH_ETAS:
             rollout=f"{RESULTS}/rollouts/E/shard_{{shard}}.safetensors",
             plan=f"{RESULTS}/plan/E.json",
             policy=POLICY,
-            v=rules.update_vector.output[0],
+            v=rules.update_vector.output.v,
         output:
-            f"{RESULTS}/fresh/eta_{{eta}}/shard_{{shard}}.safetensors",
+            redrawn=f"{RESULTS}/fresh/eta_{{eta}}/shard_{{shard}}.safetensors",
         log:
             f"{RESULTS}/logs/fresh_rollout_{{eta}}_{{shard}}.log",
         benchmark:
@@ -26,11 +27,11 @@ if FRESH_ETAS:
         params:
             values=params_of("fresh_rollout"),
         script:
-            "../../scripts/fresh_rollout.py"
+            STAGE
 
     rule delta_h_sampler:
         input:
-            expand(
+            redrawn=expand(
                 f"{RESULTS}/fresh/eta_{{eta}}/shard_{{shard}}.safetensors",
                 eta=[eta_tag(eta) for eta in FRESH_ETAS],
                 shard=[
@@ -39,13 +40,15 @@ if FRESH_ETAS:
                 allow_missing=True,
             ),
         output:
-            f"{RESULTS}/delta_h_sampler.json",
+            report=f"{RESULTS}/delta_h_sampler.json",
         log:
             f"{RESULTS}/logs/delta_h_sampler.log",
+        benchmark:
+            benchmark_path("delta_h_sampler")
         conda:
             "../envs/probe.yaml"
         threads: 1
         params:
             values=params_of("delta_h_sampler"),
         script:
-            "../../scripts/delta_h_sampler.py"
+            STAGE

@@ -1,6 +1,7 @@
 # The prompt set of each split (rendered, tokenized, filtered by data.max_prompt_tokens) and the
 # plan of each batch, which draws prompt ids from its split's set; the rollouts read the same
 # prepared files. One job per split and per batch: a change on the U side leaves the E side alone.
+# Stages: entropy_probe/stages/plan.py.
 if probe_data.source_kind(config["data"]["source"]) == "hub":
 
     localrules:
@@ -25,14 +26,14 @@ rule prepare_data:
         values=params_of("prepare_data"),
         split=lambda wc: SPLIT_OF_NAME[wc.split],
     script:
-        "../../scripts/prepare_data.py"
+        STAGE
 
 
 rule plan:
     input:
         prepared=lambda wc: PREPARED[wc.kind],
     output:
-        f"{RESULTS}/plan/{{kind}}.json",
+        batch_plan=f"{RESULTS}/plan/{{kind}}.json",
     log:
         f"{RESULTS}/logs/plan_{{kind}}.log",
     benchmark:
@@ -45,4 +46,4 @@ rule plan:
     params:
         values=lambda wc: params_of(f"plan_{wc.kind}", wc),
     script:
-        "../../scripts/plan.py"
+        STAGE

@@ -1,10 +1,11 @@
 # The policy every later stage loads: the embedded tiny policy (built and trained here), or the
 # spec of a configured model (resolved checkpoint and adapter, fingerprinted).
+# Stages: entropy_probe/stages/policy.py.
 if EMBEDDED_MODEL:
 
     rule build_policy:
         output:
-            directory(f"{RESULTS}/policy"),
+            policy=directory(f"{RESULTS}/policy"),
         log:
             f"{RESULTS}/logs/build_policy.log",
         benchmark:
@@ -15,7 +16,7 @@ if EMBEDDED_MODEL:
         params:
             values=params_of("build_policy"),
         script:
-            "../../scripts/build_policy.py"
+            STAGE
 
 else:
 
@@ -27,7 +28,7 @@ else:
         input:
             local_model_files,
         output:
-            f"{RESULTS}/policy.json",
+            spec=f"{RESULTS}/policy.json",
         log:
             f"{RESULTS}/logs/policy_spec.log",
         benchmark:
@@ -38,4 +39,4 @@ else:
         params:
             values=params_of("policy_spec"),
         script:
-            "../../scripts/policy_spec.py"
+            STAGE

@@ -1,10 +1,11 @@
 # G responses per prompt from the sampling measure q, one job per shard of each batch.
+# Stage: entropy_probe/stages/rollout.py.
 rule rollout:
     input:
         plan=f"{RESULTS}/plan/{{kind}}.json",
         policy=POLICY,
     output:
-        f"{RESULTS}/rollouts/{{kind}}/shard_{{shard}}.safetensors",
+        rollouts=f"{RESULTS}/rollouts/{{kind}}/shard_{{shard}}.safetensors",
     log:
         f"{RESULTS}/logs/rollout_{{kind}}_{{shard}}.log",
     benchmark:
@@ -20,4 +21,4 @@ rule rollout:
     params:
         values=params_of("rollout"),
     script:
-        "../../scripts/rollout.py"
+        STAGE

@@ -1,12 +1,12 @@
-# δH₁(η) = η·X·v with its error bars, ΔH(η) with θ's nucleus by SNIS, the exact reference where
-# the policy can be enumerated, and the report (with the sampler's own ΔH of fresh.smk).
+# δH₁(η) = η·X·v with its error bars, ΔH(η) with θ's nucleus by SNIS, and the exact reference where
+# the policy can be enumerated. Stages: entropy_probe/stages/statistics.py.
 rule directional:
     input:
         rollout=f"{RESULTS}/rollouts/E/shard_{{shard}}.safetensors",
         policy=POLICY,
-        v=rules.update_vector.output[0],
+        v=rules.update_vector.output.v,
     output:
-        f"{RESULTS}/directional/shard_{{shard}}.safetensors",
+        sums=f"{RESULTS}/directional/shard_{{shard}}.safetensors",
     log:
         f"{RESULTS}/logs/directional_{{shard}}.log",
     benchmark:
@@ -19,18 +19,18 @@ rule directional:
     params:
         values=params_of("directional"),
     script:
-        "../../scripts/directional.py"
+        STAGE
 
 
 rule delta_h1:
     input:
         X=f"{RESULTS}/gradients/X.safetensors",
-        v=rules.update_vector.output[0],
+        v=rules.update_vector.output.v,
         directional=shard_paths(
             f"{RESULTS}/directional/shard_{{shard}}.safetensors", "E"
         ),
     output:
-        json=f"{RESULTS}/delta_h1.json",
+        report=f"{RESULTS}/delta_h1.json",
         table=f"{RESULTS}/delta_h1.txt",
     log:
         f"{RESULTS}/logs/delta_h1.log",
@@ -42,16 +42,16 @@ rule delta_h1:
     params:
         values=params_of("delta_h1"),
     script:
-        "../../scripts/delta_h1.py"
+        STAGE
 
 
 rule snis_shard:
     input:
         rollout=f"{RESULTS}/rollouts/E/shard_{{shard}}.safetensors",
         policy=POLICY,
-        v=rules.update_vector.output[0],
+        v=rules.update_vector.output.v,
     output:
-        f"{RESULTS}/snis/shard_{{shard}}.safetensors",
+        weights=f"{RESULTS}/snis/shard_{{shard}}.safetensors",
     log:
         f"{RESULTS}/logs/snis_shard_{{shard}}.log",
     benchmark:
@@ -64,14 +64,14 @@ rule snis_shard:
     params:
         values=params_of("snis_shard"),
     script:
-        "../../scripts/snis_shard.py"
+        STAGE
 
 
 rule delta_h_snis:
     input:
-        shard_paths(f"{RESULTS}/snis/shard_{{shard}}.safetensors", "E"),
+        weights=shard_paths(f"{RESULTS}/snis/shard_{{shard}}.safetensors", "E"),
     output:
-        f"{RESULTS}/delta_h_snis.json",
+        report=f"{RESULTS}/delta_h_snis.json",
     log:
         f"{RESULTS}/logs/delta_h_snis.log",
     benchmark:
@@ -82,7 +82,7 @@ rule delta_h_snis:
     params:
         values=params_of("delta_h_snis"),
     script:
-        "../../scripts/delta_h_snis.py"
+        STAGE
 
 
 if EXACT_REFERENCE:
@@ -91,10 +91,10 @@ if EXACT_REFERENCE:
     rule exact_reference:
         input:
             policy=POLICY,
-            v=rules.update_vector.output[0],
-            data=PREPARED["E"],
+            v=rules.update_vector.output.v,
+            data_set=PREPARED["E"],
         output:
-            f"{RESULTS}/estimates/exact.json",
+            exact_values=f"{RESULTS}/estimates/exact.json",
         log:
             f"{RESULTS}/logs/exact_reference.log",
         benchmark:
@@ -105,55 +105,4 @@ if EXACT_REFERENCE:
         params:
             values=params_of("exact_reference"),
         script:
-            "../../scripts/exact_reference.py"
-
-
-rule summary:
-    input:
-        unpack(summary_inputs),
-        delta_h1=rules.delta_h1.output.json,
-        delta_h_snis=rules.delta_h_snis.output[0],
-        # per-group contributions of δH₁ and of the SNIS ΔH: the linearity ratio's error bar
-        directional=shard_paths(
-            f"{RESULTS}/directional/shard_{{shard}}.safetensors", "E"
-        ),
-        snis=shard_paths(f"{RESULTS}/snis/shard_{{shard}}.safetensors", "E"),
-    output:
-        **(
-            {
-                "variants_table": report(
-                    f"{RESULTS}/variants.txt",
-                    caption="../report/variants.rst",
-                    category="Update variants",
-                ),
-                "variants_plot": report(
-                    f"{RESULTS}/variants.png",
-                    caption="../report/variants_plot.rst",
-                    category="Update variants",
-                ),
-            }
-            if VARIANTS
-            else {}
-        ),
-        json=f"{RESULTS}/summary.json",
-        table=report(
-            f"{RESULTS}/summary.txt",
-            caption="../report/table.rst",
-            category="Entropy change",
-        ),
-        plot=report(
-            f"{RESULTS}/plot.png",
-            caption="../report/plot.rst",
-            category="Entropy change",
-        ),
-    log:
-        f"{RESULTS}/logs/summary.log",
-    benchmark:
-        benchmark_path("summary")
-    conda:
-        "../envs/probe.yaml"
-    threads: 1
-    params:
-        values=params_of("summary"),
-    script:
-        "../../scripts/summary.py"
+            STAGE

@@ -1,5 +1,5 @@
 # Whole-batch plug-ins (E) and objective weights (U), then the X and Y gradient shards and their
-# reduction (DESIGN §2 "X = ∇H", "Y and v").
+# reduction (DESIGN §2 "X = ∇H", "Y and v"). Stages: entropy_probe/stages/teacher_force.py.
 U_OBJECTIVE = f"{RESULTS}/estimates/u_objective.safetensors"
 
 
@@ -8,7 +8,7 @@ rule e_stats:
         policy=POLICY,
         rollouts=shard_paths(f"{RESULTS}/rollouts/E/shard_{{shard}}.safetensors", "E"),
     output:
-        f"{RESULTS}/estimates/e_stats.json",
+        stats=f"{RESULTS}/estimates/e_stats.json",
     log:
         f"{RESULTS}/logs/e_stats.log",
     benchmark:
@@ -19,7 +19,7 @@ rule e_stats:
     params:
         values=params_of("e_stats"),
     script:
-        "../../scripts/e_stats.py"
+        STAGE
 
 
 # Advantages and loss coefficients of the whole U batch; stops the run when the U batch gives an
@@ -29,7 +29,7 @@ rule u_objective:
         policy=POLICY,
         rollouts=shard_paths(f"{RESULTS}/rollouts/U/shard_{{shard}}.safetensors", "U"),
     output:
-        U_OBJECTIVE,
+        objective=U_OBJECTIVE,
     log:
         f"{RESULTS}/logs/u_objective.log",
     benchmark:
@@ -40,20 +40,20 @@ rule u_objective:
     params:
         values=params_of("u_objective"),
     script:
-        "../../scripts/u_objective.py"
+        STAGE
 
 
 rule teacher_force_x:
     input:
         rollout=f"{RESULTS}/rollouts/E/shard_{{shard}}.safetensors",
         policy=POLICY,
-        batch=rules.e_stats.output[0],
+        batch=rules.e_stats.output.stats,
         # order only: a U batch without signal stops the run before any teacher forcing, and a
         # change of the U side never reruns X (ancient: its time stamp is not compared)
         after_u_objective=ancient(U_OBJECTIVE),
     output:
         # gradient-sized (float32): only the reduction reads it, so it goes once X is reduced
-        temp(f"{RESULTS}/teacher_force/{{kind}}/shard_{{shard}}.safetensors"),
+        gradient=temp(f"{RESULTS}/teacher_force/{{kind}}/shard_{{shard}}.safetensors"),
     log:
         f"{RESULTS}/logs/teacher_force_{{kind}}_{{shard}}.log",
     benchmark:
@@ -68,7 +68,7 @@ rule teacher_force_x:
     params:
         values=params_of("teacher_force_x"),
     script:
-        "../../scripts/teacher_force.py"
+        STAGE
 
 
 rule teacher_force_y:
@@ -77,7 +77,7 @@ rule teacher_force_y:
         policy=POLICY,
         batch=U_OBJECTIVE,
     output:
-        f"{RESULTS}/teacher_force/{{kind}}/shard_{{shard}}.safetensors",
+        gradient=f"{RESULTS}/teacher_force/{{kind}}/shard_{{shard}}.safetensors",
     log:
         f"{RESULTS}/logs/teacher_force_{{kind}}_{{shard}}.log",
     benchmark:
@@ -92,17 +92,17 @@ rule teacher_force_y:
     params:
         values=params_of("teacher_force_y"),
     script:
-        "../../scripts/teacher_force.py"
+        STAGE
 
 
 rule reduce_gradients:
     input:
-        lambda wc: shard_paths(
+        partials=lambda wc: shard_paths(
             f"{RESULTS}/teacher_force/{wc.kind}/shard_{{shard}}.safetensors",
             "E" if wc.kind == "X" else "U",
         ),
     output:
-        f"{RESULTS}/gradients/{{kind}}.safetensors",
+        reduced=f"{RESULTS}/gradients/{{kind}}.safetensors",
     log:
         f"{RESULTS}/logs/reduce_gradients_{{kind}}.log",
     benchmark:
@@ -113,4 +113,4 @@ rule reduce_gradients:
         "../envs/probe.yaml"
     threads: 1
     script:
-        "../../scripts/reduce_gradients.py"
+        STAGE

@@ -1,11 +1,11 @@
 # The update vector v (DESIGN §2 "Y and v"; or the trainer's step between two checkpoints) and the
-# jackknife over U shards.
+# jackknife over U shards. Stages: entropy_probe/stages/update.py.
 rule update_vector:
     input:
         unpack(update_vector_inputs),
         policy=POLICY,
     output:
-        f"{RESULTS}/update/v.safetensors",
+        v=f"{RESULTS}/update/v.safetensors",
     log:
         f"{RESULTS}/logs/update_vector.log",
     benchmark:
@@ -16,7 +16,7 @@ rule update_vector:
     params:
         values=params_of("update_vector"),
     script:
-        "../../scripts/update_vector.py"
+        STAGE
 
 
 rule u_jackknife:
@@ -26,7 +26,7 @@ rule u_jackknife:
         Y=shard_paths(f"{RESULTS}/teacher_force/Y/shard_{{shard}}.safetensors", "U"),
         policy=POLICY,
     output:
-        f"{RESULTS}/estimates/u_jackknife.json",
+        jackknife=f"{RESULTS}/estimates/u_jackknife.json",
     log:
         f"{RESULTS}/logs/u_jackknife.log",
     benchmark:
@@ -37,4 +37,4 @@ rule u_jackknife:
     params:
         values=params_of("u_jackknife"),
     script:
-        "../../scripts/u_jackknife.py"
+        STAGE

@@ -1,6 +1,7 @@
-# What-if over update rules (update.variants): per variant its own v, δH₁(η) and SNIS ΔH(η) from
-# the same E batch and the same X (X is never recomputed). The main stages' scripts, run on each
-# variant's effective config; the summary compares the variants (results/variants.txt, .png).
+# What-if over update rules (update.variants): per variant its own v, and its directional and SNIS
+# passes over the same E batch and X (X is never recomputed); the report stage reduces them and
+# compares the variants (results/variants.txt, .png). Stages: entropy_probe/stages/variants.py,
+# the main teacher_force_y and reduce_gradients stages for a variant's own Y.
 if VARIANTS:
 
     wildcard_constraints:
@@ -17,9 +18,11 @@ if VARIANTS:
                     f"{RESULTS}/rollouts/U/shard_{{shard}}.safetensors", "U"
                 ),
             output:
-                f"{RESULTS}/variants/objectives/{{objective}}/u_objective.safetensors",
+                objective=f"{RESULTS}/variants/objectives/{{objective}}/u_objective.safetensors",
             log:
                 f"{RESULTS}/logs/variant_u_objective_{{objective}}.log",
+            benchmark:
+                benchmark_path("variant_u_objective_{objective}")
             wildcard_constraints:
                 objective="|".join(OBJECTIVE_CONFIG),
             conda:
@@ -28,15 +31,15 @@ if VARIANTS:
             params:
                 values=objective_params("variant_u_objective"),
             script:
-                "../../scripts/u_objective.py"
+                STAGE
 
         rule variant_teacher_force_y:
             input:
                 rollout=f"{RESULTS}/rollouts/U/shard_{{shard}}.safetensors",
                 policy=POLICY,
-                batch=rules.variant_u_objective.output[0],
+                batch=rules.variant_u_objective.output.objective,
             output:
-                f"{RESULTS}/variants/objectives/{{objective}}/teacher_force/{{kind}}/shard_{{shard}}.safetensors",
+                gradient=f"{RESULTS}/variants/objectives/{{objective}}/teacher_force/{{kind}}/shard_{{shard}}.safetensors",
             log:
                 f"{RESULTS}/logs/variant_teacher_force_{{objective}}_{{kind}}_{{shard}}.log",
             benchmark:
@@ -53,18 +56,20 @@ if VARIANTS:
             params:
                 values=objective_params("variant_teacher_force_y"),
             script:
-                "../../scripts/teacher_force.py"
+                STAGE
 
         rule variant_reduce_y:
             input:
-                lambda wc: shard_paths(
+                partials=lambda wc: shard_paths(
                     f"{RESULTS}/variants/objectives/{wc.objective}/teacher_force/{wc.kind}/shard_{{shard}}.safetensors",
                     "U",
                 ),
             output:
-                f"{RESULTS}/variants/objectives/{{objective}}/gradients/{{kind}}.safetensors",
+                reduced=f"{RESULTS}/variants/objectives/{{objective}}/gradients/{{kind}}.safetensors",
             log:
                 f"{RESULTS}/logs/variant_reduce_{{objective}}_{{kind}}.log",
+            benchmark:
+                benchmark_path("variant_reduce_{objective}_{kind}")
             wildcard_constraints:
                 objective="|".join(OBJECTIVE_CONFIG),
                 kind="Y",
@@ -72,7 +77,7 @@ if VARIANTS:
                 "../envs/probe.yaml"
             threads: 1
             script:
-                "../../scripts/reduce_gradients.py"
+                STAGE
 
     rule variant_update_vector:
         input:
@@ -80,27 +85,29 @@ if VARIANTS:
             Y=variant_y,
             policy=POLICY,
         output:
-            f"{RESULTS}/variants/{{variant}}/v.safetensors",
+            v=f"{RESULTS}/variants/{{variant}}/v.safetensors",
         log:
             f"{RESULTS}/logs/variant_update_vector_{{variant}}.log",
+        benchmark:
+            benchmark_path("variant_update_vector_{variant}")
         conda:
             "../envs/probe.yaml"
         threads: 1
         params:
             values=variant_params("variant_update_vector"),
         script:
-            "../../scripts/update_vector.py"
+            STAGE
 
     # The directional sums (E-side SE of δH₁) and the SNIS pass (ΔH(η)) of one E shard along the
-    # variant's v: the main stages' two passes in one job (one start-up instead of two).
+    # variant's v: the main stages' two passes in one job, the model loaded once.
     rule variant_e_pass:
         input:
             rollout=f"{RESULTS}/rollouts/E/shard_{{shard}}.safetensors",
             policy=POLICY,
-            v=rules.variant_update_vector.output[0],
+            v=rules.variant_update_vector.output.v,
         output:
-            directional=f"{RESULTS}/variants/{{variant}}/directional/shard_{{shard}}.safetensors",
-            snis=f"{RESULTS}/variants/{{variant}}/snis/shard_{{shard}}.safetensors",
+            sums=f"{RESULTS}/variants/{{variant}}/directional/shard_{{shard}}.safetensors",
+            weights=f"{RESULTS}/variants/{{variant}}/snis/shard_{{shard}}.safetensors",
         log:
             f"{RESULTS}/logs/variant_e_pass_{{variant}}_{{shard}}.log",
         benchmark:
@@ -113,4 +120,4 @@ if VARIANTS:
         params:
             values=variant_params("variant_e_pass"),
         script:
-            "../../scripts/variant_e_pass.py"
+            STAGE

@@ -1,6 +1,9 @@
-"""The trainer-checkpoint keys of the config, checked before any job runs, and the trajectory's
-pairs.
+"""The ``model`` section and the trainer-checkpoint keys, checked before any job runs, and the
+trajectory's pairs.
 
+- ``model.name_or_path`` / ``model.adapter_path``: local directories that look like a checkpoint
+  and a PEFT adapter, or hub ids (fetched by the policy_spec job); ``model.trainable: adapters``
+  needs an adapter.
 - ``model.checkpoint``: an HF Trainer / TRL ``checkpoint-N`` directory, the policy. A full model is
   the checkpoint itself (``model.name_or_path`` stays unset); a PEFT adapter goes on
   ``model.name_or_path`` when set, else on adapter_config.json's ``base_model_name_or_path``.
@@ -21,19 +24,13 @@ when the workflow starts, before any job (:func:`state_checks`).
 from __future__ import annotations
 
 import copy
-import zipfile
 from pathlib import Path
 
-from .input_files import EMBEDDED, looks_like_hub_id
+from .errors import ConfigError
+from .input_files import EMBEDDED, check_checkpoint_path, check_torch_save_file, looks_like_hub_id
 from .trainer_files import CheckpointFilesError, CheckpointLayout, pair_id, read_layout, run_checkpoints, same_tensors
 
 CHECKPOINT_DIFF = "checkpoint_diff"
-
-
-def _error(message: str):
-    from .config import ConfigError
-
-    return ConfigError(message)
 
 
 def is_embedded(model: dict) -> bool:
@@ -49,27 +46,16 @@ def _layout(value: str, key: str, require_optimizer: bool = False) -> Checkpoint
     try:
         return read_layout(value, require_optimizer)
     except CheckpointFilesError as err:
-        raise _error(f"{key}: {err}") from err
-
-
-def _check_torch_file(path: Path, key: str) -> None:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(1)
-    except OSError as err:
-        raise _error(f"{key}: cannot read {str(path)!r} ({err.strerror or err})") from err
-    if not (head == b"\x80" or zipfile.is_zipfile(path)):
-        raise _error(f"{key}: {str(path)!r} is not a torch.save file (neither a zip archive nor a pickle): corrupt "
-                     "or truncated?")
+        raise ConfigError(f"{key}: {err}") from err
 
 
 def _check_base(value: str, key: str) -> None:
     path = Path(value).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise _error(f"{key}: the base model {value!r} has no config.json")
+            raise ConfigError(f"{key}: the base model {value!r} has no config.json")
     elif not looks_like_hub_id(value):
-        raise _error(f"{key}: the base model {value!r} is not an existing directory (hub ids look like 'org/name')")
+        raise ConfigError(f"{key}: the base model {value!r} is not an existing directory (hub ids look like 'org/name')")
 
 
 def _check_single(config: dict) -> None:
@@ -77,52 +63,52 @@ def _check_single(config: dict) -> None:
     model, update = config["model"], config["update"]
     optimizer, checkpoint, following = update["optimizer"], model.get("checkpoint"), update.get("next_checkpoint")
     if following and optimizer != CHECKPOINT_DIFF:
-        raise _error(f"update.next_checkpoint is set but update.optimizer is {optimizer!r}; it only applies to "
+        raise ConfigError(f"update.next_checkpoint is set but update.optimizer is {optimizer!r}; it only applies to "
                      f"{CHECKPOINT_DIFF}")
     if optimizer == CHECKPOINT_DIFF and not checkpoint:
-        raise _error(f"update.optimizer: {CHECKPOINT_DIFF} needs model.checkpoint (the trainer checkpoint N) and "
+        raise ConfigError(f"update.optimizer: {CHECKPOINT_DIFF} needs model.checkpoint (the trainer checkpoint N) and "
                      "update.next_checkpoint (checkpoint N+1)")
     if not checkpoint:
         return
     if model.get("adapter_path"):
-        raise _error("model.adapter_path: with model.checkpoint the adapter (if any) is the checkpoint's own; leave "
+        raise ConfigError("model.adapter_path: with model.checkpoint the adapter (if any) is the checkpoint's own; leave "
                      "adapter_path empty")
     layout = _layout(checkpoint, "model.checkpoint", require_optimizer=optimizer == "adamw")
     if layout.kind == "model" and model["name_or_path"] != EMBEDDED:
-        raise _error(f"model.name_or_path: model.checkpoint {checkpoint!r} is a full model, the policy itself; leave "
+        raise ConfigError(f"model.name_or_path: model.checkpoint {checkpoint!r} is a full model, the policy itself; leave "
                      "name_or_path unset (it names the base model of an adapter checkpoint only)")
     if layout.kind == "adapter":
         base = model["name_or_path"] if model["name_or_path"] != EMBEDDED else layout.base_model
         if not base:
-            raise _error(f"model.checkpoint: {layout.path}/adapter_config.json names no base model; set "
+            raise ConfigError(f"model.checkpoint: {layout.path}/adapter_config.json names no base model; set "
                          "model.name_or_path")
         _check_base(base, "model.name_or_path" if model["name_or_path"] != EMBEDDED else
                     "model.checkpoint (adapter_config.json's base_model_name_or_path; set model.name_or_path to "
                     "override)")
     elif model.get("trainable") == "adapters":
-        raise _error(f"model.trainable: 'adapters' but model.checkpoint {checkpoint!r} is a full model, not an adapter")
+        raise ConfigError(f"model.trainable: 'adapters' but model.checkpoint {checkpoint!r} is a full model, not an adapter")
     if optimizer == "adamw":
         for key in ("optimizer_state", "optimizer_param_names"):
             if update.get(key):
-                raise _error(f"update.{key}: with model.checkpoint the AdamW state is the checkpoint's optimizer.pt, "
+                raise ConfigError(f"update.{key}: with model.checkpoint the AdamW state is the checkpoint's optimizer.pt, "
                              "its parameter order rebuilt from the Trainer's grouping; leave it empty")
-        _check_torch_file(layout.optimizer, "model.checkpoint")
+        check_torch_save_file(layout.optimizer, "model.checkpoint")
     if optimizer == CHECKPOINT_DIFF:
         if not following:
-            raise _error(f"update.next_checkpoint: update.optimizer {CHECKPOINT_DIFF} needs the checkpoint after "
+            raise ConfigError(f"update.next_checkpoint: update.optimizer {CHECKPOINT_DIFF} needs the checkpoint after "
                          "model.checkpoint")
         after = _layout(following, "update.next_checkpoint")
         if after.global_step <= layout.global_step:
-            raise _error(f"update.next_checkpoint: {following!r} is global step {after.global_step}, not after "
+            raise ConfigError(f"update.next_checkpoint: {following!r} is global step {after.global_step}, not after "
                          f"model.checkpoint's step {layout.global_step}")
         try:
             different = same_tensors(layout, after)
         except CheckpointFilesError as err:
-            raise _error(f"update.next_checkpoint: {err}") from err
+            raise ConfigError(f"update.next_checkpoint: {err}") from err
         if different:
-            raise _error(f"update.next_checkpoint: does not fit model.checkpoint: {different}")
+            raise ConfigError(f"update.next_checkpoint: does not fit model.checkpoint: {different}")
         if layout.optimizer is not None:
-            _check_torch_file(layout.optimizer, "model.checkpoint")
+            check_torch_save_file(layout.optimizer, "model.checkpoint")
 
 
 def trajectory(config: dict) -> list[CheckpointLayout]:
@@ -130,7 +116,7 @@ def trajectory(config: dict) -> list[CheckpointLayout]:
     try:
         return run_checkpoints(config["model"]["checkpoints"])
     except CheckpointFilesError as err:
-        raise _error(f"model.checkpoints: {err}") from err
+        raise ConfigError(f"model.checkpoints: {err}") from err
 
 
 def pair_config(config: dict, before: CheckpointLayout, after: CheckpointLayout) -> dict:
@@ -150,8 +136,21 @@ def trajectory_pairs(config: dict) -> dict[str, dict]:
     return {pair_id(a, b): pair_config(config, a, b) for a, b in zip(layouts, layouts[1:])}
 
 
-def check_checkpoint_config(config: dict) -> None:
-    """The checks above; a ConfigError naming the key at the first problem."""
+def _check_model(model: dict) -> None:
+    """``name_or_path``, ``adapter_path`` and ``trainable``."""
+    if model["name_or_path"] != EMBEDDED:
+        check_checkpoint_path(model["name_or_path"], "model.name_or_path")
+    if model.get("adapter_path"):
+        if model["name_or_path"] == EMBEDDED:
+            raise ConfigError("model.adapter_path: an adapter needs a checkpoint in model.name_or_path (the embedded "
+                              "policy is built by the run; to put an adapter on it, give its directory)")
+        check_checkpoint_path(model["adapter_path"], "model.adapter_path", adapter=True)
+    trained = model.get("checkpoint") or model.get("checkpoints")  # an adapter checkpoint brings its adapter
+    if model.get("trainable", "auto") == "adapters" and not model.get("adapter_path") and not trained:
+        raise ConfigError("model.trainable: 'adapters' needs model.adapter_path")
+
+
+def _check_checkpoints(config: dict) -> None:
     model, update = config["model"], config["update"]
     if not is_trajectory(config):
         _check_single(config)
@@ -159,14 +158,21 @@ def check_checkpoint_config(config: dict) -> None:
     for key, value in (("model.checkpoint", model.get("checkpoint")), ("model.adapter_path", model.get("adapter_path")),
                        ("update.next_checkpoint", update.get("next_checkpoint"))):
         if value:
-            raise _error(f"{key}: model.checkpoints (a trajectory) sets it for each pair of checkpoints; leave it "
-                         "empty")
+            raise ConfigError(f"{key}: model.checkpoints (a trajectory) sets it for each pair of checkpoints; leave "
+                              "it empty")
     if update["optimizer"] != CHECKPOINT_DIFF:
-        raise _error(f"update.optimizer: a trajectory (model.checkpoints) probes each step the trainer took: set "
-                     f"update.optimizer: {CHECKPOINT_DIFF} (the probe's own AdamW step is compared with it wherever "
-                     "a checkpoint has its optimizer.pt)")
+        raise ConfigError(f"update.optimizer: a trajectory (model.checkpoints) probes each step the trainer took: set "
+                          f"update.optimizer: {CHECKPOINT_DIFF} (the probe's own AdamW step is compared with it "
+                          "wherever a checkpoint has its optimizer.pt)")
     for pair in trajectory_pairs(config).values():
         _check_single(pair)
+
+
+def check_config(config: dict) -> None:
+    """The trainer-checkpoint keys, then the model section; a ConfigError naming the key at the
+    first problem."""
+    _check_checkpoints(config)
+    _check_model(config["model"])
 
 
 def policy_layout(config: dict) -> CheckpointLayout | None:

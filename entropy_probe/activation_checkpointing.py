@@ -1,5 +1,5 @@
 """Gradient checkpointing of the decoder layers for the gradient passes
-(``generation.gradient_checkpointing``): each layer keeps only its input for the backward and
+(``teacher_forcing.gradient_checkpointing``): each layer keeps only its input for the backward and
 recomputes its activations there, so activation memory grows with one layer's worth per token
 instead of all layers' — for long responses, at the price of one more forward pass.
 
@@ -30,7 +30,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList) or not len(layers):
-        raise CheckpointingError(f"generation.gradient_checkpointing: cannot find the decoder layers of "
+        raise CheckpointingError(f"teacher_forcing.gradient_checkpointing: cannot find the decoder layers of "
                                  f"{type(model).__name__} (no get_decoder().layers)")
     return layers
 
