@@ -54,17 +54,17 @@ E2E_PRESETS = {
         prompt_words=32,
         overrides={
             "batch_config": {"E_total_sequences": 128, "G": 4, "B_U": 8, "E_num_shards": 2, "U_num_shards": 2},
-            "generation": {"max_new_tokens": 32, "top_p": 0.95, "gen_batch_size": 64, "tf_batch_size": 32},
+            "generation": {"max_new_tokens": 32, "top_p": 0.95, "gen_batch_size": 64},
+            "teacher_forcing": {"batch_size": 32},
             "model": {"precision": "float32", "device": "cpu"},
         }),
     "gpu": E2EPreset(
         W.ModelSpec("qwen2.5-1.5b-shape", 151_936, 1_536, 28, 12, 2, 8_960), lora_rank=16,
         prompts=2_000, prompt_words=128,
         overrides={
-            "batch_config": {"E_total_sequences": 4096, "G": 8, "B_U": 64, "E_num_shards": 2, "U_num_shards": 2,
-                             "rollout_batch_size": 512},
-            "generation": {"max_new_tokens": 512, "top_p": 0.95, "gen_batch_size": 4096, "tf_batch_size": 64,
-                           "tf_chunk_tokens": 4096},
+            "batch_config": {"E_total_sequences": 4096, "G": 8, "B_U": 64, "E_num_shards": 2, "U_num_shards": 2},
+            "generation": {"max_new_tokens": 512, "top_p": 0.95, "gen_batch_size": 4096, "rollout_batch_size": 512},
+            "teacher_forcing": {"batch_size": 64, "chunk_tokens": 4096},
             "model": {"precision": "bfloat16", "device": "cuda"},
         }),
 }

@@ -98,7 +98,7 @@ def measure(mode: str, spec_name: str, seqs: int, prompt: int, response: int, de
     start = time.perf_counter()
     if mode == "x":
         passes.x_gradient(model, params, rollout, pad_token_id=pad, temperature=1.0, top_p=1.0, H_bar=1.0,
-                          normalization="token", baseline="loo", rb_requires_grad=True, tf_batch_size=seqs,
+                          normalization="token", baseline="loo", pathwise_term=True, tf_batch_size=seqs,
                           chunk_tokens=chunk_tokens)
     elif mode == "y":
         passes.y_gradient(model, params, rollout, workloads.grpo_numerators(rollout), pad_token_id=pad, temperature=1.0,

@@ -134,14 +134,14 @@ def mid_rollouts(model, prompts, precision: str, *, G: int, T: int, top_p: float
 def mid_probe(model, rollouts, precision: str, etas: list[float], *, G: int, top_p: float) -> dict:
     """The probe's stages on ``model`` by library calls at ``precision`` on (E, U) ``rollouts``:
     a summary-like dict."""
-    from entropy_probe import (estimators, gradients, losses, normalization, parameters, passes, snis)
+    from entropy_probe import estimators, gradients, losses, normalization, parameters, passes, snis, snis_pass
 
     e, u = rollouts
     pad = model.config.vocab_size - 2
     params = parameters.select(model)
     plug = normalization.batch_plugins(e["rb_entropies"].double().sum(-1).reshape(-1), e["response_lens"].reshape(-1))
     common = dict(pad_token_id=pad, temperature=1.0, tf_batch_size=16, autocast_dtype=precision)
-    x_kw = dict(top_p=top_p, normalization="token", baseline="loo", rb_requires_grad=True)
+    x_kw = dict(top_p=top_p, normalization="token", baseline="loo", pathwise_term=True)
     X, stats = passes.x_gradient(model, params, e, H_bar=plug["H_bar_token"], **x_kw, **common)
     X = {k: g / normalization.get("token").x_denominator(stats["T"]) for k, g in X.items()}
     a, z = losses.response_weights("grpo", losses.group_advantages(u["rewards"], "none"), u["response_lens"])
@@ -151,7 +151,7 @@ def mid_probe(model, rollouts, precision: str, etas: list[float], *, G: int, top
     xv = gradients.dot(X, v)
     xv_forward, se = estimators.directional_estimate(sums["P"], sums["Q"], sums["S"], sums["T"], G, "token")
     sweep = sorted({*etas, *(-x for x in etas)})
-    out = snis.snis_pass(model, v, e, sweep, pad_token_id=pad, temperature=1.0, top_p=top_p, tf_batch_size=16,
+    out = snis_pass.snis_pass(model, v, e, sweep, pad_token_id=pad, temperature=1.0, top_p=top_p, tf_batch_size=16,
                          autocast_dtype=precision)
     measured = {eta: snis.delta_h(out["log_w"][j], out["S_shifted"][j], out["S"], out["T"],
                                   out["own_nucleus_differs"][j], G, "token") for j, eta in enumerate(sweep)}

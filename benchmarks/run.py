@@ -64,7 +64,7 @@ def row(benchmark: str, setting: str, ours: str, reference: str, ratio: float | 
 
 def x_kwargs(pad, top_p=1.0, temperature=1.0):
     return dict(pad_token_id=pad, temperature=temperature, top_p=top_p, H_bar=1.0, normalization="token",
-                baseline="loo", rb_requires_grad=True)
+                baseline="loo", pathwise_term=True)
 
 
 # ---------------------------------------------------------------------------------------------

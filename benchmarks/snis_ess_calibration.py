@@ -12,7 +12,7 @@ responses each, each batch with its own seed) and the SNIS estimate ΔĤ(η) ± 
 per bin of ESS/N, how often the ±2 SE interval covers the exact value (nominal 95.4%), the spread
 of the z-scores (ΔĤ − ΔH)/SE and the median bias in SE units. The threshold
 :data:`entropy_probe.snis.MIN_ESS_FRACTION` that flags SNIS rows in the report comes from this
-table (recorded in the README, "SNIS where it fails").
+table (recorded in benchmarks/README.md, "SNIS calibration").
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from entropy_probe import exact, models, rewards, rollout, shards, snis  # noqa: E402
+from entropy_probe import exact, exact_terms, models, rewards, rollout, shards, snis, snis_pass  # noqa: E402
 
 G = 4
 BINS = [1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.0]  # ESS/N bin edges, descending
@@ -58,7 +58,7 @@ def main() -> None:
     if args.v:
         v, _ = shards.read_shard(args.v, {"kind": "v"})
     else:
-        v = exact.exact_grpo_gradient(model, tokenizer, prompts, golds, G=G, **kw)
+        v = exact_terms.exact_grpo_gradient(model, tokenizer, prompts, golds, G=G, **kw)
     H0 = exact.exact_entropy_at(model, tokenizer, prompts, direction=v, eta=0.0, nucleus="base", **kw)
     truth = {eta: exact.exact_entropy_at(model, tokenizer, prompts, direction=v, eta=eta, nucleus="base", **kw) - H0
              for eta in args.etas}
@@ -71,7 +71,7 @@ def main() -> None:
                                       slots=range(len(ids)), seed=seed, max_new_tokens=3, rollout_batch_size=4096,
                                       gen_batch_size=4096, reward_fn=rewards.exact_match,
                                       temperature=args.temperature, top_p=args.top_p)
-        out = snis.snis_pass(model, v, batch, list(args.etas), pad_token_id=tokenizer.pad_token_id,
+        out = snis_pass.snis_pass(model, v, batch, list(args.etas), pad_token_id=tokenizer.pad_token_id,
                              temperature=args.temperature, top_p=args.top_p, tf_batch_size=4096)
         for j, eta in enumerate(args.etas):
             row = snis.delta_h(out["log_w"][j], out["S_shifted"][j], out["S"], out["T"],

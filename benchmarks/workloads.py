@@ -245,13 +245,13 @@ def _sequence(rollout, i: int, G: int):
 
 
 def per_sequence_x_gradient(model, params, rollout, *, temperature, top_p, H_bar, normalization="token",
-                            baseline="loo", rb_requires_grad=True) -> dict[str, Tensor]:
+                            baseline="loo", pathwise_term=True) -> dict[str, Tensor]:
     """The X surrogate Σ_k [h_k + w_k log q_k] of each response, one forward/backward per
     sequence through ``model(...)`` (``logits_to_keep``: logits of the response positions only),
     gradients summed in float64."""
     B, G, _ = rollout["rb_entropies"].shape
     coefs = estimators.x_coefficients(rollout["rb_entropies"], rollout["response_lens"], H_bar, normalization,
-                                      baseline, rb_requires_grad)
+                                      baseline, pathwise_term)
     device = next(model.parameters()).device
     total = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
     for i in range(B * G):

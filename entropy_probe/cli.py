@@ -26,30 +26,32 @@ def _stages() -> None:
         print(f"{name:<24} {summary[:100]}")
 
 
+def _parse(command: str, description: str, argv: list[str], *arguments: tuple[tuple[str, ...], dict]):
+    parser = argparse.ArgumentParser(prog=f"python -m entropy_probe {command}", description=description)
+    for flags, options in arguments:
+        parser.add_argument(*flags, **options)
+    return parser.parse_args(argv)
+
+
 def _inspect(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m entropy_probe inspect",
-                                     description="A readable summary of one shard: metadata, tensor shapes, a few "
-                                                 "decoded responses with their rewards, EOS stops, entropy and log q "
-                                                 "statistics.")
-    parser.add_argument("shard", help="a .safetensors shard written by the workflow")
-    parser.add_argument("--policy", help="policy directory or spec whose tokenizer decodes the tokens (else raw ids)")
-    parser.add_argument("-n", type=int, default=4, help="number of responses to show (default 4)")
-    args = parser.parse_args(argv)
+    args = _parse("inspect", "A readable summary of one shard: metadata, tensor shapes, a few decoded responses with "
+                  "their rewards, EOS stops, entropy and log q statistics.", argv,
+                  (("shard",), dict(help="a .safetensors shard written by the workflow")),
+                  (("--policy",), dict(help="policy directory or spec whose tokenizer decodes the tokens (else raw ids)")),
+                  (("-n",), dict(type=int, default=4, help="number of responses to show (default 4)")))
     with stage_run():
         tokenizer = models.load_tokenizer(args.policy) if args.policy else None
         print(summarize_shard(args.shard, tokenizer, args.n), end="")
 
 
 def _check_checkpoints(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m entropy_probe check-checkpoints",
-                                     description="Whether each trainer checkpoint's optimizer.pt is an AdamW state "
-                                                 "that fits its model (the workflow's check before any job runs); "
-                                                 "one ERROR line and exit status 1 at the first that does not.")
-    parser.add_argument("--trainable", default="auto")
-    parser.add_argument("--base", default=None, help="the base model of adapter checkpoints (model.name_or_path)")
-    parser.add_argument("--trust-remote-code", action="store_true")
-    parser.add_argument("checkpoints", nargs="+")
-    args = parser.parse_args(argv)
+    args = _parse("check-checkpoints", "Whether each trainer checkpoint's optimizer.pt is an AdamW state that fits its "
+                  "model (the workflow's check before any job runs); one ERROR line and exit status 1 at the first "
+                  "that does not.", argv,
+                  (("--trainable",), dict(default="auto")),
+                  (("--base",), dict(default=None, help="the base model of adapter checkpoints (model.name_or_path)")),
+                  (("--trust-remote-code",), dict(action="store_true")),
+                  (("checkpoints",), dict(nargs="+")))
     with stage_run():
         logging.getLogger().setLevel(logging.WARNING)  # one line: the error, if any
         for checkpoint in args.checkpoints:

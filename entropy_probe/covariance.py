@@ -1,4 +1,4 @@
-"""The covariance view of entropy change (Cui et al. 2025, DESIGN §2b "Covariance view").
+"""The covariance view of entropy change, after Cui et al. (2025) (DESIGN §2b "Covariance view").
 
 For a softmax whose logits z are themselves the parameters, H = −Σ_a π_a log π_a has
 ∂H/∂z_a = −π_a (log π_a + H), so a logit step Δz changes the entropy by

@@ -6,7 +6,8 @@ Sources (``data.source``):
 - ``embedded``: the arithmetic prompts written next to the embedded policy (``prompts.jsonl``);
 - a local ``.json`` / ``.jsonl`` / ``.parquet`` / ``.csv`` file (its one split is ``train``), or
   a path with a ``{split}`` field (``data/gsm8k_{split}.parquet``: one file per split), or a local
-  directory that ``datasets.load_dataset`` reads;
+  directory that ``datasets.load_dataset`` reads (a downloaded dataset repository, with its
+  ``data.config_name``);
 - otherwise a Hugging Face hub dataset id (``openai/gsm8k``, with ``data.config_name: main``).
 
 Splits use the ``datasets`` syntax, slices included (``train``, ``test[:500]``, ``train[10%:]``).
@@ -162,7 +163,8 @@ def load_rows(data_cfg: dict, split: str, policy_dir: str | Path | None = None) 
             rows = datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split=read_as,
                                          cache_dir=cache_dir)
         elif kind == "dir":
-            rows = datasets.load_dataset(str(Path(source).expanduser()), split=split, cache_dir=cache_dir)
+            rows = datasets.load_dataset(str(Path(source).expanduser()), data_cfg.get("config_name") or None,
+                                         split=split, cache_dir=cache_dir)
         else:
             try:
                 rows = datasets.load_dataset(source, data_cfg.get("config_name") or None, split=split)
@@ -195,8 +197,9 @@ def check_config(config: dict) -> None:
     if kind == "embedded" and not is_embedded(config["model"]):
         raise ConfigError("data.source: 'embedded' prompts only go with the embedded policy (model.name_or_path: "
                           "embedded, no model.checkpoint); give the prompt file")
-    if data.get("config_name") and kind != "hub":
-        raise ConfigError("data.config_name: only hub datasets have configurations")
+    if data.get("config_name") and kind not in ("hub", "dir"):
+        raise ConfigError("data.config_name: only dataset repositories (a hub id or a local directory) have "
+                          "configurations; a file source has none")
     if data.get("system_prompt") and not data.get("use_chat_template"):
         raise ConfigError("data.system_prompt: only used with data.use_chat_template: true")
     if data.get("answer_pattern"):

@@ -1,5 +1,5 @@
-"""Which per-prefix entropy h_k the probe measures (``estimator.entropy``, DESIGN §2b "Which
-entropy"), and where each shard keeps it.
+"""Which per-prefix entropy h_k the probe measures (``estimator.entropy``), and where each shard
+keeps it (DESIGN §2b "Which entropy").
 
 - ``sampler``: the RB entropy of the sampling measure q_k (temperature and top-p nucleus,
   renormalised), −Σ_{v∈S_k} q_k(v) log q_k(v).

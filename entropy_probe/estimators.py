@@ -1,4 +1,4 @@
-"""The X estimator of DESIGN §2 ("X = ∇H") as pure tensor functions: the baselines of the score
+"""The X estimator as pure tensor functions (DESIGN §2 "X = ∇H"): the baselines of the score
 term (:data:`BASELINES`), the score-term weights (centred entropy-to-go), the per-token
 coefficients of the X surrogate that every X pass differentiates, and X·u with its linearized
 (influence) contributions over prompt groups, hence its standard error.

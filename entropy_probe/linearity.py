@@ -1,4 +1,4 @@
-"""The linearity check δH₁(η)/ΔH(η) with its error bar (DESIGN §2: the exact ratio → 1 as η → 0).
+"""The linearity check δH₁(η)/ΔH(η) with its error bar: the exact ratio → 1 as η → 0 (DESIGN §2).
 
 δH₁ = η·X·v and the SNIS ΔH(η) (θ's nucleus) come from the same E batch, so their errors are
 correlated; both are (to first order) means of per-prompt-group contributions ψ^a_b and ψ^b_b

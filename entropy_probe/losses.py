@@ -137,7 +137,7 @@ _TYPES = [
     LossType("seq_mean_token_sum_prompt_max_len",
              "mean over prompts of Σ_{i∈b} Σ_k A_i log p_ik / (G · L_max of prompt b) (Dr-GRPO with each prompt's "
              "longest response; not TRL's dr_grpo)", _prompt_max_len),
-    LossType("seq_mean_token_sum_norm", "Σ_i Σ_k A_i log p_ik / loss_scale_factor (verl, DESIGN §2b)", _seq_mean_token_sum_norm,
+    LossType("seq_mean_token_sum_norm", "Σ_i Σ_k A_i log p_ik / loss_scale_factor (verl)", _seq_mean_token_sum_norm,
              ("loss_scale_factor",)),
     LossType("bnpo", "mean over micro-batches of Σ_{i∈mb} Σ_k A_i log p_ik / Σ_{i∈mb} T_i (TRL bnpo)", _bnpo,
              ("micro_batch_size",)),
@@ -165,7 +165,7 @@ def required_settings(loss_type: str) -> tuple[str, ...]:
 
 
 def describe_loss_types() -> list[tuple[str, str]]:
-    """(names, formula) per loss type, aliases first joined by " = " (for the README)."""
+    """(names, formula) per loss type, aliases first joined by " = " (docs/science.md shows them)."""
     names = {t: [a for a, c in ALIASES.items() if c == t] + [t] for t in LOSS_TYPES}
     return [(" = ".join(names[t]), LOSS_TYPES[t].formula) for t in LOSS_TYPES]
 

@@ -23,10 +23,15 @@ def _pm(value, se) -> str:
     return MISSING if value is None else f"{_num(value)} ± {_num(se, '.2g')}"
 
 
+URI_LINE = 76  # docutils drops a whole included file with a line over 10,000 characters
+
+
 def image(png: bytes, alt: str) -> str:
-    """An rst image directive holding ``png`` as a data URI."""
-    uri = "data:image/png;base64," + base64.b64encode(png).decode()
-    return f".. image:: {uri}\n   :alt: {alt}\n   :width: 100%\n"
+    """An rst image directive holding ``png`` as a data URI, wrapped over short lines (docutils
+    joins a URI argument's lines and removes the whitespace)."""
+    data = base64.b64encode(png).decode()
+    lines = [f"   {data[i:i + URI_LINE]}" for i in range(0, len(data), URI_LINE)]
+    return "\n".join([".. image:: data:image/png;base64,", *lines, f"   :alt: {alt}", "   :width: 100%"]) + "\n"
 
 
 def list_table(title: str, header: list[str], rows: list[list[str]]) -> str:

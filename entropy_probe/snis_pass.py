@@ -1,4 +1,4 @@
-"""The SNIS pass over one E shard (DESIGN §2 "ΔH(η) by SNIS"): the E responses teacher-forced at θ
+"""The SNIS pass over one E shard (DESIGN §2 "ΔH(η) by SNIS"). The E responses teacher-forced at θ
 and at each θ' = θ + ηv (parameters applied with ``functional_call``, the model is never
 modified), keeping at every position the nucleus chosen at θ, with the per-sequence log-weights
 and entropies the statistics of :mod:`entropy_probe.snis` reduce over the whole E batch. Both

@@ -1,7 +1,11 @@
-"""Shared fixtures: the embedded tiny policy, built once per test session (a few seconds), and one
-uninterrupted Snakemake run of the default workflow, shared by the workflow tests that read it
-(test_workflow, test_workflow_probe, test_kill_resume)."""
+"""Shared fixtures, each built once per test session: the embedded tiny policy, real TRL runs on
+it, and the Snakemake runs the workflow tests read (copy before changing): the default workflow
+with RUN_SETTINGS (``default_run``), the README's quick start in a fresh copy of the repository
+(``quickstart_run``) and the small test config (``test_config_run``). The reference commit's runs
+of tests/test_numbers_unchanged.py start in the background as soon as the session is collected."""
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
@@ -83,3 +87,56 @@ def trl_lora_run(toy_policy_dir, tmp_path_factory):
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], bias="none")
     return run_training(toy_policy_dir, tmp_path_factory.mktemp("trl_lora_run"), peft_config=lora,
                         learning_rate=1e-3)
+
+
+QUICKSTART_DIR = "ENTROPY_PROBE_QUICKSTART_DIR"
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """A fresh copy of the repository where the README's quick start ran (``snakemake --cores 2``:
+    config/config.yaml, about five minutes on 2 cores). When $ENTROPY_PROBE_QUICKSTART_DIR names
+    a fresh clone where it already ran (``.ci/run`` runs the README's commands first), that one,
+    once a dry run there finds nothing left to do."""
+    import os
+
+    from workflow_util import fresh_copy, run_in
+
+    given = os.environ.get(QUICKSTART_DIR)
+    if given:
+        work = __import__("pathlib").Path(given)
+        out = run_in(work, "snakemake -n")
+        assert "Nothing to be done" in out.stdout + out.stderr, f"{QUICKSTART_DIR}={given}: the quick start is not complete"
+        return work
+    work = fresh_copy(tmp_path_factory.mktemp("quickstart"))
+    run_in(work, "snakemake --cores 2")
+    return work
+
+
+@pytest.fixture(scope="session")
+def test_config_run(tmp_path_factory):
+    """The small test workflow (.test/config/config.yaml), run whole once. Read-only."""
+    import shutil
+
+    from workflow_util import run_snakemake
+
+    work = tmp_path_factory.mktemp("dot_test")
+    shutil.copy(REPO / ".test" / "config" / "config.yaml", work / "config.yaml")
+    run_snakemake(work, "config.yaml", "--cores", "2", timeout=1800)
+    return work
+
+
+def pytest_collection_finish(session):
+    """The reference commit's runs (tests/test_numbers_unchanged.py) start now, in the background
+    at the lowest priority, when that module's tests are selected: they use the cores the other
+    tests leave idle."""
+    module = sys.modules.get("test_numbers_unchanged")
+    if module is not None and any(item.module is module for item in session.items):
+        module.REFERENCE_RUNS.start()
+
+
+def pytest_sessionfinish(session):
+    module = sys.modules.get("test_numbers_unchanged")
+    if module is not None:
+        module.REFERENCE_RUNS.stop()
+        __import__("shutil").rmtree(module.REFERENCE_RUNS.root.parent, ignore_errors=True)

@@ -14,29 +14,32 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "entropy_probe"
 
 # The layers, lowest first. A module imports modules of its own layer or of a lower one.
+# docs/development.md shows them (docs/generate.py, with LAYER_NOTES and each module's docstring).
 LAYERS = {
-    # names, files and the schema: what everything else builds on (torch-free)
     "foundation": {"errors", "input_files", "config_schema", "sweep", "entropies"},
-    # the config and what it drives, checked while the Snakefile parses (torch-free)
     "configuration": {"stage_keys", "trainer_files", "model_config", "data", "prompts", "reward_config", "losses",
                       "plan", "variants", "trainable", "config"},
-    # pure tensor functions: every formula of DESIGN §2 and §2b, once
     "mathematics": {"measure", "logit_gradient", "normalization", "estimators", "first_order", "update", "snis",
                     "fresh", "linearity", "attribution", "covariance", "noise", "gradients", "parameters",
                     "precision", "guards"},
-    # files and models: the one shard reader/writer, policies, checkpoints, optimizer states, ground truth
     "files and models": {"shards", "rewards", "optimizer_state", "trainer_checkpoint", "models", "checkpoint_step",
                          "update_builder", "toy", "exact", "exact_terms"},
-    # the passes of the model over stored or new responses
     "passes": {"tf_layout", "attention", "activation_checkpointing", "fused_head", "teacher_force", "generate",
                "rollout", "passes", "snis_pass", "fresh_pass"},
-    # what a person reads: tables, plots, the report's landing page
     "reports": {"report", "report_page", "attribution_report", "variant_report", "trajectory_report",
                 "shard_report"},
-    # one function per rule, the adapter that runs it, the command line
     "stages": {"stage", "stages", "stages.inputs", "stages.policy", "stages.plan", "stages.rollout",
                "stages.teacher_force", "stages.update", "stages.statistics", "stages.fresh", "stages.attribution",
                "stages.variants", "stages.checkpoint", "stages.report", "cli", "__main__"},
+}
+LAYER_NOTES = {
+    "foundation": "names, files and the schema: what everything else builds on (torch-free)",
+    "configuration": "the config and what it drives, checked while the Snakefile parses (torch-free)",
+    "mathematics": "pure tensor functions: every formula, once (docs/science.md, the formula map)",
+    "files and models": "files and models: the one shard reader/writer, policies, checkpoints, optimizer states, ground truth",
+    "passes": "the passes of the model over stored or new responses",
+    "reports": "what a person reads: tables, plots, the report's landing page",
+    "stages": "one function per rule, the adapter that runs it, the command line",
 }
 RANK = {module: i for i, modules in enumerate(LAYERS.values()) for module in modules}
 MAX_LINES = 300

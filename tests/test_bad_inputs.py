@@ -203,9 +203,9 @@ def _config(case: Case, inp: Path) -> dict:
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["model"].update(name_or_path=str(inp / "checkpoint"), device="cpu")
     config["data"]["source"] = str(inp / "prompts.jsonl")
-    config["batch_config"].update(E_total_sequences=4, G=2, B_U=2, E_num_shards=1, U_num_shards=1,
-                                  rollout_batch_size=2)
-    config["generation"].update(max_new_tokens=2, gen_batch_size=4, tf_batch_size=4)
+    config["batch_config"].update(E_total_sequences=4, G=2, B_U=2, E_num_shards=1, U_num_shards=1)
+    config["generation"].update(max_new_tokens=2, gen_batch_size=4, rollout_batch_size=2)
+    config["teacher_forcing"].update(batch_size=4)
     config["estimator"].update(eta_list=[1e-3], fresh_etas=[])  # no fresh rollouts, no update variants:
     config["update"]["variants"] = {}  # the checks stop the run before them, or a full run is not the point
     for section, values in case.overrides.items():

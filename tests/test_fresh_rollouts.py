@@ -135,13 +135,19 @@ def test_sampler_delta_h_matches_exact_own_nucleus(toy_model, fresh_runs, temper
     else:  # top_p = 1: the same quantity as SNIS (one nucleus), from the same E batch
         out = snis_pass.snis_pass(model, u, batch, ETAS, pad_token_id=tokenizer.pad_token_id, temperature=temperature,
                              top_p=top_p, tf_batch_size=1024)
+        compared = 0
         for j, eta in enumerate(ETAS):
             row = reduce(redraws[eta])
             sn = snis.delta_h(out["log_w"][j], out["S_shifted"][j], out["S"], out["T"], out["own_nucleus_differs"][j],
                               G, "token")
-            assert abs(row["delta_h"] - sn["delta_h"]) < 3 * (row["se"] ** 2 + sn["se"] ** 2) ** 0.5, (eta, row, sn)
+            # where the weights keep half the batch: lower, SNIS's SE understates its error more and more
+            # (benchmarks/README.md, "SNIS calibration"; the fresh rollouts carry no weights)
+            if sn["ess_fraction"] >= 0.5:
+                compared += 1
+                assert abs(row["delta_h"] - sn["delta_h"]) < 3 * (row["se"] ** 2 + sn["se"] ** 2) ** 0.5, (eta, row, sn)
             assert exact_delta(model, tokenizer, u, eta, temperature, top_p) == exact_delta(
                 model, tokenizer, u, eta, temperature, top_p, nucleus="base")
+        assert compared >= 2, compared
 
 
 def test_sampler_se_is_calibrated(toy_model):

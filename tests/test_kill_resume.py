@@ -1,19 +1,23 @@
 """A run killed (SIGKILL of Snakemake and of its jobs) during the rollouts, the teacher forcing and
 the statistics, then resumed, ends with the results of an uninterrupted run, recomputing only
 what was lost and leaving no temporary file behind. The run goes as far as δH₁ and the SNIS ΔH
-(the stages the kill points lie in, and what they feed), not through the report's other stages."""
+(the stages the kill points lie in, and what they feed), not through the report's other stages.
+The small test config (.test/config/config.yaml), against the session's uninterrupted run of it."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import RUN_CONFIG, write_run_config
-from workflow_util import REPO, json_numbers, run_snakemake
+from conftest import REPO
+from workflow_util import json_numbers, run_snakemake
+
+RUN_CONFIG = "config.yaml"
 
 pytestmark = pytest.mark.workflow
 
@@ -41,9 +45,10 @@ def results(work):
     return [json_numbers(json.loads((work / target).read_text())) for target in TARGETS]
 
 
-def test_killed_runs_resume_to_the_uninterrupted_results(tmp_path, default_run):
+def test_killed_runs_resume_to_the_uninterrupted_results(tmp_path, test_config_run):
     killed = tmp_path / "killed"
-    write_run_config(killed)
+    killed.mkdir()
+    shutil.copy(REPO / ".test" / "config" / "config.yaml", killed / RUN_CONFIG)
     for point in KILL_POINTS:
         run_until_then_kill(killed, point)
         run_snakemake(killed, RUN_CONFIG, "--unlock")  # the killed Snakemake left its lock
@@ -52,6 +57,6 @@ def test_killed_runs_resume_to_the_uninterrupted_results(tmp_path, default_run):
     run_snakemake(killed, RUN_CONFIG, "--cores", "2", "--rerun-incomplete", *TARGETS)
 
     assert policy_file.stat().st_mtime_ns == built  # finished work is not redone
-    assert results(killed) == results(default_run)  # the uninterrupted run
+    assert results(killed) == results(test_config_run)  # the uninterrupted run
     leftovers = [p for p in (killed / "results").rglob("*") if ".tmp" in p.name]
     assert leftovers == []

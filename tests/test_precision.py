@@ -17,7 +17,6 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import REPO
 
 from entropy_probe import first_order, logit_gradient, precision
 from entropy_probe.config import ConfigError, load_config
@@ -122,22 +121,18 @@ def test_a_token_outside_its_recomputed_nucleus_is_kept_only_when_asked():
     torch.testing.assert_close(grad, logits.grad, atol=1e-6, rtol=1e-5)
 
 
-RUN = REPO / ".test" / "config" / "config.yaml"
 
 
 TARGETS = ("results/delta_h1.json", "results/delta_h_snis.json")
 
 
 @pytest.fixture(scope="module")
-def test_runs(tmp_path_factory):
-    """The small test workflow in fp32 up to δH₁ and the SNIS ΔH (the numbers the bound is about),
-    then a copy switched to bf16 (which reruns what depends on the precision: rollouts onwards).
-    Returns ({δH₁ report, SNIS ΔH} per precision, the bf16 dry run's job counts)."""
-    fp32 = tmp_path_factory.mktemp("precision") / "fp32"
-    fp32.mkdir()
-    shutil.copy(RUN, fp32 / "config.yaml")
-    run_snakemake(fp32, "config.yaml", "--cores", "2", *TARGETS, timeout=1800)
-    bf16 = fp32.parent / "bf16"
+def test_runs(test_config_run, tmp_path_factory):
+    """The small test workflow in fp32 (the shared whole run), then a copy switched to bf16 (which
+    reruns what depends on the precision: rollouts onwards) up to δH₁ and the SNIS ΔH (the numbers
+    the bound is about). Returns ({δH₁ report, SNIS ΔH} per precision, the bf16 dry run's job counts)."""
+    fp32 = test_config_run
+    bf16 = tmp_path_factory.mktemp("precision") / "bf16"
     shutil.copytree(fp32, bf16, symlinks=True)
     config = yaml.safe_load((bf16 / "config.yaml").read_text())
     config.setdefault("model", {})["precision"] = "bfloat16"

@@ -1,4 +1,4 @@
-"""Real checkpoints and data (README "Real checkpoints"): a PEFT LoRA adapter with its AdamW state,
+"""Real checkpoints and data (docs/real-models.md): a PEFT LoRA adapter with its AdamW state,
 GSM8K-style jsonl and parquet prompt files, prompt templates, token-budget filtering, stop strings,
 and the config checks of model / data / reward. Everything is built locally from the embedded
 policy (no hub access); one Snakemake run (module fixture) goes from the adapter and the files to
@@ -329,6 +329,29 @@ def test_local_files_splits_and_sizes(tmp_path, toy_policy_dir):
         data.local_file(str(tmp_path / "one.json"), "test")
 
 
+def test_a_local_dataset_repository_with_configurations(tmp_path, toy_policy_dir):
+    """A local directory laid out as a hub dataset repository (a README declaring configurations)
+    is read with data.config_name, as the hub id would be; a file source has no configurations."""
+    import datasets
+
+    repo = tmp_path / "org" / "set"
+    for name, offset in (("main", 0), ("other", 100)):
+        (repo / name).mkdir(parents=True)
+        datasets.Dataset.from_list([{"prompt": f"{i + offset}+1=", "answer": i + offset + 1} for i in range(3)]
+                                   ).to_parquet(str(repo / name / "train-00000-of-00001.parquet"))
+    (repo / "README.md").write_text("---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n"
+                                    "    path: main/train-*\n- config_name: other\n  data_files:\n"
+                                    "  - split: train\n    path: other/train-*\n---\n")
+    source = {"source": str(repo), "prompt_field": "prompt", "answer_field": "answer"}
+    assert data.source_kind(str(repo)) == "dir"
+    assert [r["answer"] for r in data.load_rows({**source, "config_name": "other"}, "train")] == [101, 102, 103]
+    assert [r["answer"] for r in data.load_rows({**source, "config_name": "main"}, "train")] == [1, 2, 3]
+    (tmp_path / "rows.jsonl").write_text('{"prompt": "1+1=", "answer": 2}\n')
+    with pytest.raises(ConfigError, match="data.config_name"):
+        load_config(None, {"data": {"source": str(tmp_path / "rows.jsonl"), "config_name": "main"},
+                           "model": {"name_or_path": str(toy_policy_dir)}})
+
+
 # ----------------------------------------------------------------------------------- config checks
 
 
@@ -395,11 +418,11 @@ def test_example_config_is_valid_against_the_schema():
     example = yaml.safe_load((REPO / "config" / "examples" / "qwen2.5-1.5b-lora-gsm8k.yaml").read_text())
     fill_defaults(example)
     validate(example)
-    assert example["model"]["adapter_path"] and example["update"]["optimizer"] == "adamw"
+    assert example["model"]["checkpoint"] and example["update"]["optimizer"] == "adamw"
     assert example["data"]["source"] == "openai/gsm8k" and example["reward"]["name"] == "math"
-    # the parts of the cross-field check that need no files pass too
-    example["model"].update(name_or_path="Qwen/Qwen2.5-1.5B-Instruct", adapter_path="", trainable="auto", device="cpu")
-    example["update"].update(optimizer_state="", optimizer_param_names="")  # files (checked to exist)
+    # the parts of the cross-field check that need no files pass too (with its files in place, the
+    # whole config is checked by tests/test_recipes.py: "Probe your model")
+    example["model"].update(checkpoint="", trainable="auto", device="cpu")  # a directory (checked to exist)
     check_config(example)
 
 

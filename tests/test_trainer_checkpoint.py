@@ -110,7 +110,12 @@ def test_recorded_gradient_is_the_registry_objective(trl_run, step):
     coef = losses.response_coefficients("dapo", inputs["advantages"][None], lengths[None])
     Y = H.objective_gradient(model, inputs, coef.reshape(-1), H.TEMPERATURE)
     clip = update.clip_coefficient({n: -y for n, y in Y.items()}, 1.0)
-    assert H.relative_error({n: -y * clip for n, y in Y.items()}, record.gradient) < 1e-5
+    # both fp32 gradients, summed in other orders over cancelling advantages: their rounding reaches
+    # 1e-4 relative on some CPUs; another loss type's objective is off by far more
+    assert H.relative_error({n: -y * clip for n, y in Y.items()}, record.gradient) < 3e-4
+    grpo = losses.response_coefficients("grpo", inputs["advantages"][None], lengths[None])
+    Y_grpo = H.objective_gradient(model, inputs, grpo.reshape(-1), H.TEMPERATURE)
+    assert H.relative_error({n: -y * clip for n, y in Y_grpo.items()}, record.gradient) > 1e-2
 
 
 def _another_models_state(tmp_path, source_dir):

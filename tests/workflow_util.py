@@ -1,7 +1,9 @@
 """Running the project's Snakefile in a scratch working directory (for the workflow tests)."""
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +55,28 @@ def _job_table(out: str) -> dict[str, int]:
     jobs = dict((name, int(n)) for name, n in re.findall(r"^(\w+)\s+(\d+)\s*$", table, flags=re.M))
     jobs.pop("total", None)
     return jobs
+
+
+def fresh_copy(dest: Path) -> Path:
+    """The repository's files as a fresh clone has them (tracked, and untracked but not ignored:
+    what a commit of the working tree would hold) copied to ``dest``."""
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard", "-z"],
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = REPO / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    return dest
+
+
+def run_in(workdir: Path, script: str, timeout: int = 1800) -> subprocess.CompletedProcess:
+    """``bash -euo pipefail -c SCRIPT`` in ``workdir`` with this Python's environment first on PATH
+    (so that ``snakemake`` and ``python`` are the ones under test); fails with the output."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=workdir, env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"in {workdir}:\n{script}\nfailed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                             f"{result.stderr[-6000:]}")
+    return result
