@@ -188,12 +188,12 @@ def stage_table(results: Path) -> list[dict]:
 
 
 def check_stop_reasons(results: Path) -> dict:
-    from entropy_probe import generate, shards
+    from entropy_probe import shards, stopping
 
     counts: dict[str, int] = {}
     for path in sorted((results / "rollouts").rglob("shard_*.safetensors")):
         tensors, _ = shards.read_shard(path)
-        for code, name in generate.STOP_REASONS.items():
+        for code, name in stopping.STOP_REASONS.items():
             counts[name] = counts.get(name, 0) + int((tensors["stop_reason"] == code).sum())
     return counts
 

@@ -17,12 +17,15 @@ Every comparison runs in the same process (memory: in fresh subprocesses) on the
                 fresh process per measurement; CUDA: torch.cuda.max_memory_allocated)
   generation    sequences/s of generate.sample (one batched call) against plain model.generate
                 called once per prompt (num_return_sequences = G)
+  decoding      tokens/s of batched decoding against the roofline of the step
+  sampler       the sampler's share of a decoding step at vocabulary 151,936 (benchmarks/sampling.py)
+  fresh         fresh rollouts by verification against full regeneration, per η (benchmarks/sampling.py)
 
 Defaults fit a few minutes on 2 CPU cores (``--quick``: about a minute). ``--gpu`` uses CUDA and
 GPU sizes (the Qwen2.5-0.5B shape, random weights; bf16 autocast rows beside fp32 with TF32 off).
 Targets (printed beside the figures): X pass ≥ 60% of the matmul peak (CPU, mid-size model);
 ≥ 10× the loop's tokens/s on the tiny policy and ≥ 1× on the mid-size model; X-pass peak memory
-≤ 1.5× the plain forward+backward at vocabulary 151,936.
+≤ 1.5× the plain forward+backward at vocabulary 151,936; the sampler ≤ 0.3 of a decoding step.
 """
 from __future__ import annotations
 
@@ -41,10 +44,12 @@ import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # workloads; the package, also when not pip-installed
+import sampling  # noqa: E402
 import workloads as W  # noqa: E402
 
 from entropy_probe import generate, models, noise, parameters, passes, teacher_force, tf_layout  # noqa: E402
 
+BENCHMARKS = ["x_vs_loop", "flops", "memory", "generation", "decoding", "sampler", "fresh"]
 ROWS: list[dict] = []
 PEAKS: dict[str, list[float]] = {}  # matmul peaks measured during the run, per dtype
 SMOKE = {"on": False}
@@ -296,7 +301,7 @@ def main():
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall time, or process CPU time (per thread-second: for a shared, loaded machine)")
     parser.add_argument("--only", nargs="*", default=None,
-                        choices=["x_vs_loop", "flops", "memory", "generation", "decoding"], help="run only these")
+                        choices=BENCHMARKS, help="run only these")
     parser.add_argument("--e2e", action="store_true",
                         help="the whole workflow instead (benchmarks/e2e.py): CPU at a small size, with --gpu the "
                              "Qwen2.5-1.5B shape with LoRA; a per-stage table from the rules' benchmark files")
@@ -308,6 +313,8 @@ def main():
     args.size = args.size or ("large" if args.gpu else "quick" if args.quick else "default")
     args.preset = W.PRESETS[args.size]
     SMOKE["on"] = args.size == "smoke"
+    if SMOKE["on"]:
+        W.PEAK_SIZE["n"] = 256
     if args.device == "cuda" and args.clock == "cpu":
         parser.error("--clock cpu is for CPU runs")
     W.CLOCK["name"] = args.clock
@@ -326,11 +333,11 @@ def main():
                 json.dump({"machine": info, "args": vars(args), "e2e": report}, f, indent=1, default=str)
         return
     print(f"  {'benchmark':<12} {'setting':<44} {'ours':>22} {'reference':>22} {'ratio':>8} {'target':>10} met")
-    wanted = set(args.only or ["x_vs_loop", "flops", "memory", "generation", "decoding"])
+    wanted = set(args.only or BENCHMARKS)
     start = time.perf_counter()
     if "x_vs_loop" in wanted:
         bench_x_vs_loop_tiny(args)
-    setup = mid_setup(args) if wanted & {"x_vs_loop", "flops", "generation", "decoding"} else None
+    setup = mid_setup(args) if wanted & {"x_vs_loop", "flops", "generation", "decoding", "fresh"} else None
     if "x_vs_loop" in wanted:
         bench_x_vs_loop_mid(args, setup)
     if "flops" in wanted:
@@ -341,6 +348,10 @@ def main():
         bench_generation(args, setup)
     if "decoding" in wanted:
         bench_decoding(args, setup)
+    if "sampler" in wanted:
+        sampling.bench_sampler(args, row)
+    if "fresh" in wanted:
+        sampling.bench_fresh(args, setup, row)
     if PEAKS:
         info["matmul_peaks_flops"] = PEAKS
         print("matmul peaks measured (GFLOP/s): " + "; ".join(

@@ -68,7 +68,7 @@ PRESETS = {
                       ((4, 4, 32, 32), (16, 4, 32, 32))),
     "quick": Preset("mid-quick", (2, 4, 64, 128), "vocab152k-quick", (8, 64, 192), (2, 4, 32, 16), 32,
                     ((4, 4, 32, 16),)),
-    "large": Preset("large", (8, 4, 128, 256), "large", (16, 128, 384), (8, 4, 64, 64), 64,
+    "large": Preset("large", (16, 4, 192, 512), "large", (16, 128, 384), (8, 4, 64, 64), 64,
                     ((16, 4, 128, 128), (64, 4, 128, 128), (256, 4, 128, 128))),
     "smoke": Preset("smoke", (2, 2, 8, 8), "smoke-v152k", (4, 8, 8), (2, 2, 4, 4), 4, ((2, 2, 4, 4),)),
 }
@@ -185,6 +185,8 @@ def sampled_shard(model, prompt_ids: Tensor, prompt_mask: Tensor, G: int, T: int
         "sequences": sequences.view(B, G, P + T), "attention_masks": masks.view(B, G, P + T),
         "prompt_lens": prompt_mask.sum(-1).cpu(), "response_lens": out.response_lens.view(B, G),
         "token_log_q": fill(out.token_log_q, 0.0).view(B, G, T), "rb_entropies": fill(out.entropies, 0.0).view(B, G, T),
+        "tempered_entropies": fill(out.tempered_entropies, 0.0).view(B, G, T),
+        "stop_reason": out.stop_reason.view(B, G), "prompt_ids": torch.arange(B),
     }
 
 
@@ -310,9 +312,12 @@ def timed(fn, device="cpu", repeats: int = 1, warmup: int = 0):
     return best, result
 
 
+PEAK_SIZE = {"n": None}  # the peak's matrix size when set (a smoke run: small, so that bf16 on a CPU is quick)
+
+
 def matmul_peak(device="cpu", dtype=torch.float32, n: int | None = None, repeats: int = 5) -> float:
     """Measured FLOP/s of a square matrix product (best of ``repeats``), the reference peak."""
-    n = n or (2048 if torch.device(device).type == "cpu" else 8192)
+    n = n or PEAK_SIZE["n"] or (2048 if torch.device(device).type == "cpu" else 8192)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     seconds, _ = timed(lambda: a @ b, device, repeats=repeats, warmup=2)

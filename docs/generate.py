@@ -9,7 +9,7 @@ such block equals what this script makes, so none can drift.
 Blocks: ``sample-table`` (the README's table, from docs/sample/summary.json, formatted as the
 report's landing page formats it), ``loss-types`` (the loss registry), ``code-map`` (the package's
 layers as tests/test_architecture.py states them, each module with the first sentence of its
-docstring).
+docstring), ``example-cost`` (the model work of the 1.5B example config, entropy_probe/cost.py).
 """
 from __future__ import annotations
 
@@ -80,7 +80,21 @@ def code_map() -> str:
     return "\n".join(out)
 
 
-GENERATORS = {"sample-table": sample_table, "loss-types": loss_types, "code-map": code_map}
+def example_cost() -> str:
+    """The model work of config/examples/qwen2.5-1.5b-lora-gsm8k.yaml, counted from the config."""
+    import yaml
+
+    from entropy_probe import config_schema, cost
+
+    config = yaml.safe_load((REPO / "config" / "examples" / "qwen2.5-1.5b-lora-gsm8k.yaml").read_text())
+    config_schema.fill_defaults(config)
+    rows = cost.model_work(config)
+    cells = [[r.stage, f"{r.jobs}", f"{r.sequences:,}", f"{r.generated:,}" if r.generated else "—", r.passes]
+             for r in rows]
+    return _table(["stage", "jobs", "sequences", "tokens generated (at most)", "passes over the sequences"], cells)
+
+
+GENERATORS = {"sample-table": sample_table, "loss-types": loss_types, "code-map": code_map, "example-cost": example_cost}
 
 
 def regenerate(text: str) -> str:

@@ -6,27 +6,61 @@ teacher forcing share the same function on the same fp32 logits) and adds the ex
 noise of :mod:`entropy_probe.noise`, so the argmax is the Gumbel-max sample
 y_k = argmax_v [log q_k(v) + g_kv], an exact draw from q_k. The noise is keyed by (seed, stream,
 prompt slot, response index, position, token): a response slot gets the same noise whatever the
-parameters, the batch layout or the device (DESIGN §2b, coupled fresh rollouts).
-
-A response ends at its first EOS (included, and scored) or, with ``stop_strings``, at the token
-that completes a stop string (included too): a stopping criterion, which never touches the
-logits, so the sampling measure is the same with or without stop strings.
+parameters, the batch layout or the device (DESIGN §2b, coupled fresh rollouts). How a
+response ends: :mod:`entropy_probe.stopping`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
 from . import measure, noise, precision
+from .stopping import RowBudget, StopStringCriterion, response_ends
 
 # Dense noise is computed in blocks of rows of at most this many [rows, V] elements (three
-# buffers of 8 bytes each); a nucleus smaller than 1/_SPARSE_RATIO of the vocabulary only gets
-# noise where it is needed.
+# buffers of 8 bytes each): on CPU small enough that the ~30 integer passes over a block run in
+# cache, on a GPU large enough to fill it. A nucleus smaller than 1/_SPARSE_RATIO of the
+# vocabulary only gets noise where it is needed.
 _NOISE_BLOCK_ELEMENTS = 1 << 24
+_NOISE_BLOCK_ELEMENTS_CPU = 1 << 17
 _SPARSE_RATIO = 8
+
+
+def _buffer(buffers: dict, name: str, shape: tuple[int, ...], dtype, device) -> Tensor:
+    if name not in buffers or buffers[name].shape != shape or buffers[name].device != torch.device(device):
+        buffers[name] = torch.empty(shape, dtype=dtype, device=device)
+    return buffers[name]
+
+
+def perturbed_log_q(lq: Tensor, mask: Tensor, state: tuple[Tensor, Tensor], top_p: float,
+                    buffers: dict | None = None) -> Tensor:
+    """``log q + g`` ``[R, V]`` float64 (−inf outside the nucleus ``mask``), whose argmax is the
+    Gumbel-max draw from q: ``lq`` ``[R, V]`` (:func:`measure.log_q`), ``state`` the noise state
+    of each row after its position (:func:`noise.at_position`, ``[R]`` each). Noise only inside
+    the nucleus when it is a small part of the vocabulary; else dense, in blocks of rows.
+    ``buffers`` (a dict kept by the caller) holds the output and scratch tensors from call to
+    call: the returned tensor is then valid until the next call with the same dict."""
+    buffers = {} if buffers is None else buffers
+    rows, V = lq.shape
+    out = _buffer(buffers, "perturbed", (rows, V), torch.float64, lq.device)
+    if top_p < 1.0 and int(mask.sum()) * _SPARSE_RATIO < rows * V:  # noise only inside the nucleus
+        kept = mask.nonzero(as_tuple=True)
+        g = noise.gumbel_from_state((state[0][kept[0]], state[1][kept[0]]), kept[1])
+        out.fill_(float("-inf"))
+        out[kept] = g.add_(lq[kept])
+        return out
+    block = max(1, (_NOISE_BLOCK_ELEMENTS_CPU if lq.device.type == "cpu" else _NOISE_BLOCK_ELEMENTS) // V)
+    scratch = _buffer(buffers, "scratch", (2 * min(rows, block) * V,), torch.int64, lq.device)
+    tokens = torch.arange(V, dtype=torch.int64, device=lq.device)[None, :]
+    for lo in range(0, rows, block):
+        part = out[lo:lo + block]
+        noise.gumbel_from_state((state[0][lo:lo + block, None], state[1][lo:lo + block, None]), tokens,
+                                out=part, scratch=scratch)
+        part.add_(lq[lo:lo + block])  # −inf outside the nucleus stays −inf
+    return out
 
 
 class SamplingMeasureProcessor(LogitsProcessor):
@@ -44,8 +78,9 @@ class SamplingMeasureProcessor(LogitsProcessor):
     """
 
     def __init__(self, temperature: float, top_p: float, noise_key: noise.NoiseKey, slots: Tensor,
-                 responses: Tensor, prompt_width: int):
+                 responses: Tensor, prompt_width: int, position_offsets: Tensor | None = None):
         self.temperature, self.top_p, self.prompt_width = temperature, top_p, prompt_width
+        self.position_offsets = position_offsets  # [B]: response tokens already in the input (a continuation)
         self.entropies: list[Tensor] = []
         self.tempered_entropies: list[Tensor] = []
         self.token_log_q: list[Tensor] = []
@@ -65,35 +100,11 @@ class SamplingMeasureProcessor(LogitsProcessor):
         self.tempered_entropies.append(self.entropies[-1] if self.top_p >= 1.0
                                        else measure.full_entropy(scores, self.temperature))
         self._previous_log_q = lq
-        return self.perturbed_log_q(lq, mask, input_ids.shape[1] - self.prompt_width)
-
-    def perturbed_log_q(self, lq: Tensor, mask: Tensor, position: int) -> Tensor:
-        """``log q + g`` ``[B, V]`` float64 (−inf outside the nucleus ``mask``) at response
-        position ``position``. The returned tensor is a reused buffer: valid until the next call."""
+        position = input_ids.shape[1] - self.prompt_width
+        if self.position_offsets is not None:
+            position = self.position_offsets.to(input_ids.device) + position
         state = noise.at_position(tuple(x.to(lq.device) for x in self._slot_state), position)
-        rows, V = lq.shape
-        out = self._buffer("perturbed", (rows, V), torch.float64, lq.device)
-        if self.top_p < 1.0 and int(mask.sum()) * _SPARSE_RATIO < rows * V:  # noise only inside the nucleus
-            kept = mask.nonzero(as_tuple=True)
-            g = noise.gumbel_from_state((state[0][kept[0]], state[1][kept[0]]), kept[1])
-            out.fill_(float("-inf"))
-            out[kept] = g.add_(lq[kept])
-            return out
-        block = max(1, _NOISE_BLOCK_ELEMENTS // V)
-        scratch = self._buffer("scratch", (2 * min(rows, block) * V,), torch.int64, lq.device)
-        tokens = torch.arange(V, dtype=torch.int64, device=lq.device)[None, :]
-        for lo in range(0, rows, block):
-            part = out[lo:lo + block]
-            noise.gumbel_from_state((state[0][lo:lo + block, None], state[1][lo:lo + block, None]), tokens,
-                                    out=part, scratch=scratch)
-            part.add_(lq[lo:lo + block])  # −inf outside the nucleus stays −inf
-        return out
-
-    def _buffer(self, name: str, shape: tuple[int, ...], dtype, device) -> Tensor:
-        buffer = self._buffers.get(name)
-        if buffer is None or buffer.shape != shape or buffer.device != torch.device(device):
-            buffer = self._buffers[name] = torch.empty(shape, dtype=dtype, device=device)
-        return buffer
+        return perturbed_log_q(lq, mask, state, self.top_p, self._buffers)
 
     def finish(self, sequences: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per-step (token log q, RB entropy, full tempered entropy), each ``[B, steps]``."""
@@ -102,38 +113,7 @@ class SamplingMeasureProcessor(LogitsProcessor):
                 torch.stack(self.tempered_entropies, 1))
 
 
-class StopStringCriterion(StoppingCriteria):
-    """Stops a row once its decoded response contains a stop string, and records the index of the
-    response token that completed it (the first step at which the string appears).
-
-    The check decodes the last ``window`` response tokens of each running row (special tokens
-    kept, as the rewards see them); ``window`` is several times the longest stop string in
-    characters, so the string (which ends at the newest token) lies well inside it."""
-
-    def __init__(self, tokenizer, stop_strings: list[str], prompt_width: int, num_rows: int, eos_token_id: int):
-        self.tokenizer, self.stop_strings = tokenizer, list(stop_strings)
-        self.prompt_width, self.eos_token_id = prompt_width, eos_token_id
-        self.window = 2 * max(len(s) for s in self.stop_strings) + 16
-        self.stop_index = torch.full((num_rows,), -1, dtype=torch.long)  # -1: no stop string (yet)
-        self._ended = torch.zeros(num_rows, dtype=torch.bool)  # stop string found or EOS emitted
-
-    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs) -> Tensor:
-        response = input_ids[:, self.prompt_width:].cpu()
-        step = response.shape[1] - 1
-        running = (~self._ended).nonzero().squeeze(-1).tolist()
-        if running:
-            tails = response[running, max(0, step + 1 - self.window):].tolist()
-            texts = self.tokenizer.batch_decode(tails, skip_special_tokens=False)
-            for row, text in zip(running, texts):
-                if any(s in text for s in self.stop_strings):
-                    self.stop_index[row] = step
-        self._ended |= (self.stop_index >= 0) | (response[:, -1] == self.eos_token_id)
-        return (self.stop_index >= 0).to(input_ids.device)
-
-
 KV_CACHES = ("dynamic", "static")
-STOP_EOS, STOP_STRING, STOP_MAX_TOKENS = 0, 1, 2
-STOP_REASONS = {STOP_EOS: "eos", STOP_STRING: "stop_string", STOP_MAX_TOKENS: "max_new_tokens"}
 
 
 @dataclass
@@ -149,47 +129,14 @@ class Rollouts:
     tempered_entropies: Tensor  # [B*G, T] fp32, 0 past the end: full tempered entropy (tempered_full)
 
 
-def response_lengths(tokens: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor]:
-    """Length up to and including the first EOS (or the full width when none), and whether EOS
-    was emitted. Never looks at pad ids: pad and EOS are often the same token."""
-    is_eos = tokens == eos_token_id
-    stopped = is_eos.any(-1)
-    first_eos = torch.where(stopped, is_eos.int().argmax(-1), tokens.shape[-1] - 1)
-    return first_eos + 1, stopped
-
-
-def response_ends(tokens: Tensor, eos_token_id: int, stop_index: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(length T, stopped at EOS, stop reason) per row. T runs up to and including the first EOS
-    or the token that completed a stop string (``stop_index``, -1 = none), whichever comes first;
-    else the full width (max_new_tokens). An EOS that completes a stop string counts as EOS."""
-    lens, at_eos = response_lengths(tokens, eos_token_id)
-    reason = torch.where(at_eos, STOP_EOS, STOP_MAX_TOKENS)
-    if stop_index is not None:
-        stop_index = stop_index.to(tokens.device)
-        by_string = (stop_index >= 0) & (~at_eos | (stop_index + 1 < lens))
-        lens = torch.where(by_string, stop_index + 1, lens)
-        at_eos = at_eos & ~by_string
-        reason = torch.where(by_string, STOP_STRING, reason)
-    return lens, at_eos, reason.to(torch.int8)
-
-
 def sample(
     model,
     prompt_ids: Tensor,
     prompt_mask: Tensor,
     num_responses: int,
     *,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-    eos_token_id: int,
-    pad_token_id: int,
-    noise_key: noise.NoiseKey,
     slots,
-    stop_strings: list[str] | tuple[str, ...] = (),
-    tokenizer=None,
-    autocast_dtype=None,
-    kv_cache: str = "dynamic",
+    **decoding,
 ) -> Rollouts:
     """Sample ``num_responses`` responses for each left-padded prompt row from q by Gumbel-max.
 
@@ -197,30 +144,70 @@ def sample(
     ``slots`` ``[B]`` (ints): the global slot index of each prompt row in its batch; response g of
     row b uses the noise of key (``noise_key``, slots[b], g, k, v), so the same slot draws the same
     response whatever else is in the call (up to float rounding of the logits).
-    ``stop_strings`` (decoded with ``tokenizer``) end a response too (see :func:`response_ends`).
-    ``autocast_dtype`` (``model.precision``: "bfloat16" or a torch dtype; None/"float32" = fp32)
-    runs the model under autocast; the processor scores the fp32 logits, the noise is float64.
-    ``kv_cache`` (``generation.kv_cache``): transformers' ``dynamic`` cache (grows with the
-    response) or ``static`` (preallocated to prompt width + max_new_tokens, the layout
-    transformers compiles on CUDA); the same responses either way (to float rounding).
+    ``decoding``: the keyword arguments of :func:`decode`.
+    """
+    slots = torch.as_tensor(slots, dtype=torch.int64).reshape(-1)
+    if slots.shape[0] != prompt_ids.shape[0]:
+        raise ValueError(f"{slots.shape[0]} slots for {prompt_ids.shape[0]} prompt rows")
+    return decode(model, prompt_ids.repeat_interleave(num_responses, 0), prompt_mask.repeat_interleave(num_responses, 0),
+                  row_slots=slots.repeat_interleave(num_responses),
+                  row_responses=torch.arange(num_responses, dtype=torch.int64).repeat(slots.shape[0]), **decoding)
+
+
+def decode(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    row_slots: Tensor,
+    row_responses: Tensor,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    noise_key: noise.NoiseKey,
+    stop_strings: list[str] | tuple[str, ...] = (),
+    tokenizer=None,
+    autocast_dtype=None,
+    kv_cache: str = "dynamic",
+    prefix_lens: Tensor | None = None,
+    prefix_tokens: Tensor | None = None,
+) -> Rollouts:
+    """Generate one response per left-padded input row ``[R, P]`` by Gumbel-max from q: row r is
+    response ``row_responses[r]`` of prompt slot ``row_slots[r]`` (``[R]`` each), its token at
+    response position k drawn with the noise of key (``noise_key``, slot, response, k, v).
+
+    A continuation: row r's input ends with the ``prefix_lens[r]`` response tokens already drawn,
+    ``prefix_tokens[r, :prefix_lens[r]]`` (``[R]``, ``[R, D]``), so its first new token is at
+    position ``prefix_lens[r]``, a stop string may span the prefix, and it generates at most
+    ``max_new_tokens - prefix_lens[r]`` tokens; the returned rows hold the new tokens only. ``stop_strings`` (decoded with ``tokenizer``) end a
+    response too (see :func:`response_ends`). ``autocast_dtype`` (``model.precision``: "bfloat16"
+    or a torch dtype; None/"float32" = fp32) runs the model under autocast; the processor scores
+    the fp32 logits, the noise is float64. ``kv_cache`` (``generation.kv_cache``): transformers'
+    ``dynamic`` cache (grows with the response) or ``static`` (preallocated to prompt width +
+    max_new_tokens, the layout transformers compiles on CUDA); the same responses either way (to
+    float rounding).
     """
     if kv_cache not in KV_CACHES:
         raise ValueError(f"generation.kv_cache: {kv_cache!r} is not one of {KV_CACHES}")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need the tokenizer")
-    slots = torch.as_tensor(slots, dtype=torch.int64).reshape(-1)
-    if slots.shape[0] != prompt_ids.shape[0]:
-        raise ValueError(f"{slots.shape[0]} slots for {prompt_ids.shape[0]} prompt rows")
     # A PEFT model generates through its base model (the adapter layers are inside it); its
     # generation_config is the one to hide.
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = next(model.parameters()).device
-    ids = prompt_ids.repeat_interleave(num_responses, 0).to(device)
-    mask = prompt_mask.repeat_interleave(num_responses, 0).to(device)
-    processor = SamplingMeasureProcessor(
-        temperature, top_p, noise_key, slots.repeat_interleave(num_responses).to(device),
-        torch.arange(num_responses, dtype=torch.int64).repeat(slots.shape[0]).to(device), ids.shape[1],
-    )
+    ids, mask = input_ids.to(device), attention_mask.to(device)
+    width = ids.shape[1]
+    offsets = budgets = prefixes = None
+    if prefix_lens is not None:
+        offsets = prefix_lens.to(device=device, dtype=torch.int64)
+        budgets = max_new_tokens - offsets
+        if bool((budgets < 1).any()):
+            raise ValueError("a continuation's prefix already holds max_new_tokens tokens")
+        max_new_tokens = int(budgets.max())
+    processor = SamplingMeasureProcessor(temperature, top_p, noise_key, row_slots.to(device),
+                                         row_responses.to(device), width, position_offsets=offsets)
     # greedy: the argmax of log q + g is the sample. Greedy decoding applies none of transformers'
     # warpers (top_k is left unset: set to 0, transformers warns that greedy ignores it).
     config = GenerationConfig(
@@ -231,8 +218,12 @@ def sample(
     criteria = StoppingCriteriaList()
     stop = None
     if stop_strings:
-        stop = StopStringCriterion(tokenizer, list(stop_strings), ids.shape[1], ids.shape[0], eos_token_id)
+        if prefix_lens is not None:
+            prefixes = [row[:n] for row, n in zip(prefix_tokens.tolist(), prefix_lens.tolist())]
+        stop = StopStringCriterion(tokenizer, list(stop_strings), width, ids.shape[0], eos_token_id, prefixes)
         criteria.append(stop)
+    if budgets is not None:
+        criteria.append(RowBudget(budgets, width))
     # transformers fills every option left unset from the checkpoint's generation_config.json
     # (repetition_penalty, min_p, min_new_tokens, ...), which would silently change q: hide it.
     checkpoint_config, model.generation_config = model.generation_config, GenerationConfig()
@@ -244,10 +235,18 @@ def sample(
             )
     finally:
         model.generation_config = checkpoint_config
-    tokens = sequences[:, ids.shape[1]:]
+    tokens = sequences[:, width:]
     token_log_q, entropies, tempered_entropies = processor.finish(sequences)
-    lens, stopped, reason = response_ends(tokens, eos_token_id, None if stop is None else stop.stop_index)
-    valid = torch.arange(tokens.shape[1], device=device)[None, :] < lens[:, None]
+    positions = torch.arange(tokens.shape[1], device=device)[None, :]
+    stop_index = None if stop is None else stop.stop_index.to(device)
+    if budgets is not None:  # what a row generates past its budget (pads) is not part of it
+        tokens = torch.where(positions < budgets[:, None], tokens, -1)
+        if stop_index is not None:
+            stop_index = torch.where(stop_index < budgets, stop_index, -1)
+    lens, stopped, reason = response_ends(tokens, eos_token_id, stop_index)
+    if budgets is not None:
+        lens = torch.minimum(lens, budgets)
+    valid = positions < lens[:, None]
     return Rollouts(
         response_tokens=torch.where(valid, tokens, pad_token_id).cpu(),
         response_lens=lens.cpu(),
@@ -259,7 +258,7 @@ def sample(
     )
 
 
-def _crop_left(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+def crop_left(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Drop the leading columns that are padding in every row (left padding to a longer prompt)."""
     used = mask.bool().any(0).nonzero()
     start = int(used[0]) if used.numel() else 0
@@ -280,20 +279,20 @@ def sample_groups(model, prompt_ids: Tensor, prompt_mask: Tensor, num_responses:
     slots = [int(s) for s in slots]
     parts = []
     for lo in range(0, prompt_ids.shape[0], max(1, rows_per_call)):
-        ids, mask = _crop_left(prompt_ids[lo:lo + rows_per_call], prompt_mask[lo:lo + rows_per_call])
+        ids, mask = crop_left(prompt_ids[lo:lo + rows_per_call], prompt_mask[lo:lo + rows_per_call])
         parts.append(sample(model, ids, mask, num_responses, slots=slots[lo:lo + rows_per_call],
                             pad_token_id=pad_token_id, **sampling))
+    return concatenate(parts, pad_token_id)
+
+
+def concatenate(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
+    """The rows of several :class:`Rollouts`, responses right-padded to the longest (the pad id,
+    zeros for the per-token values)."""
     width = max(p.response_tokens.shape[1] for p in parts)
 
-    def cat(field: str, value=0) -> Tensor:
-        return torch.cat([_pad_right(getattr(p, field), width, value) for p in parts])
+    def cat(name: str) -> Tensor:
+        values = [getattr(p, name) for p in parts]
+        fill = pad_token_id if name == "response_tokens" else 0
+        return torch.cat([x if x.dim() == 1 else _pad_right(x, width, fill) for x in values])
 
-    return Rollouts(
-        response_tokens=cat("response_tokens", pad_token_id),
-        response_lens=torch.cat([p.response_lens for p in parts]),
-        stopped_at_eos=torch.cat([p.stopped_at_eos for p in parts]),
-        stop_reason=torch.cat([p.stop_reason for p in parts]),
-        token_log_q=cat("token_log_q"),
-        entropies=cat("entropies"),
-        tempered_entropies=cat("tempered_entropies"),
-    )
+    return Rollouts(**{f.name: cat(f.name) for f in fields(Rollouts)})

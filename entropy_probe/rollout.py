@@ -74,7 +74,7 @@ def rollout_shard(
 ) -> dict[str, Tensor]:
     """Generate one shard; returns its tensors (shapes: B prompts, G responses, T response width,
     P prompt width; ``sequences`` is the left-padded prompt followed by the right-padded response).
-    Per response also ``stop_reason`` (:data:`generate.STOP_REASONS`) and ``reward_codes``
+    Per response also ``stop_reason`` (:data:`stopping.STOP_REASONS`) and ``reward_codes``
     (:data:`rewards.OUTCOMES`), int8 ``[B, G]``.
 
     ``slots`` ``[B]``: the global slot of each prompt, its position in the whole batch's prompt

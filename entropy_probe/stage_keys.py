@@ -83,7 +83,7 @@ STAGE_KEYS.update(VARIANT_STAGE_KEYS)
 
 # Change no stored number beyond float rounding (tests hold the summary to that): read, not tracked.
 EXECUTION_KEYS = ("model.device", "generation.rollout_batch_size", "generation.gen_batch_size",
-                  "generation.kv_cache", "teacher_forcing.batch_size", "teacher_forcing.chunk_tokens",
+                  "generation.kv_cache", "generation.fresh_rollouts", "teacher_forcing.batch_size", "teacher_forcing.chunk_tokens",
                   "teacher_forcing.gradient_checkpointing")
 # Read to decide whether the run stops, never to compute a number: read, not tracked.
 GUARD_KEYS: dict[str, tuple[str, ...]] = {

@@ -177,7 +177,7 @@ def test_noise_is_the_same_on_cuda():
 
 @pytest.mark.parametrize("nucleus_size", [1, 3, 40, 200])
 def test_sparse_dense_and_blocked_noise_paths_agree(monkeypatch, nucleus_size):
-    """The processor adds noise only inside a small nucleus, or over blocks of rows of the whole
+    """The sampler adds noise only inside a small nucleus, or over blocks of rows of the whole
     vocabulary: the perturbed log q is the same (each entry's noise is a function of its key)."""
     R, V, position = 6, 200, 2
     gen = torch.Generator().manual_seed(nucleus_size)
@@ -188,12 +188,13 @@ def test_sparse_dense_and_blocked_noise_paths_agree(monkeypatch, nucleus_size):
     slots, responses = torch.arange(R) + 40, torch.arange(R) % 2
 
     def perturbed():
-        processor = generate.SamplingMeasureProcessor(1.0, 0.5, NoiseKey(1, STREAM_E), slots, responses, 4)
-        return processor.perturbed_log_q(lq, mask, position).clone()
+        state = noise.at_position(noise.slot_state(NoiseKey(1, STREAM_E), slots, responses), position)
+        return generate.perturbed_log_q(lq, mask, state, 0.5).clone()
 
     monkeypatch.setattr(generate, "_SPARSE_RATIO", 0)  # always dense
     dense = perturbed()
     monkeypatch.setattr(generate, "_NOISE_BLOCK_ELEMENTS", 2 * V + 1)  # blocks of 2 rows
+    monkeypatch.setattr(generate, "_NOISE_BLOCK_ELEMENTS_CPU", 2 * V + 1)
     blocked = perturbed()
     monkeypatch.setattr(generate, "_SPARSE_RATIO", 10 ** 9)  # always sparse
     sparse = perturbed()

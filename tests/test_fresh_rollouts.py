@@ -25,7 +25,7 @@ def redraw(model, tokenizer, batch, u, eta, temperature, top_p, seed=0, num_prom
     n = batch["prompt_ids"].numel() if num_prompts is None else num_prompts
     return fresh_pass.fresh_rollout_shard(model, tokenizer, batch, u, eta, slots=range(n), seed=seed,
                                      temperature=temperature, top_p=top_p, max_new_tokens=MAX_NEW_TOKENS,
-                                     gen_batch_size=4096)
+                                     gen_batch_size=4096)[0]
 
 
 def reduce(tensors, normalization="token", entropy="sampler"):

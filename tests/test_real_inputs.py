@@ -15,7 +15,7 @@ import torch
 import yaml
 from workflow_util import REPO, run_snakemake
 
-from entropy_probe import data, generate, gradients, models, prompts, rewards
+from entropy_probe import data, generate, gradients, stopping, models, prompts, rewards
 from entropy_probe.noise import STREAM_E, NoiseKey
 from entropy_probe.config import ConfigError, check_config, load_config
 from entropy_probe.config_schema import fill_defaults, validate
@@ -216,7 +216,7 @@ def test_prepared_data_plan_and_rollouts_agree(probe_run, data_dir):
         assert ((values == 1) == (codes == rewards.PASS)).all()
         assert ((codes == rewards.PASS) | (codes == rewards.WRONG_ANSWER) | (codes == rewards.NO_ANSWER)).all()
         reasons = tensors["stop_reason"]
-        assert torch.equal(reasons == generate.STOP_EOS, tensors["stopped_at_eos"])
+        assert torch.equal(reasons == stopping.STOP_EOS, tensors["stopped_at_eos"])
 
 
 # --------------------------------------------------------------------------------- stop strings
@@ -233,7 +233,7 @@ def test_stop_strings_end_responses_without_changing_q(toy_model):
     cut = generate.sample(model, encoded["input_ids"], encoded["attention_mask"], 6, stop_strings=["2"],
                           tokenizer=tokenizer, **kw)
     reasons = cut.stop_reason.tolist()
-    assert set(reasons) >= {generate.STOP_EOS, generate.STOP_STRING}
+    assert set(reasons) >= {stopping.STOP_EOS, stopping.STOP_STRING}
     for i in range(len(reasons)):
         full = plain.response_tokens[i, :plain.response_lens[i]].tolist()
         n = int(cut.response_lens[i])
@@ -244,21 +244,21 @@ def test_stop_strings_end_responses_without_changing_q(toy_model):
         texts = [tokenizer.decode(full[:k]) for k in range(1, len(full) + 1)]
         first = next((k for k, t in enumerate(texts, 1) if "2" in t), None)  # the token completing "2"
         if first is not None:
-            assert reasons[i] == generate.STOP_STRING and n == first and not cut.stopped_at_eos[i]
+            assert reasons[i] == stopping.STOP_STRING and n == first and not cut.stopped_at_eos[i]
         else:
             assert n == plain.response_lens[i] and reasons[i] == plain.stop_reason[i]
-    assert generate.STOP_STRING not in plain.stop_reason.tolist()
+    assert stopping.STOP_STRING not in plain.stop_reason.tolist()
 
 
 def test_response_ends_precedence():
     eos = 7
     tokens = torch.tensor([[1, 2, 7, 7], [1, 7, 7, 7], [1, 2, 3, 4], [1, 2, 3, 4], [3, 7, 7, 7]])
     stop_index = torch.tensor([0, 1, 2, -1, -1])  # row 1: the stop string ends at the EOS itself
-    lens, at_eos, reason = generate.response_ends(tokens, eos, stop_index)
+    lens, at_eos, reason = stopping.response_ends(tokens, eos, stop_index)
     assert lens.tolist() == [1, 2, 3, 4, 2]
     assert at_eos.tolist() == [False, True, False, False, True]
-    assert reason.tolist() == [generate.STOP_STRING, generate.STOP_EOS, generate.STOP_STRING,
-                               generate.STOP_MAX_TOKENS, generate.STOP_EOS]
+    assert reason.tolist() == [stopping.STOP_STRING, stopping.STOP_EOS, stopping.STOP_STRING,
+                               stopping.STOP_MAX_TOKENS, stopping.STOP_EOS]
 
 
 # ------------------------------------------------------------------------------ data preparation

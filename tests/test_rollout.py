@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from entropy_probe import measure, rewards, toy
-from entropy_probe.generate import response_lengths
+from entropy_probe.stopping import response_lengths
 from entropy_probe.plan import plan_batch
 from entropy_probe.rollout import check_shapes, rollout_shard
 
@@ -234,9 +234,9 @@ def test_inspector_summarizes_a_written_shard(shards, toy_model, tmp_path):
     decoded = summarize_shard(path, toy_model[1], n_examples=2)
     assert repr(toy_model[1].decode(first, skip_special_tokens=False)) in decoded and "<eos>" in decoded
     # with the legends the rollout stage writes: stop reasons and reward outcomes by name
-    from entropy_probe import generate, rewards
+    from entropy_probe import rewards, stopping
 
-    legends = {"stop_reasons": {str(k): v for k, v in generate.STOP_REASONS.items()},
+    legends = {"stop_reasons": {str(k): v for k, v in stopping.STOP_REASONS.items()},
                "reward": {"name": "exact_match", "codes": rewards.legend()}}
     write_shard(path, t, {"batch_kind": "E", "shard_index": 0} | legends)
     stats = rollout_statistics(t, legends)
@@ -245,7 +245,7 @@ def test_inspector_summarizes_a_written_shard(shards, toy_model, tmp_path):
     assert stats["reward_outcome_share/pass"] == (t["reward_codes"] == rewards.PASS).double().mean().item()
     assert stats["reward_outcome_share/pass"] == pytest.approx(t["rewards"].double().mean().item())  # exact match: 1 iff pass
     named = summarize_shard(path, None, n_examples=G)
-    first_stop = generate.STOP_REASONS[int(t["stop_reason"][0, 0])]
+    first_stop = stopping.STOP_REASONS[int(t["stop_reason"][0, 0])]
     first_outcome = rewards.OUTCOMES[int(t["reward_codes"][0, 0])]
     assert f"stop: {first_stop}" in named and f"({first_outcome})" in named
     assert "stop_share/eos:" in named and "reward_outcome_share/pass:" in named

@@ -132,7 +132,7 @@ def test_snis_and_fresh_rollouts_of_the_full_entropy_match_exact(toy_model, batc
         power.append(abs(truth - other) > 4 * row["se"])
         redrawn = fresh_pass.fresh_rollout_shard(model, tokenizer, batch, u, eta, slots=range(len(batch["prompt_ids"])),
                                             seed=0, temperature=temperature, top_p=top_p,
-                                            max_new_tokens=MAX_NEW_TOKENS, gen_batch_size=4096)
+                                            max_new_tokens=MAX_NEW_TOKENS, gen_batch_size=4096)[0]
         row = fresh.delta_h_sampler(**fresh.per_response(redrawn, "tempered_full"), G=G, normalization="token")
         truth = exact_delta(model, tokenizer, u, eta, temperature, top_p, "own")
         assert abs(row["delta_h"] - truth) < 4 * row["se"], (eta, row["delta_h"], truth, row["se"])
@@ -168,7 +168,7 @@ def test_top_p_one_gives_identical_numbers(toy_model):
         assert torch.equal(out[a], out[b])
     redrawn = fresh_pass.fresh_rollout_shard(model, tokenizer, batch, u, ETAS[0], slots=range(24), seed=3,
                                         temperature=temperature, top_p=top_p, max_new_tokens=MAX_NEW_TOKENS,
-                                        gen_batch_size=64)
+                                        gen_batch_size=64)[0]
     rows = {e: fresh.delta_h_sampler(**fresh.per_response(redrawn, e), G=G, normalization="token")
             for e in entropies.ENTROPY_KINDS}
     assert rows["sampler"] == rows["tempered_full"]

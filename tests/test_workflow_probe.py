@@ -108,7 +108,7 @@ def test_coupling_pays_at_the_smallest_eta(probe_dir, summary):
         redrawn = fresh_pass.fresh_rollout_shard(
             model, tokenizer, rollout, v, eta, slots=shard_slots(plan, k), seed=config["batch_config"]["seed"] + 1,
             temperature=gen["temperature"], top_p=gen["top_p"], max_new_tokens=gen["max_new_tokens"],
-            gen_batch_size=4096, stop_strings=gen["stop_strings"])
+            gen_batch_size=4096, stop_strings=gen["stop_strings"])[0]
         parts.append(fresh.per_response(redrawn, "sampler"))
     whole = {name: __import__("torch").cat([p[name] for p in parts]) for name in parts[0]}
     independent = fresh.delta_h_sampler(**whole, G=config["batch_config"]["G"], normalization="token")

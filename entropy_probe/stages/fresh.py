@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import logging
+import time
 
 import torch
 
@@ -24,25 +25,29 @@ def fresh_rollout(cfg: dict, *, rollout: Annotated[str, In("an E rollout shard")
     """One E shard redrawn at θ' = θ + ηv with the same sampling noise, under θ''s own sampler: the
     responses, both per-prefix entropies at sampling time, which responses changed, and the
     shard's per-response sums at θ for the paired reduction."""
-    gen, batch = cfg["generation"], cfg["batch_config"]
+    gen, batch, tf = cfg["generation"], cfg["batch_config"], cfg["teacher_forcing"]
     model, tokenizer, fingerprint = load_policy(cfg, policy)
     [read] = read_rollouts([rollout], cfg, "E", fingerprint)
     e_plan = shards.read_json(plan)
     if e_plan.get("kind") != "E" or list(e_plan["shards"][shard]) != read["prompt_ids"].tolist():
         raise shards.ShardError(f"{rollout}: its prompts are not shard {shard} of the E plan {plan}")
     direction, _ = shards.read_shard(v, {"kind": "v", "model_fingerprint": fingerprint})
-    out = fresh_pass.fresh_rollout_shard(
+    started = time.perf_counter()
+    out, cost = fresh_pass.fresh_rollout_shard(
         model, tokenizer, read, direction, eta, slots=shard_slots(e_plan, shard), seed=batch["seed"],
         temperature=gen["temperature"], top_p=gen["top_p"], max_new_tokens=gen["max_new_tokens"],
         gen_batch_size=gen["gen_batch_size"], stop_strings=gen["stop_strings"],
-        autocast_dtype=cfg["model"]["precision"], kv_cache=gen["kv_cache"],
+        autocast_dtype=cfg["model"]["precision"], kv_cache=gen["kv_cache"], method=gen["fresh_rollouts"],
+        tf_batch_size=tf["batch_size"], chunk_tokens=tf["chunk_tokens"],
     )
+    cost = {"method": gen["fresh_rollouts"], **cost, "seconds": round(time.perf_counter() - started, 3)}
     B, G, T = out["rb_entropies"].shape
     for name in ("token_log_q", "rb_entropies", "tempered_entropies"):
         guards.check_sequences(out[name].reshape(B * G, T), f"fresh-rollout {name}", rollout)
     header = rollout_header(cfg, "E", fingerprint) | {
         "kind": "fresh", "eta": eta, "shard_index": shard, "num_shards": len(e_plan["shards"]),
         "noise": {"sampler": "gumbel-max", "generator": noise.GENERATOR, "stream": noise.STREAM_E},
+        "cost": cost,
     }
     shards.write_shard(redrawn, out, header)
     changed = out["changed"]
@@ -50,6 +55,9 @@ def fresh_rollout(cfg: dict, *, rollout: Annotated[str, In("an E rollout shard")
              redrawn, eta, int(changed.sum()), changed.numel(), int(changed.any(-1).sum()), B,
              float(out["base_S"].sum() / out["base_T"].sum()),
              float(out["rb_entropies"].double().sum() / out["response_lens"].sum()))
+    log.info("cost (%s): %d tokens teacher-forced, %d generated one by one (regenerating every response: %d), "
+             "%.1f s", cost["method"], cost["teacher_forced_tokens"], cost["generated_tokens"],
+             cost["regeneration_tokens"], cost["seconds"])
 
 
 def delta_h_sampler(cfg: dict, *, redrawn: Annotated[list[str], In("every fresh-rollout shard (every η, every E shard)")],
@@ -70,10 +78,24 @@ def delta_h_sampler(cfg: dict, *, redrawn: Annotated[list[str], In("every fresh-
         of_eta = read.subset(by_eta[eta]).complete()
         parts = [fresh.per_response(t, est["entropy"]) for t in of_eta.tensors]
         whole = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
-        row = {"eta": eta, **fresh.delta_h_sampler(**whole, G=G, normalization=est["normalization"])}
+        row = {"eta": eta, **fresh.delta_h_sampler(**whole, G=G, normalization=est["normalization"]),
+               "cost": _total_cost([meta.get("cost") for meta in of_eta.metas])}
         log.info("eta %.4g: ΔH_sampler = %.6g ± %.3g; %d of %d responses changed; coupling: SE %.3gx smaller than "
                  "with independent noise", eta, row["delta_h"], row["se"], row["changed_responses"],
                  row["num_sequences"], row["coupling_se_factor"] or float("nan"))
         rows.append(row)
     shards.write_json(report, {"normalization": est["normalization"], "entropy": est["entropy"],
                                "model_fingerprint": read.common["model_fingerprint"], "rows": rows})
+
+
+def _total_cost(costs: list[dict | None]) -> dict | None:
+    """The fresh-rollout cost of one η over its E shards: the token counts and seconds summed
+    (None when a shard written before costs were recorded holds none)."""
+    if any(c is None for c in costs):
+        return None
+    methods = sorted({c["method"] for c in costs})
+    total = {"method": methods[0] if len(methods) == 1 else methods}
+    for name in ("teacher_forced_tokens", "generated_tokens", "regeneration_tokens", "seconds"):
+        total[name] = sum(c[name] for c in costs)
+    total["seconds"] = round(total["seconds"], 3)
+    return total

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import logging
 
-from .. import generate, losses, models, noise, prompts, rewards, shards
+from .. import losses, models, noise, prompts, rewards, shards, stopping
 from ..plan import shard_slots
 from ..rollout import check_shapes, rollout_shard
 from ..stage import Arg, In, Out, config_hash
@@ -49,7 +49,7 @@ def rollout(cfg: dict, *, plan: Annotated[str, In("the batch's plan, results/pla
                   "first_slot": slots[0] if slots else 0}, "prompt_width": L - tensors["token_log_q"].shape[-1],
         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
         "stop_strings": list(gen["stop_strings"]),
-        "stop_reasons": {str(k): v for k, v in generate.STOP_REASONS.items()},
+        "stop_reasons": {str(k): v for k, v in stopping.STOP_REASONS.items()},
         "reward": {"name": cfg["reward"]["name"], "codes": rewards.legend()},
         "data": {"split": source["split"], "file": source["file"], "sha256": source["sha256"]},
         "config_hash": config_hash(defining_values(cfg, "rollout")),
@@ -62,7 +62,7 @@ def rollout(cfg: dict, *, plan: Annotated[str, In("the batch's plan, results/pla
         100 * tensors["stopped_at_eos"].float().mean(), tensors["rb_entropies"].sum() / lens.sum(),
     )
     log.info("stop reasons: %s; reward outcomes: %s",
-             _counts(tensors["stop_reason"], generate.STOP_REASONS), _counts(tensors["reward_codes"], rewards.OUTCOMES))
+             _counts(tensors["stop_reason"], stopping.STOP_REASONS), _counts(tensors["reward_codes"], rewards.OUTCOMES))
     log.info("prompt groups with non-zero advantages (rewards not all equal): %d of %d",
              losses.informative_groups(tensors["rewards"]), B)
 
