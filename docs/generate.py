@@ -87,6 +87,9 @@ def example_cost() -> str:
     from entropy_probe import config_schema, cost
 
     config = yaml.safe_load((REPO / "config" / "examples" / "qwen2.5-1.5b-lora-gsm8k.yaml").read_text())
+    # what each update variant adds: the README's two, one with its ΔH measured (snis: true)
+    config["update"]["variants"] = {"dapo": {"loss_type": "dapo", "snis": True},
+                                    "adamw": {"optimizer": "adamw", "lr_factor": 0.02}}
     config_schema.fill_defaults(config)
     rows = cost.model_work(config)
     cells = [[r.stage, f"{r.jobs}", f"{r.sequences:,}", f"{r.generated:,}" if r.generated else "—", r.passes]

@@ -45,7 +45,9 @@ def model_work(config: dict) -> list[StageWork]:
             "fresh_rollout", len(fresh) * e_jobs, E, len(fresh) * E * T,
             f"{len(fresh)} forwards (one per η), then the suffixes after a change" if verified
             else f"{len(fresh)} generations of the E batch"))
+    measuring = variant_rules.with_snis(config)
     for name in variant_rules.names(config):
-        rows.append(StageWork(f"variant {name}", e_jobs, E, 0, f"forward with a tangent + {1 + points} forwards "
+        snis = f" + {1 + points} forwards (snis: true)" if name in measuring else ""
+        rows.append(StageWork(f"variant {name}", e_jobs * (2 if snis else 1), E, 0, f"forward with a tangent{snis} "
                               "(and a Y pass over the U batch when its objective differs)"))
     return rows

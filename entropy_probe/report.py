@@ -60,7 +60,7 @@ COLUMNS = {
 U_SE_SOURCE = "influence over the U batch's prompt groups (B_U − 1 degrees of freedom; entropy_probe/attribution.py)"
 
 
-def combine(first_report: dict, snis: dict, x_dot_v_se_u: float | None = None, exact: dict | None = None,
+def combine(first_report: dict, snis: dict | None, x_dot_v_se_u: float | None = None, exact: dict | None = None,
             sampler: dict | None = None, linearity: dict | None = None) -> list[dict]:
     """One row per η of the sweep (and per fresh-rollout η outside it): δH₁ with its E-side SE
     and, when the U-batch SE of X·v is given (the attribution stage's influence SE), its U-side
@@ -69,8 +69,9 @@ def combine(first_report: dict, snis: dict, x_dot_v_se_u: float | None = None, e
     difference (ΔH(η) − ΔH(−η))/2 when −η was measured; the sampler's own ΔH (fresh rollouts)
     ± SE, the responses that changed and the coupling's SE factor; and the exact values of both
     ΔH (and η·∇H·v) when known (``exact``: {η: {"exact_delta_h", "exact_delta_h_sampler",
-    "exact_delta_h1"}}). The row of the trainer's step (v's training η) says so (``training``)."""
-    measured = {row["eta"]: row for row in snis["rows"]}
+    "exact_delta_h1"}}). The row of the trainer's step (v's training η) says so (``training``).
+    Without ``snis`` (an update variant that does not measure ΔH) the rows hold δH₁ only."""
+    measured = {row["eta"]: row for row in (snis or {}).get("rows", [])}
     update = first_report.get("update")
     fresh = {row["eta"]: row for row in (sampler or {}).get("rows", [])}
     predicted = {pred["eta"]: pred for pred in first_report["delta_h1"]}

@@ -73,8 +73,9 @@ VARIANT_STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "variant_u_objective": STAGE_KEYS["u_objective"],
     "variant_teacher_force_y": STAGE_KEYS["teacher_force_y"],
     "variant_update_vector": UPDATE_RULE + ("variant.name", "variant.lr_factor"),  # the name: in v's header
-    # the directional sums and the SNIS pass of one E shard along the variant's v, in one job
-    "variant_e_pass": tuple(dict.fromkeys(STAGE_KEYS["directional"] + STAGE_KEYS["snis_shard"])),
+    # the directional sums of one E shard along the variant's v; its SNIS pass (opt-in: snis: true)
+    "variant_directional": STAGE_KEYS["directional"],
+    "variant_snis_shard": STAGE_KEYS["snis_shard"],
 }
 # The summary records every defining value (its params: the union of all main stages' keys, and
 # the variants it compares).

@@ -7,10 +7,11 @@ from pathlib import Path
 from .report import combine
 
 
-def variant_result(name: str, overrides: str, first_order: dict, snis: dict, v_meta: dict) -> dict:
+def variant_result(name: str, overrides: str, first_order: dict, snis: dict | None, v_meta: dict) -> dict:
     """One variant's numbers for the comparison: X·v ± E-side SE, |v|, cos(X, v), and per η δH₁ ± SE
     beside the SNIS ΔH ± SE (``first_order``: :func:`first_order.first_order_report`, ``snis``:
-    :func:`snis.delta_h_sweep`, ``v_meta``: the v shard's header)."""
+    :func:`snis.delta_h_sweep`, None for a variant without ``snis: true``; ``v_meta``: the v
+    shard's header)."""
     return {"name": name, "overrides": overrides, "optimizer": v_meta.get("optimizer"),
             "loss_type": v_meta.get("loss_type"), "lr_factor": v_meta.get("lr_factor", 1.0),
             "X_dot_v": first_order["X_dot_v"], "X_dot_v_se": first_order["X_dot_v_se"],
@@ -24,7 +25,7 @@ def format_variants(results: list[dict], unit: str) -> str:
         return format(x, spec) if isinstance(x, (int, float)) else "-"
 
     lines = [f"Update variants on the same E batch and X ({unit}): v of each rule, δH₁(η) = η·X·v (±E: E-batch "
-             "noise, v fixed) and the SNIS ΔH(η) at θ + η·v", "",
+             "noise, v fixed) and the SNIS ΔH(η) at θ + η·v (\"-\" for a variant without snis: true)", "",
              f"{'variant':<12} {'X·v':>11} {'±E':>8} {'|v|':>9} {'cos(X,v)':>9}  overrides"]
     lines += [f"{r['name']:<12} {f(r['X_dot_v']):>11} {f(r['X_dot_v_se'], '.2g'):>8} {f(r['v_norm']):>9} "
               f"{f(r['cosine_X_v'], '.3f'):>9}  {r['overrides']}" for r in results]

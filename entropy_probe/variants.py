@@ -1,5 +1,6 @@
 """What-if over update rules (``update.variants``): a named map of overrides of the update, each
-giving its own v, δH₁(η) and SNIS ΔH(η) from the same E batch and the same X (computed once).
+giving its own v and δH₁(η) from the same E batch and the same X (computed once), and with
+``snis: true`` its SNIS ΔH(η) (opt-in: a forward pass over the E batch per point of the sweep).
 
 A variant overrides some of :data:`OVERRIDES` (the loss type and its settings, the advantage
 scaling, the optimizer and its state, clipping) and may scale the step by ``lr_factor``: its v
@@ -44,6 +45,7 @@ OVERRIDES = {
     "max_grad_norm": "update.max_grad_norm",
 }
 LR_FACTOR = "lr_factor"
+SNIS = "snis"  # opt-in: the variant's SNIS sweep (ΔH(η) at every η, a forward pass over E per point)
 NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 RESERVED = ("main",)
 
@@ -58,6 +60,11 @@ def names(config: dict) -> list[str]:
     inputs, tables; independent of how a config file or a canonical JSON orders its keys): none
     where they do not apply (:func:`skipped_note`)."""
     return [] if skipped_note(config) else configured(config)
+
+
+def with_snis(config: dict) -> list[str]:
+    """The variants whose ΔH(η) is measured (``snis: true``), sorted by name."""
+    return [name for name in names(config) if (config["update"]["variants"][name] or {}).get(SNIS, False)]
 
 
 def skipped_note(config: dict) -> str | None:
@@ -79,7 +86,7 @@ def variant_config(config: dict, name: str) -> dict:
         out["update"]["optimizer_state"] = ""
         out["update"]["optimizer_param_names"] = ""
     for key, value in overrides.items():
-        if key == LR_FACTOR:
+        if key in (LR_FACTOR, SNIS):
             continue
         section, field = OVERRIDES[key].split(".")
         out[section][field] = value
@@ -108,9 +115,12 @@ def check_config(config: dict) -> None:
             raise ConfigError(f"{where}: a variant name is a letter followed by letters, digits or _ "
                               f"(and not {', '.join(RESERVED)})")
         overrides = config["update"]["variants"][name] or {}
-        unknown = sorted(set(overrides) - set(OVERRIDES) - {LR_FACTOR})
+        unknown = sorted(set(overrides) - set(OVERRIDES) - {LR_FACTOR, SNIS})
         if unknown:
-            raise ConfigError(f"{where}: unknown override {unknown[0]!r} ({', '.join([*OVERRIDES, LR_FACTOR])})")
+            raise ConfigError(f"{where}: unknown override {unknown[0]!r} ({', '.join([*OVERRIDES, LR_FACTOR, SNIS])})")
+        if not isinstance(overrides.get(SNIS, False), bool):
+            raise ConfigError(f"{where}.{SNIS}: true or false (measure the variant's ΔH(η) by SNIS), "
+                              f"got {overrides[SNIS]!r}")
         effective = variant_config(config, name)
         try:
             losses.check_config(effective)

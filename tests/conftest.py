@@ -21,11 +21,11 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 # The default config with enough E sequences for the checks against exact enumeration (2048 in 2
 # shards: 512 prompt groups of G = 4), 16 U prompts in 2 U shards, three step sizes with central
-# differences, and two update variants (dapo: its own objective and Y; adamw: the main Y).
+# differences, and two update variants (dapo: its own objective and Y, and its SNIS ΔH; adamw: the main Y).
 RUN_SETTINGS = {
     "batch_config": {"E_total_sequences": 2048, "G": 4, "B_U": 16, "E_num_shards": 2, "U_num_shards": 2},
     "estimator": {"eta_list": [1e-5, 1e-4, 1e-3], "central_difference": True},
-    "update": {"variants": {"dapo": {"loss_type": "dapo"}, "adamw": {"optimizer": "adamw", "lr_factor": 0.02}}},
+    "update": {"variants": {"dapo": {"loss_type": "dapo", "snis": True}, "adamw": {"optimizer": "adamw", "lr_factor": 0.02}}},
 }
 RUN_CONFIG = "probe.yaml"
 

@@ -28,16 +28,19 @@ pytestmark = pytest.mark.workflow
 # and the report
 AFTER_V = {"update_vector": 1, "directional": 2, "snis_shard": 2, "delta_h1": 1, "delta_h_snis": 1,
            "fresh_rollout": 6, "delta_h_sampler": 1, "exact_reference": 1, "attribution": 1, "summary": 1, "all": 1}
-# the run's two update variants (dapo: its own objective and Y; adamw: the main Y; conftest), two E
-# shards each: a variant's E passes, and what a new U batch reruns on the variants' side
-VARIANT_E = {"variant_e_pass": 4}
+# the run's two update variants (dapo: its own objective and Y, its SNIS ΔH; adamw: the main Y;
+# conftest), two E shards each: a variant's E passes, and what a new U batch reruns on the
+# variants' side
+VARIANT_DIRECTIONAL = {"variant_directional": 4}
+VARIANT_SNIS = {"variant_snis_shard": 2}  # dapo only (snis: true)
+VARIANT_E = VARIANT_DIRECTIONAL | VARIANT_SNIS
 VARIANT_V = {"variant_update_vector": 2} | VARIANT_E
 VARIANT_U = {"variant_u_objective": 1, "variant_teacher_force_y": 2, "variant_reduce_y": 1} | VARIANT_V
-# a new η sweep: the SNIS passes (all η in one job per shard; a variant's E pass holds its
-# directional sums too), the fresh rollouts of the new η only (two η x two E shards), the
-# reductions, the exact reference and the report
+# a new η sweep: the SNIS passes (all η in one job per shard; a variant's only where it measures
+# ΔH), the fresh rollouts of the new η only (two η x two E shards), the reductions, the exact
+# reference and the report
 NEW_ETAS = {"snis_shard": 2, "delta_h_snis": 1, "delta_h1": 1, "fresh_rollout": 4, "delta_h_sampler": 1,
-            "exact_reference": 1, "summary": 1, "all": 1} | VARIANT_E
+            "exact_reference": 1, "summary": 1, "all": 1} | VARIANT_SNIS
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +81,7 @@ def test_the_entropy_choice_reruns_no_pass_over_the_rollouts_but_x(cache_dir):
     jobs = jobs_after(cache_dir, {"estimator.entropy": "tempered_full"}, "entropy.yaml")
     assert jobs == {"e_stats": 1, "teacher_force_x": 2, "reduce_gradients": 1, "u_jackknife": 1, "directional": 2,
                     "delta_h1": 1, "delta_h_snis": 1, "delta_h_sampler": 1, "exact_reference": 1, "attribution": 1,
-                    "summary": 1, "all": 1} | VARIANT_E
+                    "summary": 1, "all": 1} | VARIANT_DIRECTIONAL
 
 
 def test_a_u_only_key_leaves_the_e_side_alone(cache_dir):
@@ -106,15 +109,19 @@ def test_a_variant_change_reruns_only_that_variant(cache_dir):
     assert set(variants) == {"dapo", "adamw"}  # the run's variants (the sets below count them)
     jobs = jobs_after(cache_dir, {"update.variants": variants | {"adamw": variants["adamw"] | {"lr_factor": 0.2}}},
                       "variant_lr.yaml")
-    assert jobs == {"variant_update_vector": 1, "variant_e_pass": 2, "summary": 1, "all": 1}
+    assert jobs == {"variant_update_vector": 1, "variant_directional": 2, "summary": 1, "all": 1}
     # a new variant with a new loss: its own objective and Y; never X, never the main update
     jobs = jobs_after(cache_dir, {"update.variants": variants | {"bnpo": {"loss_type": "bnpo", "micro_batch_size": 8}}},
                       "variant_new.yaml")
     assert jobs == {"variant_u_objective": 1, "variant_teacher_force_y": 2, "variant_reduce_y": 1,
-                    "variant_update_vector": 1, "variant_e_pass": 2, "summary": 1, "all": 1}
+                    "variant_update_vector": 1, "variant_directional": 2, "summary": 1, "all": 1}
     # a variant with the main objective and the main rule reuses the main Y: only its v and E passes
     jobs = jobs_after(cache_dir, {"update.variants": variants | {"clip": {"max_grad_norm": 1.0}}}, "variant_clip.yaml")
-    assert jobs == {"variant_update_vector": 1, "variant_e_pass": 2, "summary": 1, "all": 1}
+    assert jobs == {"variant_update_vector": 1, "variant_directional": 2, "summary": 1, "all": 1}
+    # switching a variant's SNIS sweep on runs that sweep only
+    jobs = jobs_after(cache_dir, {"update.variants": variants | {"adamw": variants["adamw"] | {"snis": True}}},
+                      "variant_snis.yaml")
+    assert jobs == {"variant_snis_shard": 2, "summary": 1, "all": 1}
     # dropping the variants: only the report
     assert jobs_after(cache_dir, {"update.variants": {}}, "no_variants.yaml") == {"summary": 1, "all": 1}
 

@@ -161,12 +161,12 @@ def test_a_users_config_file_means_what_it_says(tmp_path):
     default = yaml.safe_load(GOOD.read_text())
     default["update"]["variants"] = {"dapo": {"loss_type": "dapo"}}
     (work / "config" / "config.yaml").write_text(yaml.safe_dump(default))
-    assert _jobs(work)["variant_e_pass"] == 2  # config/config.yaml alone: its variant runs
+    assert _jobs(work)["variant_directional"] == 2  # config/config.yaml alone: its variant runs
     (work / "none.yaml").write_text("update:\n  variants: {}\n")
     jobs = _jobs(work, "--configfile", str(work / "none.yaml"))
     assert not any(rule.startswith("variant_") for rule in jobs), jobs
     assert "exact_reference" not in jobs  # max_new_tokens is the schema's 256, not config.yaml's 3
     (work / "some.yaml").write_text(yaml.safe_dump({"update": {"variants": {"dapo": {"loss_type": "dapo"}}}}))
-    assert _jobs(work, "--configfile", str(work / "some.yaml"))["variant_e_pass"] == 2
+    assert _jobs(work, "--configfile", str(work / "some.yaml"))["variant_directional"] == 2
     jobs = _jobs(work, "--configfile", str(work / "some.yaml"), str(work / "none.yaml"))
     assert not any(rule.startswith("variant_") for rule in jobs), jobs

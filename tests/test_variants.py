@@ -54,7 +54,7 @@ def test_x_is_computed_once_whatever_the_variants(tmp_path):
     assert jobs["teacher_force_x"] == E and jobs["reduce_gradients"] == 2  # X and the main Y, once each
     assert jobs["variant_teacher_force_y"] == 2 * U and jobs["variant_reduce_y"] == 2  # dapo, dr_grpo
     assert jobs["variant_update_vector"] == 3
-    assert jobs["variant_e_pass"] == 3 * E
+    assert jobs["variant_directional"] == 3 * E and "variant_snis_shard" not in jobs  # SNIS is opt-in
 
 
 @pytest.mark.parametrize("overrides,key", [
@@ -89,4 +89,4 @@ def test_variant_config_and_objectives():
     schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
     update = schema["properties"]["update"]["properties"]
     assert update["variants"]["additionalProperties"]["properties"]["loss_type"]["enum"] == update["loss_type"]["enum"]
-    assert set(update["variants"]["additionalProperties"]["properties"]) == set(variants.OVERRIDES) | {"lr_factor"}
+    assert set(update["variants"]["additionalProperties"]["properties"]) == set(variants.OVERRIDES) | {"lr_factor", "snis"}

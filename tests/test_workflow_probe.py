@@ -159,9 +159,11 @@ def test_changing_only_the_eta_sweep_reruns_only_the_eta_stages(probe_dir):
     (probe_dir / "probe_eta.yaml").write_text(yaml.safe_dump(config))
     jobs = dry_run_jobs(probe_dir, "probe_eta.yaml")
     # the fresh rollouts of the two new η (two E shards each), not those of the old ones; the
-    # variants' E passes (their SNIS pass covers the sweep)
-    assert jobs == {"snis_shard": 2, "delta_h_snis": 1, "delta_h1": 1, "fresh_rollout": 4, "delta_h_sampler": 1,
-                    "exact_reference": 1, "summary": 1, "all": 1, "variant_e_pass": 2 * len(RUN_VARIANTS)}
+    # SNIS pass of each variant that measures ΔH (it covers the sweep)
+    measuring = [name for name, rule in RUN_SETTINGS["update"]["variants"].items() if rule.get("snis")]
+    assert measuring and jobs == {"snis_shard": 2, "delta_h_snis": 1, "delta_h1": 1, "fresh_rollout": 4,
+                                  "delta_h_sampler": 1, "exact_reference": 1, "summary": 1, "all": 1,
+                                  "variant_snis_shard": 2 * len(measuring)}
 
 
 def test_the_report_reads_in_a_browser_wherever_the_file_is_moved(probe_dir, tmp_path):
@@ -219,8 +221,12 @@ def test_variant_table_and_plot(probe_dir, summary):
     compared = summary["variants"]
     assert [r["name"] for r in compared] == names
     assert compared[0]["X_dot_v"] == summary["first_order"]["X_dot_v"]
-    for r in compared:
-        assert [row["eta"] for row in r["rows"]] == ETAS and all("delta_h" in row for row in r["rows"])
+    measuring = {"main"} | {name for name, rule in RUN_SETTINGS["update"]["variants"].items() if rule.get("snis")}
+    for r in compared:  # ΔH where it is measured (the main update, the variants with snis: true), δH₁ everywhere
+        assert [row["eta"] for row in r["rows"]] == ETAS and all("delta_h1" in row for row in r["rows"])
+        assert all(("delta_h" in row) == (r["name"] in measuring) for row in r["rows"]), r["name"]
+    for name in RUN_VARIANTS:
+        assert (results / "variants" / name / "delta_h_snis.json").exists() == (name in measuring)
     table = (results / "variants.txt").read_text()
     assert all(f"\n{name} " in table for name in names)
     assert (results / "variants.png").stat().st_size > 10_000

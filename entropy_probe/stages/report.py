@@ -80,25 +80,31 @@ def _linearity(cfg: dict, first: dict, measured: dict, directional: list[str], s
 def compare_variants(cfg: dict, first: dict, measured: dict, X: str, v: str, variant_v: list[str],
                      variant_directional: list[str], variant_snis: list[str], variant_delta_h1: list[str],
                      variant_delta_h_snis: list[str]) -> list[dict]:
-    """The main update and each variant: X·v ± SE, |v|, and δH₁ beside the SNIS ΔH per η, each
-    variant's from the main stages' reductions (written beside its v)."""
-    names = variants.names(cfg)
-    if len(variant_v) != len(names) or len(variant_delta_h1) != len(names):
-        raise shards.ShardError(f"update.variants names {len(names)} variants ({', '.join(names)}) but "
-                                f"{len(variant_v)} variant v files were given")
+    """The main update and each variant: X·v ± SE, |v|, and δH₁ beside the SNIS ΔH per η (for the
+    variants with ``snis: true``), each variant's from the main stages' reductions (written beside
+    its v)."""
+    names, measuring = variants.names(cfg), variants.with_snis(cfg)
+    if len(variant_v) != len(names) or len(variant_delta_h1) != len(names) or len(variant_delta_h_snis) != len(measuring):
+        raise shards.ShardError(f"update.variants names {len(names)} variants ({', '.join(names)}), "
+                                f"{len(measuring)} with snis, but {len(variant_v)} variant v files and "
+                                f"{len(variant_delta_h_snis)} SNIS reports were given")
     k = len(variant_directional) // len(names)
     upd = cfg["update"]
     results = [variant_report.variant_result("main", f"loss_type={upd['loss_type']}, optimizer={upd['optimizer']}",
                                              first, measured, shards.read_metadata(v))]
     for i, name in enumerate(names):
-        own = [variant_v[i], *variant_directional[i * k:(i + 1) * k], *variant_snis[i * k:(i + 1) * k],
-               variant_delta_h1[i], variant_delta_h_snis[i]]
+        j = measuring.index(name) if name in measuring else None
+        own = [variant_v[i], *variant_directional[i * k:(i + 1) * k], variant_delta_h1[i]]
+        if j is not None:
+            own += [*variant_snis[j * k:(j + 1) * k], variant_delta_h_snis[j]]
         if any(f"/variants/{name}/" not in str(p) for p in own):
             raise shards.ShardError(f"summary inputs out of order: variant {name!r} got {own}")
         first_v = first_order_of(cfg, X, variant_v[i], variant_directional[i * k:(i + 1) * k])
-        measured_v = snis_of(cfg, variant_snis[i * k:(i + 1) * k])
         shards.write_json(variant_delta_h1[i], first_v)
-        shards.write_json(variant_delta_h_snis[i], measured_v)
+        measured_v = None
+        if j is not None:
+            measured_v = snis_of(cfg, variant_snis[j * k:(j + 1) * k])
+            shards.write_json(variant_delta_h_snis[j], measured_v)
         results.append(variant_report.variant_result(name, variants.describe(cfg, name), first_v, measured_v,
                                                      shards.read_metadata(variant_v[i])))
     return results

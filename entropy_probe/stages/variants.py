@@ -1,5 +1,5 @@
-"""What-if over update rules (update.variants): per variant its own v, and its directional and SNIS
-passes over the same E batch along it (X is never recomputed). Each variant runs the main
+"""What-if over update rules (update.variants): per variant its own v, its directional pass over
+the same E batch along it (X is never recomputed) and, with ``snis: true``, its SNIS pass. Each variant runs the main
 stages on its effective config (:func:`entropy_probe.variants.variant_config`); a loss that
 differs from the main one gets its own U objective and Y (the teacher_force and reduce_gradients
 stages). The variants' δH₁ and ΔH come from the main reductions, run by the report stage."""
@@ -30,12 +30,19 @@ def variant_update_vector(cfg: dict, *, policy: Annotated[str, In("the policy di
     write_update_from_y(cfg, policy, Y, v, variant=cfg["variant"]["name"])
 
 
-def variant_e_pass(cfg: dict, *, rollout: Annotated[str, In("an E rollout shard")], policy: Annotated[str, In("the policy directory or spec")],
-                   v: Annotated[str, In("the variant's v")], sums: Annotated[str, Out("results/variants/<variant>/directional/shard_<shard>.safetensors")],
-                   weights: Annotated[str, Out("results/variants/<variant>/snis/shard_<shard>.safetensors")]) -> None:
-    """A variant's passes over one E shard, the model loaded once: the directional sums along its
-    v (the E-side SE of its δH₁) and the SNIS pass at θ + η·v for every η (its ΔH(η)), the same
-    files as the main stages write."""
-    model, tokenizer, fingerprint, read, direction, v_meta = load_e_pass(cfg, policy, rollout, v)
+def variant_directional(cfg: dict, *, rollout: Annotated[str, In("an E rollout shard")],
+                        policy: Annotated[str, In("the policy directory or spec")], v: Annotated[str, In("the variant's v")],
+                        sums: Annotated[str, Out("results/variants/<variant>/directional/shard_<shard>.safetensors")]) -> None:
+    """A variant's directional sums over one E shard along its v (the E-side SE of its δH₁): the
+    file the main directional stage writes."""
+    model, tokenizer, fingerprint, read, direction, _ = load_e_pass(cfg, policy, rollout, v)
     write_directional(cfg, model, tokenizer, fingerprint, read, direction, sums, rollout)
+
+
+def variant_snis_shard(cfg: dict, *, rollout: Annotated[str, In("an E rollout shard")],
+                       policy: Annotated[str, In("the policy directory or spec")], v: Annotated[str, In("the variant's v")],
+                       weights: Annotated[str, Out("results/variants/<variant>/snis/shard_<shard>.safetensors")]) -> None:
+    """A variant's SNIS pass over one E shard at θ + η·v for every η (its ΔH(η); opt-in,
+    ``snis: true``): the file the main snis_shard stage writes."""
+    model, tokenizer, fingerprint, read, direction, v_meta = load_e_pass(cfg, policy, rollout, v)
     write_snis(cfg, model, tokenizer, fingerprint, read, direction, v_meta, weights, rollout)

@@ -184,6 +184,7 @@ def update_state_inputs(wildcards):
 # the main one reuses the main Y, variants sharing an objective share one Y ({objective} wildcard).
 # Variants do not apply to a checkpoint difference: skipped with a note (variants.skipped_note).
 VARIANTS = probe_variants.names(config)
+SNIS_VARIANTS = probe_variants.with_snis(config)
 VARIANT_CONFIG = {
     name: probe_variants.variant_config(config, name) for name in VARIANTS
 }
@@ -224,10 +225,11 @@ def variant_state_inputs(wc):
     return {"optimizer_state": paths[0], "optimizer_param_names": paths[1]}
 
 
-def variant_files(template, kind=None):
-    """``template`` (with {variant}, and {shard} when ``kind`` names a batch) for every variant."""
+def variant_files(template, kind=None, names=None):
+    """``template`` (with {variant}, and {shard} when ``kind`` names a batch) for every variant
+    (or those ``names``)."""
     out = []
-    for name in VARIANTS:
+    for name in VARIANTS if names is None else names:
         path = template.replace("{variant}", name)
         out += shard_paths(path, kind) if kind else [path]
     return out
@@ -270,7 +272,9 @@ def summary_inputs(wildcards):
                 "E",
             ),
             "variant_snis": variant_files(
-                f"{RESULTS}/variants/{{variant}}/snis/shard_{{shard}}.safetensors", "E"
+                f"{RESULTS}/variants/{{variant}}/snis/shard_{{shard}}.safetensors",
+                "E",
+                SNIS_VARIANTS,
             ),
         }
     if compares_steps(cfg):

@@ -29,7 +29,7 @@ rule summary:
                     f"{RESULTS}/variants/{{variant}}/delta_h1.json"
                 ),
                 "variant_delta_h_snis": variant_files(
-                    f"{RESULTS}/variants/{{variant}}/delta_h_snis.json"
+                    f"{RESULTS}/variants/{{variant}}/delta_h_snis.json", None, SNIS_VARIANTS
                 ),
             }
             if VARIANTS

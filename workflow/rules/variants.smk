@@ -1,5 +1,5 @@
-# What-if over update rules (update.variants): per variant its own v, and its directional and SNIS
-# passes over the same E batch and X (X is never recomputed); the report stage reduces them and
+# What-if over update rules (update.variants): per variant its own v, its directional pass and
+# (snis: true) its SNIS pass over the same E batch and X (X is never recomputed); the report stage reduces them and
 # compares the variants (results/variants.txt, .png). Stages: entropy_probe/stages/variants.py,
 # the main teacher_force_y and reduce_gradients stages for a variant's own Y.
 if VARIANTS:
@@ -98,26 +98,51 @@ if VARIANTS:
         script:
             STAGE
 
-    # The directional sums (E-side SE of δH₁) and the SNIS pass (ΔH(η)) of one E shard along the
-    # variant's v: the main stages' two passes in one job, the model loaded once.
-    rule variant_e_pass:
+    # The directional sums of one E shard along the variant's v (the E-side SE of its δH₁).
+    rule variant_directional:
         input:
             rollout=f"{RESULTS}/rollouts/E/shard_{{shard}}.safetensors",
             policy=POLICY,
             v=rules.variant_update_vector.output.v,
         output:
             sums=f"{RESULTS}/variants/{{variant}}/directional/shard_{{shard}}.safetensors",
-            weights=f"{RESULTS}/variants/{{variant}}/snis/shard_{{shard}}.safetensors",
         log:
-            f"{RESULTS}/logs/variant_e_pass_{{variant}}_{{shard}}.log",
+            f"{RESULTS}/logs/variant_directional_{{variant}}_{{shard}}.log",
         benchmark:
-            benchmark_path("variant_e_pass_{variant}_{shard}")
+            benchmark_path("variant_directional_{variant}_{shard}")
         conda:
             "../envs/probe.yaml"
         threads: MODEL_THREADS
         resources:
             gpu=GPU,
         params:
-            values=variant_params("variant_e_pass"),
+            values=variant_params("variant_directional"),
         script:
             STAGE
+
+    # The SNIS pass of one E shard at θ + η·v for every η (the variant's ΔH(η)): only for the
+    # variants that ask for it (snis: true), a forward pass over the shard per point of the sweep.
+    if SNIS_VARIANTS:
+
+        rule variant_snis_shard:
+            input:
+                rollout=f"{RESULTS}/rollouts/E/shard_{{shard}}.safetensors",
+                policy=POLICY,
+                v=rules.variant_update_vector.output.v,
+            output:
+                weights=f"{RESULTS}/variants/{{variant}}/snis/shard_{{shard}}.safetensors",
+            log:
+                f"{RESULTS}/logs/variant_snis_shard_{{variant}}_{{shard}}.log",
+            benchmark:
+                benchmark_path("variant_snis_shard_{variant}_{shard}")
+            wildcard_constraints:
+                variant="|".join(SNIS_VARIANTS),
+            conda:
+                "../envs/probe.yaml"
+            threads: MODEL_THREADS
+            resources:
+                gpu=GPU,
+            params:
+                values=variant_params("variant_snis_shard"),
+            script:
+                STAGE
