@@ -193,7 +193,8 @@ DEFAULT_DAG = {"build_policy": 1, "prepare_data": 1, "plan": 2, "rollout": 4, "e
                "teacher_force_x": 2, "teacher_force_y": 2, "reduce_gradients": 2, "u_jackknife": 1, "update_vector": 1,
                "directional": 2, "snis_shard": 2, "delta_h1": 1, "delta_h_snis": 1, "exact_reference": 1, "summary": 1,
                "all": 1, "fresh_rollout": 6, "delta_h_sampler": 1, "attribution": 1, "variant_u_objective": 1,
-               "variant_teacher_force_y": 2, "variant_reduce_y": 1, "variant_update_vector": 2, "variant_e_pass": 4}
+               "variant_teacher_force_y": 2, "variant_reduce_y": 1, "variant_update_vector": 2, "variant_directional": 4,
+               "variant_snis_shard": 2}
 
 
 def test_the_default_config_runs_no_checkpoint_rule(tmp_path):
