@@ -41,7 +41,11 @@ def bench_sampler(args, row):
         inside["seconds"] += time.perf_counter() - start
         return out
 
-    for top_p in (0.95, 1.0):
+    settings = [(0.95, generate._NOISE_BLOCK_ELEMENTS_CPU), (1.0, generate._NOISE_BLOCK_ELEMENTS_CPU)]
+    if args.device == "cpu":  # the baseline: dense noise in blocks of 2^24 elements (the GPU size) on the CPU too
+        settings.append((1.0, generate._NOISE_BLOCK_ELEMENTS))
+    chosen_block = generate._NOISE_BLOCK_ELEMENTS_CPU
+    for top_p, block in settings:
         def call():
             inside["seconds"] = 0.0
             generate.sample(model, prompts, mask, G, temperature=1.0, top_p=top_p, max_new_tokens=T,
@@ -50,12 +54,15 @@ def bench_sampler(args, row):
             return inside["seconds"]
 
         generate.SamplingMeasureProcessor.__call__ = timed_call
+        generate._NOISE_BLOCK_ELEMENTS_CPU = block
         try:
             seconds, sampler_seconds = W.timed(call, args.device, repeats=1, warmup=1)
         finally:
             generate.SamplingMeasureProcessor.__call__ = plain_call
+            generate._NOISE_BLOCK_ELEMENTS_CPU = chosen_block
         share = sampler_seconds / seconds
-        row("sampler", f"{spec.name} V={spec.vocab:,}, {B * G} rows, P={P}, {T} steps, top_p {top_p}",
+        blocks = f", CPU noise blocks 2^{block.bit_length() - 1}" if args.device == "cpu" else ""
+        row("sampler", f"{spec.name} V={spec.vocab:,}, {B * G} rows, P={P}, {T} steps, top_p {top_p}{blocks}",
             f"{1e3 * sampler_seconds / T:,.1f} ms/step", f"{1e3 * seconds / T:,.1f} ms/step", share, "≤ 0.3",
             share <= 0.3, seconds=seconds, sampler_seconds=sampler_seconds)
 
