@@ -44,5 +44,5 @@ def variant_snis_shard(cfg: dict, *, rollout: Annotated[str, In("an E rollout sh
                        weights: Annotated[str, Out("results/variants/<variant>/snis/shard_<shard>.safetensors")]) -> None:
     """A variant's SNIS pass over one E shard at θ + η·v for every η (its ΔH(η); opt-in,
     ``snis: true``): the file the main snis_shard stage writes."""
-    model, tokenizer, fingerprint, read, direction, v_meta = load_e_pass(cfg, policy, rollout, v)
+    model, tokenizer, fingerprint, read, direction, v_meta = load_e_pass(cfg, policy, rollout, v, differentiates=False)
     write_snis(cfg, model, tokenizer, fingerprint, read, direction, v_meta, weights, rollout)
