@@ -181,6 +181,8 @@ def test_a_run_forced_through_with_other_execution_knobs_reports_the_same_number
         assert old.keys() == new.keys(), target
         assert (work / target).stat().st_mtime > (base / target).stat().st_mtime, target  # recomputed
         for key, value in old.items():
+            if key.endswith("/cost/seconds"):  # the fresh rollouts' wall time, not a number of the probe
+                continue
             # itself a measure of rounding (X·v two ways), ~1e-7
             if key.endswith(("relative_difference", "difference_in_se")):
                 assert new[key] < 1e-4, (target, key)
