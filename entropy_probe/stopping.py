@@ -35,6 +35,20 @@ def response_ends(tokens: Tensor, eos_token_id: int, stop_index: Tensor | None =
     return lens, at_eos, reason.to(torch.int8)
 
 
+def stop_window(stop_strings) -> int:
+    """The response tokens the stop-string check decodes: several times the longest stop string
+    in characters, so a string that ends at the newest token lies well inside it."""
+    return 2 * max(len(s) for s in stop_strings) + 16
+
+
+def completes_stop_string(tokenizer, stop_strings, responses: list[list[int]]) -> list[bool]:
+    """Whether each response (its tokens so far) contains a stop string in its last
+    :func:`stop_window` tokens (decoded with special tokens kept): the check made after every step."""
+    window = stop_window(stop_strings)
+    texts = tokenizer.batch_decode([r[-window:] for r in responses], skip_special_tokens=False)
+    return [any(s in text for s in stop_strings) for text in texts]
+
+
 class StopStringCriterion(StoppingCriteria):
     """Stops a row once its decoded response contains a stop string, and records the index of the
     response token that completed it (the first step at which the string appears).
@@ -47,17 +61,11 @@ class StopStringCriterion(StoppingCriteria):
                  prefixes: list[list[int]] | None = None):
         self.tokenizer, self.stop_strings = tokenizer, list(stop_strings)
         self.prompt_width, self.eos_token_id = prompt_width, eos_token_id
-        self.window = 2 * max(len(s) for s in self.stop_strings) + 16
+        self.window = stop_window(self.stop_strings)
         # a continuation: the response tokens of each row that are already part of its prompt
         self.prefixes = prefixes
         self.stop_index = torch.full((num_rows,), -1, dtype=torch.long)  # -1: no stop string (yet)
         self._ended = torch.zeros(num_rows, dtype=torch.bool)  # stop string found or EOS emitted
-
-    def completes(self, responses: list[list[int]]) -> list[bool]:
-        """Whether each response (its tokens so far) contains a stop string in its last ``window``
-        tokens: the check made after every step."""
-        texts = self.tokenizer.batch_decode([r[-self.window:] for r in responses], skip_special_tokens=False)
-        return [any(s in text for s in self.stop_strings) for text in texts]
 
     def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs) -> Tensor:
         response = input_ids[:, self.prompt_width:].cpu()
@@ -67,7 +75,7 @@ class StopStringCriterion(StoppingCriteria):
             tails = response[running, max(0, step + 1 - self.window):].tolist()
             if self.prefixes is not None:
                 tails = [self.prefixes[row] + tail for row, tail in zip(running, tails)]
-            for row, found in zip(running, self.completes(tails)):
+            for row, found in zip(running, completes_stop_string(self.tokenizer, self.stop_strings, tails)):
                 if found:
                     self.stop_index[row] = step
         self._ended |= (self.stop_index >= 0) | (response[:, -1] == self.eos_token_id)

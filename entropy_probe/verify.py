@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import generate, measure, noise, parameters, precision, rollout as rollouts, teacher_force, tf_layout
-from .stopping import STOP_EOS, STOP_MAX_TOKENS, STOP_STRING, StopStringCriterion
+from .stopping import STOP_EOS, STOP_MAX_TOKENS, STOP_STRING, completes_stop_string
 
 
 @dataclass
@@ -118,7 +118,7 @@ def fresh_responses(model, tokenizer, rollout: dict[str, Tensor], params: dict[s
     if stop_strings and bool(open_rows.any()):
         rows = open_rows.nonzero().squeeze(-1)
         texts = [t[:n] for t, n in zip(draws.tokens[rows].tolist(), verified_lens[rows].tolist())]
-        found = torch.tensor(StopStringCriterion(tokenizer, list(stop_strings), 0, 0, eos).completes(texts))
+        found = torch.tensor(completes_stop_string(tokenizer, list(stop_strings), texts))
         reason[rows[found]] = STOP_STRING
         open_rows[rows[found]] = False
     at_limit = open_rows & (verified_lens >= max_new_tokens)
