@@ -13,9 +13,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_snakemake(workdir: Path, configfile: str, *args: str, check: bool = True,
                   timeout: int = 900) -> subprocess.CompletedProcess:
-    """``snakemake -s <repo>/Snakefile --directory <workdir> ARGS --configfile <workdir>/<configfile>``."""
+    """``snakemake -s <repo>/Snakefile --directory <workdir> ARGS --configfile <workdir>/<configfile>``,
+    one thread per job unless ARGS say otherwise (the tests' models are tiny: per-op overhead, where
+    a second thread only slows a job down and takes the core another job could use)."""
+    threads = () if any(a.startswith("--max-threads") for a in args) else ("--max-threads", "1")
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           *args, "--configfile", str(workdir / configfile)]
+           *threads, *args, "--configfile", str(workdir / configfile)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-6000:]}")
