@@ -38,6 +38,8 @@ REPO = HERE.parent
 
 import workloads as W  # noqa: E402
 
+from entropy_probe import job_cost  # noqa: E402
+
 
 @dataclass
 class E2EPreset:
@@ -234,6 +236,7 @@ def run(size: str, cores: int, keep: str | None = None) -> dict:
         "stages": stage_table(results), "stop_reasons": check_stop_reasons(results), "disk_bytes": disk_usage(results),
         "config": {k: v for k, v in preset.overrides.items()} | {"estimator": {"eta_list": ETAS, "central_difference": True}},
         "lora_rank": preset.lora_rank, "summary_table": (results / "summary.txt").read_text(), "workdir": str(work),
+        "cost_account": json.loads((results / "summary.json").read_text())["cost"],
     }
     if not keep:
         shutil.rmtree(work, ignore_errors=True)
@@ -248,5 +251,7 @@ def print_table(report: dict) -> None:
         cuda = "-" if r["peak_cuda_gib"] is None else f"{r['peak_cuda_gib']:.1f}"
         print(f"  {r['stage']:<18} {r['jobs']:>4} {r['wall_s']:>9.1f} {r['slowest_job_s']:>9.1f} {r['cpu_s']:>9.1f} "
               f"{r['max_rss_mib']:>12.0f} {cuda:>9}")
+    print("\n  the model jobs' cost account (summary.json \"cost\"; share: of the model jobs' seconds)")
+    print("".join(f"  {line}\n" for line in job_cost.format_account(report["cost_account"]).splitlines()), end="")
     print(f"  stop reasons: {report['stop_reasons']}")
     print("  disk: " + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in report["disk_bytes"].items()))

@@ -92,9 +92,11 @@ def example_cost() -> str:
                                     "adamw": {"optimizer": "adamw", "lr_factor": 0.02}}
     config_schema.fill_defaults(config)
     rows = cost.model_work(config)
-    cells = [[r.stage, f"{r.jobs}", f"{r.sequences:,}", f"{r.generated:,}" if r.generated else "—", r.passes]
-             for r in rows]
-    return _table(["stage", "jobs", "sequences", "tokens generated (at most)", "passes over the sequences"], cells)
+    count = lambda n: "—" if not n else f"{n:,}"  # noqa: E731
+    cells = [[r.stage, f"{r.jobs}", f"{r.sequences:,}", count(r.generated), count(r.forward), count(r.backward),
+              r.passes] for r in rows]
+    return _table(["stage", "jobs", "sequences", "tokens generated", "tokens forward", "tokens backward",
+                   "passes over the sequences"], cells)
 
 
 GENERATORS = {"sample-table": sample_table, "loss-types": loss_types, "code-map": code_map, "example-cost": example_cost}

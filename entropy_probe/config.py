@@ -39,6 +39,7 @@ def validated(config: dict) -> dict:
     """``config`` (changed in place) with moved keys refused, the schema's defaults filled in,
     validated and cross-checked."""
     config_schema.check_renamed(config)
+    config_schema.check_finite(config)
     config_schema.fill_defaults(config)
     config_schema.validate(config)
     check_config(config)

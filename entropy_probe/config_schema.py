@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from functools import lru_cache
 from pathlib import Path
 
@@ -69,6 +70,20 @@ def validate(config: dict) -> None:
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema()).iter_errors(config))
     if error is not None:
         raise ConfigError(f"{dotted_path(error.absolute_path)}: {error.message}")
+
+
+def check_finite(node, path: tuple = ()) -> None:
+    """Every number of the config is finite: a NaN or an infinity (YAML ``.nan``, ``.inf``) would
+    pass the schema's type and range checks and poison every later number (a :class:`ConfigError`
+    naming the key)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            check_finite(value, (*path, key))
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            check_finite(value, (*path, i))
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{dotted_path(path)}: {node} is not a finite number")
 
 
 def dotted_path(path) -> str:

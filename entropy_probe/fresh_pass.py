@@ -37,8 +37,9 @@ def fresh_rollout_shard(
     ``tempered_entropies`` ``[B, G, T']`` (sampling time, 0 past the end), ``changed`` ``[B, G]``
     (the response differs from the one drawn at θ), ``prompt_ids`` ``[B]``, and the base sums
     ``base_S``, ``base_S_tempered_full``, ``base_T`` ``[B, G]`` float64 from the rollout shard;
-    and the cost: ``teacher_forced_tokens``, ``generated_tokens`` (decoded one by one) and
-    ``regeneration_tokens`` (what regenerating every response would decode: their lengths).
+    and the cost: ``teacher_forced_tokens``, ``generated_tokens`` (decoded one by one),
+    ``forward_tokens`` (sequence tokens run forward, as :mod:`entropy_probe.job_cost` counts them)
+    and ``regeneration_tokens`` (what regenerating every response would decode: their lengths).
     """
     B, G, _ = rollout["sequences"].shape
     slots = [int(s) for s in slots]
@@ -56,6 +57,7 @@ def fresh_rollout_shard(
             chunk_tokens=chunk_tokens, gen_batch_size=gen_batch_size, autocast_dtype=autocast_dtype, kv_cache=kv_cache,
         )
         drawn, taught, generated = verified.responses, verified.teacher_forced_tokens, verified.generated_tokens
+        forward = verified.forward_tokens
     else:
         drawn = parameters.call_at(model, point, lambda: generate.sample_groups(
             model, prompt_ids, prompt_mask, G, slots=slots, rows_per_call=gen_batch_size // G, temperature=temperature,
@@ -64,6 +66,7 @@ def fresh_rollout_shard(
             tokenizer=tokenizer, autocast_dtype=autocast_dtype, kv_cache=kv_cache,
         ))
         taught, generated = 0, int(drawn.response_lens.sum())
+        forward = int(rollout["prompt_lens"].repeat_interleave(G).sum()) + generated
     width = drawn.response_tokens.shape[1]
     out = {
         "response_tokens": drawn.response_tokens.view(B, G, width),
@@ -78,7 +81,7 @@ def fresh_rollout_shard(
     out["changed"] = fresh.responses_changed(rollouts.stored_responses(rollout), rollout["response_lens"],
                                              out["response_tokens"], out["response_lens"])
     out["base_T"] = rollout["response_lens"].double()
-    cost = {"teacher_forced_tokens": taught, "generated_tokens": generated,
+    cost = {"teacher_forced_tokens": taught, "generated_tokens": generated, "forward_tokens": forward,
             "regeneration_tokens": int(drawn.response_lens.sum())}
     return out, cost
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, get_args, get_origin, get_type_hints
 
+from . import job_cost
 from .config import load_config
 from .errors import ProbeError
 from .stage_keys import stage_config, stage_config_from
@@ -193,6 +194,7 @@ def job_arguments(smk, stage: Stage) -> dict:
 def run_job(smk, stage: Stage) -> None:
     """Run ``stage`` on a Snakemake job's files (the entry point of every rule's script)."""
     with stage_run(smk.log[0], smk.threads):
+        job_cost.start(job_cost.label(smk.rule, dict(smk.wildcards.items())))
         stage.run(**job_arguments(smk, stage))
 
 
@@ -228,6 +230,7 @@ def run_cli(name: str, stage: Stage, argv: list[str]) -> None:
     ``--config``."""
     values = vars(parser_for(name, stage).parse_args(argv))
     with stage_run():
+        job_cost.start(job_cost.label(name, values))
         if "config" in values:
             values["cfg"] = stage_config_from(load_config(values.pop("config")), stage.keys_for(values))
         stage.run(**values)

@@ -86,6 +86,7 @@ class Verified:
     responses: generate.Rollouts
     teacher_forced_tokens: int  # response tokens scored by the verification pass
     generated_tokens: int  # tokens decoded one by one after a divergence
+    forward_tokens: int  # sequence tokens run forward: every stored sequence once, then each continued one
     diverged: Tensor  # [N] bool: θ''s draw left the stored response somewhere
 
 
@@ -159,7 +160,9 @@ def fresh_responses(model, tokenizer, rollout: dict[str, Tensor], params: dict[s
         tempered_entropies=assemble(draws.tempered_entropies, pick("tempered_entropies"), 0.0),
     )
     generated = 0 if suffix is None else int(suffix.response_lens.sum())
-    return Verified(responses, int(lens.sum()), generated, diverged)
+    prompt_lens = rollout["prompt_lens"].repeat_interleave(G)
+    forward = int(rollout["attention_masks"].sum()) + int((prompt_lens[continued] + final_lens[continued]).sum())
+    return Verified(responses, int(lens.sum()), generated, forward, diverged)
 
 
 def _continue(model, params, rollout, prefix_tokens: Tensor, prefix_lens: Tensor, row_slots: Tensor,

@@ -16,7 +16,7 @@ PACKAGE = REPO / "entropy_probe"
 # The layers, lowest first. A module imports modules of its own layer or of a lower one.
 # docs/development.md shows them (docs/generate.py, with LAYER_NOTES and each module's docstring).
 LAYERS = {
-    "foundation": {"errors", "input_files", "config_schema", "sweep", "entropies"},
+    "foundation": {"errors", "input_files", "config_schema", "sweep", "entropies", "job_cost"},
     "configuration": {"stage_keys", "trainer_files", "model_config", "data", "prompts", "reward_config", "losses",
                       "plan", "variants", "trainable", "config", "cost"},
     "mathematics": {"measure", "logit_gradient", "normalization", "estimators", "first_order", "update", "snis",

@@ -68,6 +68,10 @@ CASES = [
          r"Invalid config: estimator\.entropy: 'shannon' is not one of \['sampler', 'tempered_full'\]"),
     Case("fresh_etas_not_a_list", {"estimator": {"fresh_etas": "all"}},
          r"Invalid config: estimator\.fresh_etas: 'all' is not of type 'array', 'null'"),
+    Case("eta_nan", {"estimator": {"eta_list": [1e-4, float("nan")]}},  # YAML .nan
+         r"Invalid config: estimator\.eta_list\.1: nan is not a finite number"),
+    Case("eta_inf", {"estimator": {"eta_list": [float("-inf")]}},  # YAML -.inf
+         r"Invalid config: estimator\.eta_list\.0: -inf is not a finite number"),
     # ------------------------------------------------------------------------ inconsistent sizes
     Case("E_total_sequences_below_G", {"batch_config": {"E_total_sequences": 2, "G": 4}},
          r"Invalid config: batch_config\.E_total_sequences: 2 is smaller than batch_config\.G = 4"),

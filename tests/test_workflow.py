@@ -95,6 +95,8 @@ def test_a_deleted_shard_is_regenerated_alone_and_identically(workflow_dir):
     snakemake(workflow_dir, TARGET, "--cores", "2")
     assert {p: p.stat().st_mtime_ns for p in kept} == mtimes  # nothing else was rewritten
     after, meta_after = read_shard(lost)
+    seconds = [meta["cost"].pop("seconds") for meta in (meta_before, meta_after)]  # the job's wall time
+    assert all(s > 0 for s in seconds)
     assert meta_after == meta_before
     assert after.keys() == before.keys()
     for name in before:

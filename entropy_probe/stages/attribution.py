@@ -9,7 +9,7 @@ from typing import Annotated
 
 import logging
 
-from .. import attribution as shares, attribution_report, gradients, guards, normalization, passes, shards
+from .. import attribution as shares, attribution_report, gradients, guards, job_cost, normalization, passes, shards
 from ..stage import In, Out
 from ..update_builder import UpdateBuilder
 from .inputs import load_for_gradients, read_rollouts
@@ -58,7 +58,9 @@ def attribution(cfg: dict, *, policy: Annotated[str, In("the policy directory or
     shards.write_shard(e_tokens, e_table, header | {"kind": "attribution_E"})
     shards.write_shard(u_tokens, u_table, header | {"kind": "attribution_U", "optimizer": v_meta["optimizer"],
                                                     "clip_coef": build.describe(Y_grad)["clip_coef"]})
-    shards.write_json(summary, {"E": e_summary, "U": u_summary, "model_fingerprint": fingerprint})
+    cost = job_cost.record(forward=sum(job_cost.sequence_tokens(read) for read in u_read))  # the U pass along J·X
+    shards.write_json(summary, {"E": e_summary, "U": u_summary, "model_fingerprint": fingerprint, "cost": cost})
+    log.info(job_cost.describe(cost))
     text = attribution_report.format_attribution(e_summary, u_summary, normalization.get(norm).unit)
     shards.write_text(table, text)
     print(text)

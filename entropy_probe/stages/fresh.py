@@ -6,11 +6,10 @@ from __future__ import annotations
 from typing import Annotated
 
 import logging
-import time
 
 import torch
 
-from .. import fresh, fresh_pass, guards, noise, shards
+from .. import fresh, fresh_pass, guards, job_cost, noise, shards
 from ..plan import shard_slots
 from ..stage import Arg, In, Out
 from .inputs import load_policy, read_rollouts, rollout_header
@@ -32,15 +31,16 @@ def fresh_rollout(cfg: dict, *, rollout: Annotated[str, In("an E rollout shard")
     if e_plan.get("kind") != "E" or list(e_plan["shards"][shard]) != read["prompt_ids"].tolist():
         raise shards.ShardError(f"{rollout}: its prompts are not shard {shard} of the E plan {plan}")
     direction, _ = shards.read_shard(v, {"kind": "v", "model_fingerprint": fingerprint})
-    started = time.perf_counter()
-    out, cost = fresh_pass.fresh_rollout_shard(
+    out, counts = fresh_pass.fresh_rollout_shard(
         model, tokenizer, read, direction, eta, slots=shard_slots(e_plan, shard), seed=batch["seed"],
         temperature=gen["temperature"], top_p=gen["top_p"], max_new_tokens=gen["max_new_tokens"],
         gen_batch_size=gen["gen_batch_size"], stop_strings=gen["stop_strings"],
         autocast_dtype=cfg["model"]["precision"], kv_cache=gen["kv_cache"], method=gen["fresh_rollouts"],
         tf_batch_size=tf["batch_size"], chunk_tokens=tf["chunk_tokens"],
     )
-    cost = {"method": gen["fresh_rollouts"], **cost, "seconds": round(time.perf_counter() - started, 3)}
+    cost = job_cost.record(generated=counts["generated_tokens"], forward=counts["forward_tokens"],
+                           method=gen["fresh_rollouts"], teacher_forced_tokens=counts["teacher_forced_tokens"],
+                           regeneration_tokens=counts["regeneration_tokens"])
     B, G, T = out["rb_entropies"].shape
     for name in ("token_log_q", "rb_entropies", "tempered_entropies"):
         guards.check_sequences(out[name].reshape(B * G, T), f"fresh-rollout {name}", rollout)
@@ -95,7 +95,10 @@ def _total_cost(costs: list[dict | None]) -> dict | None:
         return None
     methods = sorted({c["method"] for c in costs})
     total = {"method": methods[0] if len(methods) == 1 else methods}
-    for name in ("teacher_forced_tokens", "generated_tokens", "regeneration_tokens", "seconds"):
+    for name in ("teacher_forced_tokens", "regeneration_tokens", *job_cost.COUNTS, "seconds"):
+        if any(name not in c for c in costs):  # a shard of an older version: its count unknown
+            total[name] = None
+            continue
         total[name] = sum(c[name] for c in costs)
     total["seconds"] = round(total["seconds"], 3)
     return total

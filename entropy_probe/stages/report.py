@@ -8,7 +8,7 @@ from typing import Annotated
 
 from pathlib import Path
 
-from .. import (attribution, linearity, normalization, precision, report, report_page, shards, trajectory_report,
+from .. import (attribution, job_cost, linearity, normalization, precision, report, report_page, shards, trajectory_report,
                 variant_report, variants)
 from ..entropies import ENTROPY_KINDS
 from ..snis import MIN_ESS_FRACTION
@@ -124,6 +124,8 @@ def summary(cfg: dict, *, delta_h1: Annotated[str, In("results/delta_h1.json")],
             X: Annotated[str, In("the reduced X (update variants)")] = None, v: Annotated[str, In("the main v (update variants)")] = None,
             variant_v: Annotated[list[str], In("each variant's v")] = (), variant_directional: Annotated[list[str], In("each variant's directional shards")] = (),
             variant_snis: Annotated[list[str], In("each variant's SNIS shards")] = (),
+            costed: Annotated[list[str], In("the other files holding model jobs' costs: rollouts, reduced gradients, "
+                                            "fresh rollouts")] = (),
             variant_delta_h1: Annotated[list[str], Out("each variant's delta_h1.json")] = (),
             variant_delta_h_snis: Annotated[list[str], Out("each variant's delta_h_snis.json")] = (),
             variants_table: Annotated[str, Out("results/variants.txt")] = None, variants_plot: Annotated[str, Out("results/variants.png")] = None
@@ -178,11 +180,27 @@ def summary(cfg: dict, *, delta_h1: Annotated[str, In("results/delta_h1.json")],
         "step_comparison": read["comparison"],
         "precision": precision.describe(first["precision"]) | {"tokens_outside_recomputed_nucleus": {
             **first["tokens_outside_recomputed_nucleus"], "snis": measured["tokens_outside_recomputed_nucleus"]}},
+        "cost": cost_account([*costed, *directional, *snis, *filter(None, [attribution_summary]),
+                              *variant_directional, *variant_snis]),
         "config": config,
         **report.provenance(),
     })
     shards.write_text(summary_table, table)
     print(table)
+
+
+def cost_account(paths: list[str]) -> dict:
+    """What the run's model jobs cost, per stage (:func:`entropy_probe.job_cost.by_stage`), from
+    the costs recorded in ``paths``; ``not_recorded``: files written without one."""
+    costs, missing = [], []
+    for path in paths:
+        meta = shards.read_json(path) if path.endswith(".json") else shards.read_metadata(path)
+        for cost in job_cost.recorded(meta):
+            if cost is None:
+                missing.append(path)
+            else:
+                costs.append(cost)
+    return job_cost.by_stage(costs) | {"not_recorded": sorted(set(missing))}
 
 
 def trajectory(*, summaries: Annotated[list[str], In("every pair's summary.json, in training order")],

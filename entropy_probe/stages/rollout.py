@@ -5,7 +5,7 @@ from typing import Annotated
 
 import logging
 
-from .. import losses, models, noise, prompts, rewards, shards, stopping
+from .. import job_cost, losses, models, noise, prompts, rewards, shards, stopping
 from ..plan import shard_slots
 from ..rollout import check_shapes, rollout_shard
 from ..stage import Arg, In, Out, config_hash
@@ -54,7 +54,10 @@ def rollout(cfg: dict, *, plan: Annotated[str, In("the batch's plan, results/pla
         "data": {"split": source["split"], "file": source["file"], "sha256": source["sha256"]},
         "config_hash": config_hash(defining_values(cfg, "rollout")),
     }
+    header["cost"] = cost = job_cost.record(generated=int(tensors["response_lens"].sum()),
+                                            forward=job_cost.sequence_tokens(tensors))
     shards.write_shard(rollouts, tensors, header)
+    log.info(job_cost.describe(cost))
     lens = tensors["response_lens"].float()
     log.info(
         "wrote %s: sequences %s, mean reward %.3f, mean response length %.2f, EOS in %.0f%%, mean RB entropy %.4f",

@@ -9,7 +9,7 @@ import logging
 
 import torch
 
-from .. import exact, first_order, gradients, guards, models, passes, prompts, shards, snis, snis_pass
+from .. import exact, first_order, gradients, guards, job_cost, models, passes, prompts, shards, snis, snis_pass
 from ..entropies import ENTROPY_KINDS
 from ..report import update_account
 from ..stage import In, Out
@@ -35,10 +35,13 @@ def write_directional(cfg: dict, model, tokenizer, fingerprint: str, rollout: di
     for name, values in sums.items():
         guards.check_sequences(values, f"directional sum {name} (per prompt group)", where)
     per_token = {f"{passes.TOKEN_PREFIX}{name}": values for name, values in tokens.items() if name != "outside_nucleus"}
+    cost = job_cost.record(forward=job_cost.sequence_tokens(rollout))  # one forward with a tangent
     shards.write_shard(out, sums | per_token, {"kind": "directional", "model_fingerprint": fingerprint,
                                                "normalization": est["normalization"], "baseline": est["baseline"],
-                                               "entropy": est["entropy"], "precision": cfg["model"]["precision"]})
+                                               "entropy": est["entropy"], "precision": cfg["model"]["precision"],
+                                               "cost": cost})
     log.info("wrote %s: %d prompt groups", out, sums["P"].numel())
+    log.info(job_cost.describe(cost))
 
 
 def write_snis(cfg: dict, model, tokenizer, fingerprint: str, rollout: dict, v: dict, v_meta: dict, out: str,
@@ -54,9 +57,11 @@ def write_snis(cfg: dict, model, tokenizer, fingerprint: str, rollout: dict, v: 
     for name in ("log_w", ENTROPY_KINDS["sampler"].snis_fields[1]):
         guards.check_sequences(values[name].T, f"SNIS {name}", where)
     values["etas"] = torch.tensor(etas, dtype=torch.float64)
+    cost = job_cost.record(forward=(1 + len(etas)) * job_cost.sequence_tokens(rollout))  # at θ and each θ + ηv
     shards.write_shard(out, values, {"kind": "snis", "model_fingerprint": fingerprint, "etas": etas,
-                                     "precision": cfg["model"]["precision"]})
+                                     "precision": cfg["model"]["precision"], "cost": cost})
     log.info("wrote %s: %d sequences x %d etas", out, values["T"].numel(), len(etas))
+    log.info(job_cost.describe(cost))
 
 
 def load_e_pass(cfg: dict, policy: str, rollout: str, v: str, differentiates: bool = True):

@@ -8,7 +8,7 @@ import logging
 
 import torch
 
-from .. import gradients, guards, losses, models, passes, shards
+from .. import gradients, guards, job_cost, losses, models, passes, shards
 from ..rollout import rows_in
 from ..stage import Arg, In, Out
 from .inputs import e_batch_stats, load_for_gradients, read_rollouts
@@ -94,8 +94,10 @@ def teacher_force_x(cfg: dict, *, rollout: Annotated[str, In("an E rollout shard
     header = {"kind": "X", "model_fingerprint": fingerprint, "param_filter": cfg["model"]["param_filter"],
               "precision": cfg["model"]["precision"], "H_bar": H_bar, "normalization": est["normalization"],
               "baseline": est["baseline"], "pathwise_term": est["pathwise_term"], "entropy": est["entropy"],
-              "tokens_outside_recomputed_nucleus": int(stats["outside_nucleus"].sum())}
+              "tokens_outside_recomputed_nucleus": int(stats["outside_nucleus"].sum()),
+              "cost": _gradient_cost(read, tf["gradient_checkpointing"])}
     shards.write_shard(gradient, gradients.pack(grads, {"T": stats["T"]}, "X"), header)
+    log.info(job_cost.describe(header["cost"]))
     log.info("wrote %s: %d tensors, |grad sum| = %.4g", gradient, len(grads), gradients.global_norm(grads))
 
 
@@ -118,15 +120,24 @@ def teacher_force_y(cfg: dict, *, rollout: Annotated[str, In("a U rollout shard"
     guards.check_parameters(grads, "Y gradient", rollout)
     header = {"kind": "Y", "model_fingerprint": fingerprint, "param_filter": cfg["model"]["param_filter"],
               "precision": cfg["model"]["precision"], "loss_type": objective_meta["loss_type"],
-              "normalizer_share": float(objective["normalizer_terms"][rows].sum())}
+              "normalizer_share": float(objective["normalizer_terms"][rows].sum()),
+              "cost": _gradient_cost(read, tf["gradient_checkpointing"])}
     shards.write_shard(gradient, gradients.pack(grads, {}, "Y"), header)
+    log.info(job_cost.describe(header["cost"]))
     log.info("wrote %s: %d tensors, |grad sum| = %.4g", gradient, len(grads), gradients.global_norm(grads))
+
+
+def _gradient_cost(read: dict, gradient_checkpointing: bool) -> dict:
+    """A gradient pass's cost: one forward and one backward over the shard's sequences, the
+    forward twice when each decoder layer is recomputed in the backward."""
+    tokens = job_cost.sequence_tokens(read)
+    return job_cost.record(forward=tokens * (2 if gradient_checkpointing else 1), backward=tokens)
 
 
 # the header values every shard of one reduction shares
 SHARED_KEYS = ("model_fingerprint", "param_filter", "normalization", "baseline", "H_bar", "loss_type", "precision",
                "entropy", "pathwise_term")
-PER_SHARD_KEYS = ("schema_version", "normalizer_share", "tokens_outside_recomputed_nucleus")
+PER_SHARD_KEYS = ("schema_version", "normalizer_share", "tokens_outside_recomputed_nucleus", "cost")
 
 
 def reduce_gradients(*, kind: Annotated[str, Arg("X or Y")], partials: Annotated[list[str], In("every gradient shard of the batch")],
@@ -140,7 +151,8 @@ def reduce_gradients(*, kind: Annotated[str, Arg("X or Y")], partials: Annotated
     if any("tokens_outside_recomputed_nucleus" in m for m in read.metas):
         header["tokens_outside_recomputed_nucleus"] = sum(m.get("tokens_outside_recomputed_nucleus", 0)
                                                           for m in read.metas)
-    shards.write_shard(reduced, gradients.pack(total, stats, kind), header | {"normalizer": normalizer,
-                                                                             "num_shards": len(read)})
+    shards.write_shard(reduced, gradients.pack(total, stats, kind), header | {
+        "normalizer": normalizer, "num_shards": len(read),
+        "job_costs": [m.get("cost") for m in read.metas]})  # the gradient shards are temporary: their cost lives on here
     log.info("%s = Σ of %d shards / %.6g; |%s| = %.6g", kind, len(read), normalizer, kind,
              gradients.global_norm(total))

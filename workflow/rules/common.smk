@@ -286,4 +286,24 @@ def summary_inputs(wildcards):
     return inputs
 
 
+def costed_inputs(wildcards):
+    """The files holding the model jobs' costs that the summary does not read otherwise: the
+    rollouts, the reduced gradients (their temporary shards' costs), the fresh rollouts and the
+    variants' own Y."""
+    cfg = config_of(wildcards)
+    paths = shard_paths(f"{RESULTS}/rollouts/E/shard_{{shard}}.safetensors", "E")
+    if cfg["update"]["optimizer"] != CHECKPOINT_DIFF:
+        paths += shard_paths(f"{RESULTS}/rollouts/U/shard_{{shard}}.safetensors", "U")
+    paths.append(f"{RESULTS}/gradients/X.safetensors")
+    if cfg["update"]["optimizer"] != CHECKPOINT_DIFF:
+        paths.append(f"{RESULTS}/gradients/Y.safetensors")
+    for eta in FRESH_ETAS:
+        paths += shard_paths(
+            f"{RESULTS}/fresh/eta_{eta_tag(eta)}/shard_{{shard}}.safetensors", "E"
+        )
+    for oid in sorted(OBJECTIVE_CONFIG):
+        paths.append(f"{RESULTS}/variants/objectives/{oid}/gradients/Y.safetensors")
+    return paths
+
+
 SKIPPED_VARIANTS = probe_variants.skipped_note(config)

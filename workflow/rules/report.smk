@@ -11,6 +11,8 @@ rule summary:
             f"{RESULTS}/directional/shard_{{shard}}.safetensors", "E"
         ),
         snis=shard_paths(f"{RESULTS}/snis/shard_{{shard}}.safetensors", "E"),
+        # what the model jobs cost (their headers): summary.json's cost account
+        costed=costed_inputs,
     output:
         **(
             {
