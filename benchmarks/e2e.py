@@ -170,7 +170,7 @@ def stage_table(results: Path) -> list[dict]:
     rows: dict[str, dict] = {}
     for path in sorted((results / "benchmarks").glob("*.tsv")):
         job = path.stem
-        rule = re.sub(r"(_[EUXY])?(_\d{3})?$", "", job)
+        rule = re.sub(r"(_[EUXY]|_-?\d[\d.e+-]*)?(_\d{3})?$", "", job)  # batch, η and shard of the job
         with open(path) as f:
             record = next(csv.DictReader(f, delimiter="\t"))
         row = rows.setdefault(rule, {"stage": rule, "jobs": 0, "wall_s": 0.0, "slowest_job_s": 0.0, "cpu_s": 0.0,

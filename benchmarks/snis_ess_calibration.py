@@ -17,20 +17,19 @@ table (recorded in benchmarks/README.md, "SNIS calibration").
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from entropy_probe import exact, exact_terms, models, rewards, rollout, shards, snis, snis_pass  # noqa: E402
+from embedded_batches import (G, add_study_arguments, coverage, coverage_line, e_batch, finish,  # noqa: E402
+                              load_embedded, study_direction)
+from entropy_probe import exact, snis, snis_pass  # noqa: E402
 
-G = 4
 BINS = [1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.0]  # ESS/N bin edges, descending
 
 
@@ -43,22 +42,13 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--etas", type=float, nargs="+",
                         default=[10 ** (e / 4) for e in range(-16, 1)])  # 1e-4 .. 1, 4 per decade
-    parser.add_argument("--v", help="an update vector v.safetensors (results/update/v.safetensors of a run); "
-                        "default: the exact expected GRPO gradient")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json")
+    add_study_arguments(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model = models.load_policy(args.policy_dir, "float32", "cpu")
-    tokenizer = models.load_tokenizer(args.policy_dir)
-    examples = [json.loads(line) for line in open(os.path.join(args.policy_dir, "prompts.jsonl"))]
-    prompts, golds = [e["prompt"] for e in examples], [e["answer"] for e in examples]
+    model, tokenizer, examples = load_embedded(args.policy_dir, args.threads)
     kw = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=3)
     start = time.time()
-    if args.v:
-        v, _ = shards.read_shard(args.v, {"kind": "v"})
-    else:
-        v = exact_terms.exact_grpo_gradient(model, tokenizer, prompts, golds, G=G, **kw)
+    v = study_direction(args.v, model, tokenizer, examples, **kw)
+    prompts = [e["prompt"] for e in examples]
     H0 = exact.exact_entropy_at(model, tokenizer, prompts, direction=v, eta=0.0, nucleus="base", **kw)
     truth = {eta: exact.exact_entropy_at(model, tokenizer, prompts, direction=v, eta=eta, nucleus="base", **kw) - H0
              for eta in args.etas}
@@ -66,11 +56,8 @@ def main() -> None:
     records = []
     for b in range(args.batches):
         seed = 1000 + b
-        ids = torch.randint(0, len(examples), (args.prompts,), generator=torch.Generator().manual_seed(seed)).tolist()
-        batch = rollout.rollout_shard(model, tokenizer, examples, ids, G=G, kind="E", shard_index=0,
-                                      slots=range(len(ids)), seed=seed, max_new_tokens=3, rollout_batch_size=4096,
-                                      gen_batch_size=4096, reward_fn=rewards.exact_match,
-                                      temperature=args.temperature, top_p=args.top_p)
+        batch = e_batch(model, tokenizer, examples, args.prompts, seed, temperature=args.temperature,
+                        top_p=args.top_p)
         out = snis_pass.snis_pass(model, v, batch, list(args.etas), pad_token_id=tokenizer.pad_token_id,
                              temperature=args.temperature, top_p=args.top_p, tf_batch_size=4096)
         for j, eta in enumerate(args.etas):
@@ -81,35 +68,19 @@ def main() -> None:
         if (b + 1) % 20 == 0:
             print(f"{b + 1} batches, {time.time() - start:.0f} s", flush=True)
     table = summarize(records)
-    print(format_table(table, args))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"settings": vars(args), "truth": truth, "bins": table, "records": records}, f, indent=1)
+    finish(f"SNIS ±2 SE coverage of the exact frozen-nucleus ΔH (τ = {args.temperature}, top_p = {args.top_p}, "
+           f"N = {args.prompts * G}, {args.batches} E batches)", "ESS/N",
+           [coverage_line(f"{r['ess_fraction'][0]:.2f}–{r['ess_fraction'][1]:.2f}", r) for r in table], args.json,
+           {"settings": vars(args), "truth": truth, "bins": table, "records": records})
 
 
 def summarize(records: list[dict]) -> list[dict]:
     out = []
     for hi, lo in zip(BINS, BINS[1:]):
         sel = [r for r in records if lo <= r["ess_fraction"] < hi or (hi == 1.0 and r["ess_fraction"] == 1.0)]
-        if not sel:
-            continue
-        z = torch.tensor([(r["delta_h"] - r["exact"]) / r["se"] for r in sel if r["se"] > 0], dtype=torch.float64)
-        out.append({"ess_fraction": [lo, hi], "count": len(sel),
-                    "coverage_2se": float((z.abs() <= 2).double().mean()),
-                    "z_sd": float(z.std()), "z_median": float(z.median()),
-                    "etas": sorted({r["eta"] for r in sel})})
+        if sel:
+            out.append({"ess_fraction": [lo, hi], **coverage(sel)})
     return out
-
-
-def format_table(table: list[dict], args) -> str:
-    lines = [f"SNIS ±2 SE coverage of the exact frozen-nucleus ΔH (τ = {args.temperature}, top_p = {args.top_p}, "
-             f"N = {args.prompts * G}, {args.batches} E batches)",
-             f"{'ESS/N':>13} {'count':>6} {'coverage':>9} {'sd(z)':>7} {'median z':>9}  η range"]
-    for row in table:
-        lo, hi = row["ess_fraction"]
-        lines.append(f"{lo:>5.2f}–{hi:<5.2f}  {row['count']:>6} {row['coverage_2se']:>9.3f} {row['z_sd']:>7.2f} "
-                     f"{row['z_median']:>9.2f}  {min(row['etas']):.2g}..{max(row['etas']):.2g}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,19 @@ from torch import Tensor
 from . import entropies, normalization as norm
 
 
+# With top_p < 1, rows whose E batch holds fewer than this many sequences along which θ + ηv's own
+# nucleus differs from θ's (the events that carry the boundary part of the sampler's change) are
+# flagged: there the SE, estimated from the same few events, under-covers the exact change
+# (benchmarks/sampler_flag_calibration.py; benchmarks/README.md, "Sampler column calibration").
+MIN_NUCLEUS_EVENTS = 20
+
+
+def events_low(nucleus_events: int, top_p: float) -> bool:
+    """Whether a sampler row rests on too few nucleus events to trust its SE (never at top_p = 1:
+    one nucleus, no boundary part)."""
+    return top_p < 1.0 and nucleus_events < MIN_NUCLEUS_EVENTS
+
+
 def responses_changed(base_tokens: Tensor, base_lens: Tensor, new_tokens: Tensor, new_lens: Tensor) -> Tensor:
     """Whether each response differs from its base in length or in any token: ``[..., T], [...],
     [..., T'], [...] -> [...]`` bool."""
@@ -68,9 +81,7 @@ def delta_h_sampler(S_new: Tensor, T_new: Tensor, S_base: Tensor, T_base: Tensor
     S_new, S_base = S_new.double(), S_base.double()
     rule = norm.get(normalization)
     D_new, D_base = rule.denominators(T_new), rule.denominators(T_base)
-    H_new, psi_new = norm.plugin_with_influence(S_new, T_new, G, normalization)
-    H_base, psi_base = norm.plugin_with_influence(S_base, T_base, G, normalization)
-    psi = psi_new - psi_base
+    H_new, H_base, psi = sampler_terms(S_new, T_new, S_base, T_base, G, normalization)
     se = norm.standard_error(psi)
     n = psi.numel()
     phi_new = ((S_new - H_new * D_new) / (D_new.sum() / n)).view(n, G)
@@ -89,6 +100,29 @@ def delta_h_sampler(S_new: Tensor, T_new: Tensor, S_base: Tensor, T_base: Tensor
         "se_independent_noise": se_independent,
         "coupling_se_factor": se_independent / se if se_independent is not None and se > 0 else None,
     }
+
+
+def sampler_terms(S_new: Tensor, T_new: Tensor, S_base: Tensor, T_base: Tensor, G: int,
+                  normalization: str) -> tuple[float, float, Tensor]:
+    """(H(θ'), H̄(θ), ψ): the two plug-ins of :func:`delta_h_sampler` and the per-prompt-group
+    linearized contributions ψ_b of their difference (``[n]``; the SE is sd(ψ)/√n)."""
+    H_new, psi_new = norm.plugin_with_influence(S_new.double(), T_new, G, normalization)
+    H_base, psi_base = norm.plugin_with_influence(S_base.double(), T_base, G, normalization)
+    return H_new, H_base, psi_new - psi_base
+
+
+def decompose(sampler: tuple[float, Tensor], frozen: tuple[float, Tensor]) -> dict:
+    """ΔH_sampler = ΔH_frozen + the boundary part, on the same E slots: ``sampler`` and ``frozen``
+    are (ΔH, ψ ``[n]``) of the sampler's change and of the change with θ's nucleus held fixed (SNIS),
+    their ψ over the same prompt groups in the same order. The boundary part (what θ + ηv's own
+    nucleus adds: tokens crossing the top_p boundary) is their difference, exactly; its SE comes
+    from the paired contributions ψ_sampler − ψ_frozen."""
+    (delta_sampler, psi_sampler), (delta_frozen, psi_frozen) = sampler, frozen
+    if psi_sampler.shape != psi_frozen.shape:
+        raise ValueError(f"the decomposition pairs prompt groups: {tuple(psi_sampler.shape)} against "
+                         f"{tuple(psi_frozen.shape)}")
+    return {"frozen": delta_frozen, "frozen_se": norm.standard_error(psi_frozen),
+            "boundary": delta_sampler - delta_frozen, "boundary_se": norm.standard_error(psi_sampler - psi_frozen)}
 
 
 def per_response(tensors: dict[str, Tensor], entropy: str) -> dict[str, Tensor]:

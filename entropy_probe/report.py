@@ -7,7 +7,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from . import entropies, first_order
+from . import entropies, first_order, fresh
 
 
 def provenance() -> dict:
@@ -52,6 +52,8 @@ COLUMNS = {
     "delta_h1": "δH₁: first order, η·X·v",
     "delta_h": "ΔH with the nucleus of θ held fixed (SNIS): the smooth target δH₁ is checked against",
     "delta_h_sampler": "ΔH of the sampler (fresh rollouts, own nucleus): what training will see",
+    "delta_h_boundary": "ΔH sampler minus ΔH θ-nucleus on the same E slots (paired SE): what the own nucleus of "
+                        "θ + ηv adds, tokens crossing the top_p boundary",
     "exact_delta_h": "exact ΔH with the nucleus of θ (enumeration of the embedded policy)",
     "exact_delta_h_sampler": "exact ΔH of the sampler (enumeration, θ + ηv's own nucleus)",
 }
@@ -104,6 +106,10 @@ def combine(first_report: dict, snis: dict | None, x_dot_v_se_u: float | None = 
             row |= {"delta_h_sampler": f["delta_h"], "delta_h_sampler_se": f["se"],
                     "changed_responses": f["changed_responses"], "changed_share": f["changed_share"],
                     "coupling_se_factor": f["coupling_se_factor"]}
+            if f.get("decomposition"):  # ΔH_sampler = ΔH with θ's nucleus (same slots) + the boundary part
+                row |= {"delta_h_boundary": f["decomposition"]["boundary"],
+                        "delta_h_boundary_se": f["decomposition"]["boundary_se"],
+                        "nucleus_events": f["nucleus_events"], "events_low": f["events_low"]}
         if exact is not None and eta in exact:
             row |= {k: v for k, v in exact[eta].items()
                     if k in ("exact_delta_h", "exact_delta_h_sampler", "exact_delta_h1")}
@@ -151,11 +157,17 @@ def update_note(update: dict | None, comparison: dict | None = None) -> str:
 
 
 def flag_note(rows: list[dict], min_ess_fraction: float) -> str:
-    """The meaning of the ``!`` flag, when a row has it (SNIS with too low an ESS)."""
-    if not any(r.get("ess_low") for r in rows):
-        return ""
-    return (f"! ESS/N below {min_ess_fraction:g}: the SNIS SE is not to be trusted there (docs/science.md, SNIS where "
-            "it fails); read the ΔH sampler column (fresh rollouts), which has no weights")
+    """The meaning of the flags, for those a row has: ``!`` (SNIS with too low an ESS) and ``?``
+    (the sampler's change resting on too few nucleus events)."""
+    lines = []
+    if any(r.get("ess_low") for r in rows):
+        lines.append(f"! ESS/N below {min_ess_fraction:g}: the SNIS SE is not to be trusted there (docs/science.md, "
+                     "SNIS where it fails); read the ΔH sampler column (fresh rollouts), which has no weights")
+    if any(r.get("events_low") for r in rows):
+        lines.append(f"? ΔH sampler rests on fewer than {fresh.MIN_NUCLEUS_EVENTS} E sequences whose visited nucleus "
+                     "moves (events): its SE is not to be trusted there (docs/science.md); more E sequences "
+                     "(batch_config.E_total_sequences) or a larger η measure it")
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict], unit: str, entropy: str = "sampler", min_ess_fraction: float = 0.1,
@@ -174,21 +186,24 @@ def format_table(rows: list[dict], unit: str, entropy: str = "sampler", min_ess_
         "  central       (ΔH(η) − ΔH(−η))/2 with the nucleus of θ, the cleanest check of δH₁",
         f"  ΔH sampler    {COLUMNS['delta_h_sampler']}; changed: responses redrawn differently; "
         "coupling: SE with independent noise / SE",
+        f"  boundary      {COLUMNS['delta_h_boundary']}",
         "  exact ...     both ΔH by enumeration (embedded policy only)",
     ]
     header = (f"{'eta':>8} {'δH₁':>10} {'±E':>7} {'±E+U':>7} | {'ΔH θ-nucleus':>12} {'±':>7} {'ESS/N':>6} "
               f"{'δH₁/ΔH':>7} {'±':>6} {'central':>10} | {'ΔH sampler':>10} {'±':>7} {'changed':>7} "
-              f"{'coupling':>8} | {'exact θ-nuc':>11} {'exact sampler':>13}")
+              f"{'coupling':>8} {'boundary':>10} {'±':>7} | {'exact θ-nuc':>11} {'exact sampler':>13}")
     lines.append(header)
     for r in rows:
         ess = f(r.get("ess_fraction"), ".3f") + ("!" if r.get("ess_low") else "")
         coupling = f"{r['coupling_se_factor']:.3g}x" if r.get("coupling_se_factor") else "-"
+        sampler = f(r.get("delta_h_sampler")) + ("?" if r.get("events_low") else "")
         lines.append(
             f"{f(r['eta']) + ('*' if r.get('training') else ''):>8} {f(r['delta_h1']):>10} {f(r['delta_h1_se'], '.2g'):>7} "
             f"{f(r.get('delta_h1_se_total'), '.2g'):>7} | {f(r.get('delta_h')):>12} {f(r.get('delta_h_se'), '.2g'):>7} "
             f"{ess:>6} {f(r.get('ratio_delta_h1_over_delta_h'), '.3f'):>7} {f(r.get('ratio_se'), '.2g'):>6} "
-            f"{f(r.get('central_difference')):>10} | {f(r.get('delta_h_sampler')):>10} "
-            f"{f(r.get('delta_h_sampler_se'), '.2g'):>7} {f(r.get('changed_responses'), 'd'):>7} {coupling:>8} | "
+            f"{f(r.get('central_difference')):>10} | {sampler:>10} "
+            f"{f(r.get('delta_h_sampler_se'), '.2g'):>7} {f(r.get('changed_responses'), 'd'):>7} {coupling:>8} "
+            f"{f(r.get('delta_h_boundary')):>10} {f(r.get('delta_h_boundary_se'), '.2g'):>7} | "
             f"{f(r.get('exact_delta_h')):>11} {f(r.get('exact_delta_h_sampler')):>13}"
         )
     lines += [note for note in (flag_note(rows, min_ess_fraction), *notes) if note]
@@ -198,8 +213,9 @@ def format_table(rows: list[dict], unit: str, entropy: str = "sampler", min_ess_
 def plot(rows: list[dict], path: str | Path, unit: str) -> list[str]:
     """Left: the entropy changes per unit learning rate, ΔH(η)/η, against η (log x, linear y; the
     first-order prediction is the flat line X·v): δH₁ (E+U bars), the SNIS ΔH with θ's nucleus
-    (low-ESS points hollow), the sampler's ΔH (fresh rollouts) and both exact curves. Right:
-    δH₁/ΔH (SNIS) with delta-method bars, and the exact ratio. Returns the legend labels."""
+    (low-ESS points hollow), the sampler's ΔH (fresh rollouts; hollow on few nucleus events) and
+    both exact curves. Right: δH₁/ΔH (SNIS) with delta-method bars, and the exact ratio. Returns
+    the legend labels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,19 +233,21 @@ def plot(rows: list[dict], path: str | Path, unit: str) -> list[str]:
     eta, y, _, _ = series("delta_h1")
     ax.errorbar(eta, y, yerr=[r.get("delta_h1_se_total", r["delta_h1_se"]) / r["eta"] for r in rows], marker="o",
                 capsize=3, label=COLUMNS["delta_h1"])
-    eta, y, err, chosen = series("delta_h", "delta_h_se")
-    if eta:
-        ok = [i for i, r in enumerate(chosen) if not r.get("ess_low")]
-        low = [i for i, r in enumerate(chosen) if r.get("ess_low")]
-        bars = ax.errorbar([eta[i] for i in ok], [y[i] for i in ok], yerr=[err[i] for i in ok], marker="s",
-                           capsize=3, label="ΔH with the nucleus of θ (SNIS)")
+    for key, flag, marker, label, low_label in (
+            ("delta_h", "ess_low", "s", "ΔH with the nucleus of θ (SNIS)",
+             "SNIS with low ESS: SE not to be trusted, see the sampler"),
+            ("delta_h_sampler", "events_low", "^", "ΔH of the sampler (fresh rollouts)",
+             "sampler on few nucleus events: SE not to be trusted")):
+        eta, y, err, chosen = series(key, f"{key}_se")
+        if not eta:
+            continue
+        ok = [i for i, r in enumerate(chosen) if not r.get(flag)]
+        low = [i for i, r in enumerate(chosen) if r.get(flag)]  # flagged: hollow markers
+        bars = ax.errorbar([eta[i] for i in ok], [y[i] for i in ok], yerr=[err[i] for i in ok], marker=marker,
+                           capsize=3, label=label)
         if low:
-            ax.errorbar([eta[i] for i in low], [y[i] for i in low], yerr=[err[i] for i in low], marker="s",
-                        mfc="none", capsize=3, ls="none", color=bars[0].get_color(),
-                        label="SNIS with low ESS: SE not to be trusted, see the sampler")
-    eta, y, err, _ = series("delta_h_sampler", "delta_h_sampler_se")
-    if eta:
-        ax.errorbar(eta, y, yerr=err, marker="^", capsize=3, label="ΔH of the sampler (fresh rollouts)")
+            ax.errorbar([eta[i] for i in low], [y[i] for i in low], yerr=[err[i] for i in low], marker=marker,
+                        mfc="none", capsize=3, ls="none", color=bars[0].get_color(), label=low_label)
     for key, style, label in (("exact_delta_h", "k--", "exact ΔH, nucleus of θ"),
                               ("exact_delta_h_sampler", "k:", "exact ΔH of the sampler (own nucleus)")):
         eta, y, _, _ = series(key)

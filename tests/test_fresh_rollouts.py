@@ -237,3 +237,111 @@ def test_low_ess_rows_are_flagged_and_point_to_the_sampler():
     assert any(line.startswith("! ESS/N below") and "ΔH sampler" in line for line in table)
     assert not any(c in "\n".join(table) for c in "<>&'")  # shown verbatim in the report's HTML
 
+
+def test_sampler_rows_on_few_nucleus_events_are_flagged(tmp_path):
+    """With top_p < 1, a sampler row whose E batch holds fewer than fresh.MIN_NUCLEUS_EVENTS
+    sequences with a moved nucleus is marked ? in the table (with what would measure it) and
+    hollow in the plot; at top_p = 1 (no boundary part) never."""
+    few, enough = fresh.MIN_NUCLEUS_EVENTS - 1, fresh.MIN_NUCLEUS_EVENTS
+    assert fresh.events_low(few, 0.95) and not fresh.events_low(enough, 0.95) and not fresh.events_low(0, 1.0)
+    first = {"delta_h1": [{"eta": 1e-3, "delta_h1": 0.1, "se": 0.01}, {"eta": 1e-2, "delta_h1": 1.0, "se": 0.1}],
+             "X_dot_v": 100.0, "X_dot_v_se": 10.0}
+    decomposition = {"frozen": 0.4, "frozen_se": 0.1, "boundary": 0.1, "boundary_se": 0.05}
+    sampler = {"rows": [{"eta": eta, "delta_h": 0.5, "se": 0.1, "changed_responses": 7, "changed_share": 0.1,
+                         "coupling_se_factor": 3.0, "decomposition": decomposition, "nucleus_events": events,
+                         "events_low": fresh.events_low(events, 0.95)}
+                        for eta, events in ((1e-3, few), (1e-2, enough))]}
+    rows = report.combine(first, None, None, sampler=sampler)
+    table = report.format_table(rows, "nats/token").splitlines()
+    marked = [line for line in table if line.lstrip().startswith(("0.001", "0.01"))]
+    assert "0.5?" in marked[0] and "?" not in marked[1]
+    assert any(line.startswith("? ΔH sampler rests on fewer than") and "E_total_sequences" in line for line in table)
+    assert not any(c in "\n".join(table) for c in "<>&'")
+    labels = report.plot(rows, tmp_path / "plot.png", "nats/token")
+    assert "sampler on few nucleus events: SE not to be trusted" in labels
+
+
+def test_the_decomposition_pairs_the_prompt_groups():
+    from entropy_probe import normalization as norm
+
+    gen = torch.Generator().manual_seed(0)
+    psi_frozen = torch.randn(64, generator=gen, dtype=torch.float64)
+    psi_sampler = psi_frozen + 0.1 * torch.randn(64, generator=gen, dtype=torch.float64)  # mostly shared noise
+    parts = fresh.decompose((0.3, psi_sampler), (0.25, psi_frozen))
+    assert parts["frozen"] + parts["boundary"] == 0.3
+    assert parts["boundary_se"] == pytest.approx(norm.standard_error(psi_sampler - psi_frozen))
+    assert parts["boundary_se"] < 0.2 * parts["frozen_se"]  # paired: the shared noise cancels
+    with pytest.raises(ValueError, match="pairs prompt groups"):
+        fresh.decompose((0.3, psi_sampler), (0.25, psi_frozen[:-1]))
+
+
+@pytest.mark.workflow
+def test_the_sampler_change_is_the_frozen_change_plus_the_boundary_part(default_run):
+    """On the default run: the frozen part is the SNIS column's ΔH itself (same function of the
+    same SNIS shards), frozen + boundary is the sampler column, and the report carries it."""
+    import json
+
+    results = default_run / "results"
+    sampler = {r["eta"]: r for r in json.loads((results / "delta_h_sampler.json").read_text())["rows"]}
+    snis = {r["eta"]: r for r in json.loads((results / "delta_h_snis.json").read_text())["rows"]}
+    exact = {r["eta"]: r for r in json.loads((results / "estimates" / "exact.json").read_text())["delta_h"]}
+    summary = {r["eta"]: r for r in json.loads((results / "summary.json").read_text())["rows"]}
+    assert sampler and set(sampler) <= set(snis)
+    for eta, row in sampler.items():
+        parts = row["decomposition"]
+        assert parts["frozen"] == pytest.approx(snis[eta]["delta_h"], rel=1e-12, abs=1e-15)
+        assert parts["frozen_se"] == pytest.approx(snis[eta]["se"], rel=1e-9)
+        assert parts["frozen"] + parts["boundary"] == pytest.approx(row["delta_h"], rel=1e-12, abs=1e-15)
+        assert summary[eta]["delta_h_boundary"] == parts["boundary"]
+        assert summary[eta]["delta_h_boundary_se"] == parts["boundary_se"] > 0
+        true_boundary = exact[eta]["exact_delta_h_sampler"] - exact[eta]["exact_delta_h"]
+        print(f"η {eta:g}: boundary {parts['boundary']:.3g} ± {parts['boundary_se']:.2g}, exact {true_boundary:.3g}; "
+              f"changed {row['changed_responses']}")
+    # the flag: rows on fewer nucleus events than the calibrated threshold are marked in the table
+    table = (results / "summary.txt").read_text().splitlines()
+    assert any(line.lstrip().startswith("eta") and "boundary" in line for line in table)
+    for eta, row in sampler.items():
+        assert row["events_low"] == (row["nucleus_events"] < fresh.MIN_NUCLEUS_EVENTS)  # top_p 0.95
+        [line] = [line for line in table if line.split() and line.split()[0] == format(eta, ".4g")]
+        assert ("?" in line) == row["events_low"], (line, row["nucleus_events"])
+        assert summary[eta]["events_low"] == row["events_low"]
+
+
+def test_unflagged_sampler_rows_cover_the_exact_own_nucleus_change(toy_model, toy_policy_dir):
+    """A small replay of benchmarks/sampler_flag_calibration.py (which set fresh.MIN_NUCLEUS_EVENTS):
+    independent E batches of 1024 responses on the embedded policy, top_p 0.95 and 0.8, τ 1 and
+    0.7, along the exact expected GRPO gradient; every row the flag leaves unflagged has its
+    sampler ΔH within 4 SE of the exact own-nucleus ΔH, and the flag does fire at the small η."""
+    import json
+
+    from entropy_probe import exact_terms, rewards, rollout
+
+    model, tokenizer = toy_model
+    examples = [json.loads(line) for line in (toy_policy_dir / "prompts.jsonl").read_text().splitlines()]
+    prompts, golds = [e["prompt"] for e in examples], [e["answer"] for e in examples]
+    etas = [1e-6, 1e-5, 1e-4, 1e-3]
+    unflagged, flagged = [], 0
+    for temperature, top_p in ((1.0, 0.95), (1.0, 0.8), (0.7, 0.95), (0.7, 0.8)):
+        kw = dict(temperature=temperature, top_p=top_p, max_new_tokens=MAX_NEW_TOKENS)
+        v = exact_terms.exact_grpo_gradient(model, tokenizer, prompts, golds, G=G, **kw)
+        H0 = exact.exact_entropy_at(model, tokenizer, prompts, direction=v, eta=0.0, nucleus="own", **kw)
+        truth = {eta: exact.exact_entropy_at(model, tokenizer, prompts, direction=v, eta=eta, nucleus="own", **kw) - H0
+                 for eta in etas}
+        for seed in (7100, 7101):
+            ids = torch.randint(0, len(examples), (256,), generator=torch.Generator().manual_seed(seed)).tolist()
+            batch = rollout.rollout_shard(model, tokenizer, examples, ids, G=G, kind="E", shard_index=0,
+                                          slots=range(len(ids)), seed=seed, rollout_batch_size=4096,
+                                          gen_batch_size=4096, reward_fn=rewards.exact_match, **kw)
+            events = snis_pass.snis_pass(model, v, batch, etas, pad_token_id=tokenizer.pad_token_id,
+                                         temperature=temperature, top_p=top_p,
+                                         tf_batch_size=4096)["own_nucleus_differs"].sum(-1)
+            for j, eta in enumerate(etas):
+                out, _ = fresh_pass.fresh_rollout_shard(model, tokenizer, batch, v, eta, slots=range(len(ids)),
+                                                        seed=seed, gen_batch_size=4096, tf_batch_size=4096, **kw)
+                row = reduce(out)
+                if fresh.events_low(int(events[j]), top_p):
+                    flagged += 1
+                    continue
+                unflagged.append((temperature, top_p, eta, (row["delta_h"] - truth[eta]) / row["se"]))
+    assert flagged >= 4 and len(unflagged) >= 8, (flagged, unflagged)
+    assert all(abs(z) <= 4 for *_, z in unflagged), unflagged

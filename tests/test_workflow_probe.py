@@ -63,10 +63,11 @@ def test_table_and_plot_name_all_four_quantities(probe_dir, summary, tmp_path):
         assert label in table, label
     for row in summary["rows"]:
         for key in ("delta_h1", "delta_h", "ratio_se", "delta_h_sampler", "delta_h_sampler_se", "changed_responses",
-                    "coupling_se_factor", "exact_delta_h", "exact_delta_h_sampler"):
+                    "coupling_se_factor", "delta_h_boundary", "delta_h_boundary_se", "exact_delta_h",
+                    "exact_delta_h_sampler"):
             assert row.get(key) is not None, (key, row["eta"])
     assert all(line.count("|") == 3 and " - " not in line for line in data_lines(table))
-    assert set(summary["columns"]) == {"delta_h1", "delta_h", "delta_h_sampler", "exact_delta_h",
+    assert set(summary["columns"]) == {"delta_h1", "delta_h", "delta_h_sampler", "delta_h_boundary", "exact_delta_h",
                                        "exact_delta_h_sampler"}
     labels = report.plot(summary["rows"], tmp_path / "plot.png", summary["unit"])
     for wanted in ("δH₁", "(SNIS)", "of the sampler (fresh rollouts)", "exact ΔH, nucleus of θ",

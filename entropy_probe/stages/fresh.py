@@ -9,7 +9,7 @@ import logging
 
 import torch
 
-from .. import fresh, fresh_pass, guards, job_cost, noise, shards
+from .. import entropies, fresh, fresh_pass, guards, job_cost, noise, shards, snis
 from ..plan import shard_slots
 from ..stage import Arg, In, Out
 from .inputs import load_policy, read_rollouts, rollout_header
@@ -61,11 +61,16 @@ def fresh_rollout(cfg: dict, *, rollout: Annotated[str, In("an E rollout shard")
 
 
 def delta_h_sampler(cfg: dict, *, redrawn: Annotated[list[str], In("every fresh-rollout shard (every η, every E shard)")],
-                    report: Annotated[str, Out("results/delta_h_sampler.json")]) -> None:
+                    report: Annotated[str, Out("results/delta_h_sampler.json")],
+                    weights: Annotated[list[str], In("every SNIS shard, in E-shard order (the decomposition)")] = ()
+                    ) -> None:
     """The sampler's own entropy change ΔH_sampler(η) = H(θ + ηv) − H̄(θ) from the coupled fresh
     rollouts of every E shard, with its paired SE, how many responses changed and what the
-    coupling saved against independent draws, per η of estimator.fresh_etas."""
+    coupling saved against independent draws, per η of estimator.fresh_etas; where the SNIS
+    sweep has the η, its decomposition into the change with θ's nucleus held fixed and the
+    boundary part, each with its SE (:func:`entropy_probe.fresh.decompose`)."""
     est, G = cfg["estimator"], cfg["batch_config"]["G"]
+    frozen = _frozen_terms(cfg, weights) if weights else {}
     read = shards.read_set(redrawn, {"kind": "fresh"}, agree=("model_fingerprint", "num_shards"))
     by_eta: dict[float, list[int]] = {}
     for i, meta in enumerate(read.metas):
@@ -80,12 +85,41 @@ def delta_h_sampler(cfg: dict, *, redrawn: Annotated[list[str], In("every fresh-
         whole = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
         row = {"eta": eta, **fresh.delta_h_sampler(**whole, G=G, normalization=est["normalization"]),
                "cost": _total_cost([meta.get("cost") for meta in of_eta.metas])}
+        if eta in frozen:
+            T, delta, psi, events = frozen[eta]
+            row["nucleus_events"] = events
+            row["events_low"] = fresh.events_low(events, of_eta.metas[0]["generation"]["top_p"])  # as drawn
+            if not torch.equal(T, whole["T_base"]):
+                raise shards.ShardError(f"the SNIS shards {weights} do not hold the E batch of the fresh rollouts "
+                                        f"{redrawn} (other response lengths): rerun both")
+            _, _, psi_sampler = fresh.sampler_terms(whole["S_new"], whole["T_new"], whole["S_base"], whole["T_base"],
+                                                    G, est["normalization"])
+            row["decomposition"] = fresh.decompose((row["delta_h"], psi_sampler), (delta, psi))
+            log.info("eta %.4g: ΔH_sampler = ΔH with θ's nucleus %.6g ± %.3g + boundary part %.6g ± %.3g", eta,
+                     row["decomposition"]["frozen"], row["decomposition"]["frozen_se"],
+                     row["decomposition"]["boundary"], row["decomposition"]["boundary_se"])
         log.info("eta %.4g: ΔH_sampler = %.6g ± %.3g; %d of %d responses changed; coupling: SE %.3gx smaller than "
                  "with independent noise", eta, row["delta_h"], row["se"], row["changed_responses"],
                  row["num_sequences"], row["coupling_se_factor"] or float("nan"))
         rows.append(row)
     shards.write_json(report, {"normalization": est["normalization"], "entropy": est["entropy"],
                                "model_fingerprint": read.common["model_fingerprint"], "rows": rows})
+
+
+def _frozen_terms(cfg: dict, weights: list[str]) -> dict[float, tuple]:
+    """η -> (T ``[N]``, ΔH with θ's nucleus held fixed, its ψ ``[n]``, the nucleus events: E sequences
+    along which θ + ηv's own nucleus differs from θ's) from the SNIS shards, per η of their sweep
+    (ΔH: the same function of them as results/delta_h_snis.json)."""
+    est, G = cfg["estimator"], cfg["batch_config"]["G"]
+    read = shards.read_set(weights, {"kind": "snis"}, agree=("etas", "model_fingerprint"))
+    S_field, S_shifted_field = entropies.get(est["entropy"]).snis_fields
+    log_w, S_shifted, S, T = (read.cat(name, -1) for name in ("log_w", S_shifted_field, S_field, "T"))
+    differs = read.cat("own_nucleus_differs", -1)
+    out = {}
+    for j, eta in enumerate(read.common["etas"]):
+        H_shifted, H_base, psi = snis.ratio_terms(log_w[j], S_shifted[j], S, T, G, est["normalization"])
+        out[float(eta)] = (T.double(), H_shifted - H_base, psi, int(differs[j].sum()))
+    return out
 
 
 def _total_cost(costs: list[dict | None]) -> dict | None:

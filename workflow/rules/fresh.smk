@@ -39,6 +39,8 @@ if FRESH_ETAS:
                 ],
                 allow_missing=True,
             ),
+            # the same E batch with θ's nucleus held fixed: the decomposition of the sampler's change
+            weights=shard_paths(f"{RESULTS}/snis/shard_{{shard}}.safetensors", "E"),
         output:
             report=f"{RESULTS}/delta_h_sampler.json",
         log:
