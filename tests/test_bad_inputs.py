@@ -50,7 +50,7 @@ class Case:
 
 # config mistakes that also run through Snakemake: the schema, a cross-key check, a file check
 THROUGH_SNAKEMAKE = {"schema_type", "unknown_top_level_key", "E_total_sequences_below_G", "model_dir_missing",
-                     "reward_module_not_importable"}
+                     "reward_module_not_importable", "eta_nan"}
 ADAMW = {"optimizer": "adamw"}
 TRAINER = {"name_or_path": "embedded"}  # model.checkpoint: a full-model checkpoint is the policy itself
 CUSTOM = {"name": "custom"}

@@ -21,7 +21,7 @@ os.environ.update(
 from entropy_probe import data as probe_data
 from entropy_probe import variants as probe_variants
 from entropy_probe.config import ConfigError, check_config, honour_user_mappings
-from entropy_probe.config_schema import check_renamed, dotted_path
+from entropy_probe.config_schema import check_finite, check_renamed, dotted_path
 from entropy_probe.input_files import (
     EMBEDDED,
     adapter_files,
@@ -44,6 +44,7 @@ from entropy_probe.trainer_files import read_layout
 honour_user_mappings(config, workflow.overwrite_configfiles)
 try:
     check_renamed(config)
+    check_finite(config)  # a NaN or an infinity passes the schema's type and range checks
 except ConfigError as err:
     raise WorkflowError(f"Invalid config: {err}")
 try:
