@@ -86,3 +86,34 @@ def fresh_rollout_shard(
     return out, cost
 
 
+
+
+def verified_rollout_shard(model, tokenizer, previous: dict[str, Tensor], examples: list[dict], *, reward_fn,
+                           slots, seed: int, temperature: float, top_p: float, max_new_tokens: int,
+                           gen_batch_size: int, tf_batch_size: int, chunk_tokens: int | None = None,
+                           stop_strings: list[str] | tuple[str, ...] = (), autocast_dtype=None,
+                           kv_cache: str = "dynamic") -> tuple[dict[str, Tensor], dict[str, int]]:
+    """An E rollout shard at the model's own parameters, from ``previous``, the shard of the same
+    slots drawn with the same noise at other parameters (a trainer's previous checkpoint), by
+    verification (:func:`verify.fresh_responses`): the shard :func:`rollout.rollout_shard` would
+    draw, to float near-ties, with the same prompt layout; the sampling-time values of a verified
+    response come from one teacher-forced pass. ``examples``: the prepared prompts (their gold
+    answers score the responses). Returns the shard's tensors and the cost (as
+    :func:`fresh_rollout_shard`)."""
+    B, G, _ = previous["sequences"].shape
+    slots = [int(s) for s in slots]
+    if len(slots) != B:
+        raise ValueError(f"{len(slots)} slots for {B} prompt groups")
+    verified = verify.fresh_responses(
+        model, tokenizer, previous, {}, slots=slots, noise_key=noise.NoiseKey(seed, noise.STREAM_E),
+        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, stop_strings=stop_strings,
+        tf_batch_size=tf_batch_size, chunk_tokens=chunk_tokens, gen_batch_size=gen_batch_size,
+        autocast_dtype=autocast_dtype, kv_cache=kv_cache)
+    prompt_ids = previous["prompt_ids"].tolist()
+    prompt_tokens, prompt_mask = rollouts.stored_prompts(previous)
+    chunk = rollouts.scored_chunk(tokenizer, verified.responses, examples, prompt_ids, G, reward_fn, prompt_tokens,
+                                  prompt_mask)
+    cost = {"teacher_forced_tokens": verified.teacher_forced_tokens, "generated_tokens": verified.generated_tokens,
+            "forward_tokens": verified.forward_tokens,
+            "regeneration_tokens": int(verified.responses.response_lens.sum())}
+    return rollouts.assemble([chunk], prompt_ids, G, tokenizer.pad_token_id), cost

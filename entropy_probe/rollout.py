@@ -108,24 +108,35 @@ def rollout_shard(
             pad_token_id=pad, noise_key=noise_key, stop_strings=stop_strings, tokenizer=tokenizer,
             autocast_dtype=autocast_dtype, kv_cache=kv_cache,
         )
-        responses = {field: getattr(drawn, field) for field in ("response_tokens", "token_log_q", "entropies",
-                                                                "tempered_entropies", "response_lens",
-                                                                "stopped_at_eos", "stop_reason")}
-        texts = response_texts(tokenizer, responses["response_tokens"], responses["response_lens"],
-                               responses["stopped_at_eos"])
-        golds = [examples[i]["answer"] for i in ids for _ in range(G)]
-        prompts = [examples[i].get("prompt") for i in ids for _ in range(G)]
-        values, codes = rewards.score_with_codes(reward_fn, texts, golds, prompts)
-        responses["rewards"] = torch.tensor(values, dtype=torch.float32)
-        responses["reward_codes"] = torch.tensor(codes, dtype=torch.int8)
-        responses["prompt_tokens"], responses["prompt_mask"] = encoded["input_ids"], encoded["attention_mask"]
-        chunks.append(responses)
-    shard = _assemble(chunks, sorted_ids, G, pad)
+        chunks.append(scored_chunk(tokenizer, drawn, examples, ids, G, reward_fn, encoded["input_ids"],
+                                   encoded["attention_mask"]))
+    shard = assemble(chunks, sorted_ids, G, pad)
     back = torch.argsort(torch.tensor(order, dtype=torch.int64))  # plan order again
     return {name: t.index_select(0, back) for name, t in shard.items()}
 
 
-def _assemble(chunks: list[dict], prompt_ids: list[int], G: int, pad: int) -> dict[str, Tensor]:
+def scored_chunk(tokenizer, drawn: generate.Rollouts, examples: list[dict], prompt_ids: list[int], G: int, reward_fn,
+                 prompt_tokens: Tensor, prompt_mask: Tensor) -> dict[str, Tensor]:
+    """The responses ``drawn`` for the prompts ``prompt_ids`` (``[B*G]`` rows, prompt-major) with
+    their rewards and outcome codes, and their left-padded prompts ``[B, P]``: one chunk of
+    :func:`assemble`."""
+    responses = {field: getattr(drawn, field) for field in ("response_tokens", "token_log_q", "entropies",
+                                                            "tempered_entropies", "response_lens",
+                                                            "stopped_at_eos", "stop_reason")}
+    texts = response_texts(tokenizer, responses["response_tokens"], responses["response_lens"],
+                           responses["stopped_at_eos"])
+    golds = [examples[i]["answer"] for i in prompt_ids for _ in range(G)]
+    prompts = [examples[i].get("prompt") for i in prompt_ids for _ in range(G)]
+    values, codes = rewards.score_with_codes(reward_fn, texts, golds, prompts)
+    responses["rewards"] = torch.tensor(values, dtype=torch.float32)
+    responses["reward_codes"] = torch.tensor(codes, dtype=torch.int8)
+    responses["prompt_tokens"], responses["prompt_mask"] = prompt_tokens, prompt_mask
+    return responses
+
+
+def assemble(chunks: list[dict], prompt_ids: list[int], G: int, pad: int) -> dict[str, Tensor]:
+    """The shard's tensors (as :func:`rollout_shard` returns them) from its :func:`scored_chunk`
+    chunks, in the order of ``prompt_ids``."""
     P = max(c["prompt_tokens"].shape[1] for c in chunks)
     T = max(c["response_tokens"].shape[1] for c in chunks)
     B = len(prompt_ids)

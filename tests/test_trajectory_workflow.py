@@ -98,6 +98,39 @@ def test_every_checkpoint_loads_with_no_names_file(trajectory_run, trl_run):
         assert "* η = 1 is that step" in (folder / "summary.txt").read_text()
 
 
+def test_a_later_checkpoints_e_batch_is_redrawn_from_the_one_before(trajectory_run, trl_run):
+    """The E shard at checkpoint 2 comes from checkpoint 1's by verification (same slots, same
+    noise): the shard generation at checkpoint 2 draws, token for token (regenerated here), at the
+    cost of a teacher-forced pass and what changed."""
+    from entropy_probe import rewards, rollout
+    from entropy_probe.config import load_config
+    from entropy_probe.plan import shard_slots
+
+    folders = [trajectory_run / "results" / "pairs" / pair for pair in PAIRS]
+    (_, first), (redrawn, meta) = (shards.read_shard(f / "rollouts" / "E" / "shard_000.safetensors") for f in folders)
+    assert first["drawn_by"] == {"method": "generation"}
+    assert meta["drawn_by"]["method"] == "verification"
+    assert meta["drawn_by"]["from"].endswith(f"pairs/{PAIRS[0]}/rollouts/E/shard_000.safetensors")
+    assert meta["cost"]["generated_tokens"] < meta["cost"]["regeneration_tokens"] / 4, meta["cost"]
+    plan = shards.read_json(folders[1] / "plan" / "E.json")
+    e_set = shards.read_json(folders[1] / "data" / "train.json")
+    examples = prompts.load_prepared(trajectory_run / e_set["file"], e_set["sha256"])
+    generation = _summary(trajectory_run, PAIRS[1])["config"]["generation"]
+    model = models.load_policy(trl_run.checkpoint(2), "float32", "cpu")
+    drawn = rollout.rollout_shard(
+        model, models.load_tokenizer(trl_run.checkpoint(2)), examples, plan["shards"][0], G=4, kind="E",
+        shard_index=0, slots=shard_slots(plan, 0), seed=0, temperature=generation["temperature"],
+        top_p=generation["top_p"], max_new_tokens=generation["max_new_tokens"], rollout_batch_size=16,
+        gen_batch_size=64, reward_fn=rewards.from_config(load_config(trajectory_run / "probe.yaml")["reward"]))
+    assert redrawn.keys() == drawn.keys()
+    for name, value in drawn.items():
+        if name in ("token_log_q", "rb_entropies", "tempered_entropies"):
+            torch.testing.assert_close(redrawn[name], value, rtol=0, atol=2e-5)
+        else:
+            assert torch.equal(redrawn[name], value), name
+    assert meta["drawn_by"]["changed_responses"] > 0  # the step moved something
+
+
 def _exact_step(trl_run, step: int, prompts: list[str], generation: dict) -> dict:
     """Exact H(θ_t), ∇H(θ_t)·Δθ and H(θ_t + ηΔθ) (θ_t's nucleus, and the own nucleus) by enumeration."""
     before = models.load_policy(trl_run.checkpoint(step), "float32", "cpu")

@@ -127,3 +127,36 @@ def test_the_workflow_records_the_cost_of_each_eta(default_run):
     [path, *_] = sorted((results / "fresh").glob("eta_*/shard_*.safetensors"))
     header = shards.read_shard(path)[1]
     assert set(header["cost"]) >= {"teacher_forced_tokens", "generated_tokens", "regeneration_tokens", "seconds"}
+
+
+@pytest.mark.parametrize("temperature,top_p,stop_strings", [(1.0, 0.95, ()), (0.7, 0.8, ("1",))])
+def test_a_checkpoints_e_shard_by_verification_is_the_one_it_would_draw(toy_model, temperature, top_p, stop_strings):
+    """In a trajectory the E shard at checkpoint t+1 is drawn from checkpoint t's by verification:
+    the shard rollout_shard draws at t+1 (same slots, same noise), token for token, with the same
+    rewards, stop reasons and prompt layout, and its sampling-time values to float tolerance."""
+    import copy
+
+    model, tokenizer = toy_model
+    sampling = dict(temperature=temperature, top_p=top_p, max_new_tokens=MAX_NEW_TOKENS, stop_strings=stop_strings)
+    before = e_batch(model, tokenizer, PROMPTS, num_prompts=96, **sampling)
+    u = direction(model)
+    for eta in (1e-3, 3e-2):  # a small step (few responses change) and a large one
+        after = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, p in after.named_parameters():
+                p.add_(eta * u[name].to(p.dtype))
+        drawn = e_batch(after, tokenizer, PROMPTS, num_prompts=96, **sampling)
+        verified, cost = fresh_pass.verified_rollout_shard(
+            after, tokenizer, before, PROMPTS, reward_fn=rewards.exact_match, slots=range(96), seed=0,
+            gen_batch_size=4096, tf_batch_size=64, **sampling)
+        assert verified.keys() == drawn.keys()
+        for name, value in drawn.items():
+            if name in ("token_log_q", "rb_entropies", "tempered_entropies"):
+                torch.testing.assert_close(verified[name], value, rtol=0, atol=2e-5)
+            else:
+                assert torch.equal(verified[name], value), (eta, name)
+        changed = int((verified["sequences"] != before["sequences"]).any(-1).sum())
+        assert cost["generated_tokens"] <= cost["regeneration_tokens"], cost
+        print(f"η {eta}: {changed} of {96 * G} responses changed; generated {cost['generated_tokens']} of "
+              f"{cost['regeneration_tokens']}")
+        assert 0 < changed < 96 * G

@@ -150,6 +150,25 @@ def local_model_files(wildcards):
     return files
 
 
+def previous_rollout(wildcards):
+    """In a trajectory (generation.fresh_rollouts: verification), an E shard's counterpart at the
+    checkpoint before: the same shard of the previous pair, whose checkpoint precedes this pair's,
+    drawn with the same slots and noise; redrawn from it by verification (one teacher-forced pass
+    and what changed). Nothing for the first pair, the U batch, or pairs that draw differently."""
+    if not PAIR_CONFIGS or wildcards.kind != "E" or config["generation"]["fresh_rollouts"] != "verification":
+        return {}
+    pairs = list(PAIR_CONFIGS)
+    position = pairs.index(wildcards.pair)
+    if position == 0:
+        return {}
+    before, this = PAIR_CONFIGS[pairs[position - 1]], PAIR_CONFIGS[wildcards.pair]
+    if any(rule_params(before, stage) != rule_params(this, stage) for stage in ("rollout", "plan_E", "prepare_data")):
+        return {}
+    return {
+        "previous": f"{RESULTS_ROOT}/pairs/{pairs[position - 1]}/rollouts/E/shard_{wildcards.shard}.safetensors"
+    }
+
+
 def shard_paths(template, kind):
     """Every shard of batch ``kind`` (E or U) for a path template with a {shard} field."""
     return expand(

@@ -2,6 +2,8 @@
 # Stage: entropy_probe/stages/rollout.py.
 rule rollout:
     input:
+        # in a trajectory: the E shard at the checkpoint before, redrawn by verification
+        unpack(previous_rollout),
         plan=f"{RESULTS}/plan/{{kind}}.json",
         policy=POLICY,
     output:
