@@ -25,7 +25,7 @@ from torch import Tensor
 from . import gradients, models, parameters
 from .errors import ProbeError
 from .model_config import CHECKPOINT_DIFF
-from .trainer_files import read_layout
+from .trainer_files import FSDP_MODEL_DIR, read_layout
 
 log = logging.getLogger(__name__)
 LABELS = {CHECKPOINT_DIFF: "trainer's step (η = 1)", "adamw": "training lr", "sgd": "training lr"}
@@ -49,10 +49,13 @@ def training_meta(trained: dict | None, optimizer: str) -> dict:
 
 def next_spec(spec: dict, next_checkpoint: str | Path) -> dict:
     """The policy spec of the next checkpoint: the same base with the next adapter, or the next
-    full model (fingerprinted afresh)."""
+    full model, or the same architecture with the next sharded weights (fingerprinted afresh)."""
     spec = {k: v for k, v in spec.items() if k not in ("files", "fingerprint")}
+    following = Path(next_checkpoint).resolve()
+    if spec.get("sharded_dir"):
+        return spec | {"sharded_dir": str(following / FSDP_MODEL_DIR), "checkpoint": None}
     key = "adapter_dir" if spec["adapter_dir"] else "model_dir"
-    return spec | {key: str(Path(next_checkpoint).resolve()), "checkpoint": None}
+    return spec | {key: str(following), "checkpoint": None}
 
 
 def checkpoint_difference(before: dict[str, Tensor], after: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -85,6 +85,15 @@ def _check_single(config: dict) -> None:
         _check_base(base, "model.name_or_path" if model["name_or_path"] != EMBEDDED else
                     "model.checkpoint (adapter_config.json's base_model_name_or_path; set model.name_or_path to "
                     "override)")
+    elif layout.kind == "sharded":
+        if model["name_or_path"] == EMBEDDED:
+            raise ConfigError(f"model.name_or_path: model.checkpoint {checkpoint!r} is an FSDP sharded checkpoint, which "
+                              "saves no config.json: set name_or_path to the model the run started from (its config "
+                              "and tokenizer)")
+        _check_base(model["name_or_path"], "model.name_or_path")
+        if model.get("trainable") == "adapters":
+            raise ConfigError(f"model.trainable: 'adapters' but model.checkpoint {checkpoint!r} is a full model, not an "
+                              "adapter")
     elif model.get("trainable") == "adapters":
         raise ConfigError(f"model.trainable: 'adapters' but model.checkpoint {checkpoint!r} is a full model, not an adapter")
     if optimizer == "adamw":
@@ -92,7 +101,8 @@ def _check_single(config: dict) -> None:
             if update.get(key):
                 raise ConfigError(f"update.{key}: with model.checkpoint the AdamW state is the checkpoint's optimizer.pt, "
                              "its parameter order rebuilt from the Trainer's grouping; leave it empty")
-        check_torch_save_file(layout.optimizer, "model.checkpoint")
+        if layout.kind != "sharded":  # a DCP folder: read through its index before any job (state_checks)
+            check_torch_save_file(layout.optimizer, "model.checkpoint")
     if optimizer == CHECKPOINT_DIFF:
         if not following:
             raise ConfigError(f"update.next_checkpoint: update.optimizer {CHECKPOINT_DIFF} needs the checkpoint after "
@@ -107,7 +117,7 @@ def _check_single(config: dict) -> None:
             raise ConfigError(f"update.next_checkpoint: {err}") from err
         if different:
             raise ConfigError(f"update.next_checkpoint: does not fit model.checkpoint: {different}")
-        if layout.optimizer is not None:
+        if layout.optimizer is not None and layout.kind != "sharded":
             check_torch_save_file(layout.optimizer, "model.checkpoint")
 
 

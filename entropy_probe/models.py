@@ -15,6 +15,10 @@ Parameter names are then PEFT's, e.g.
 weight of that layer is ``...q_proj.base_layer.weight``): X, Y, v and an optimizer state's names
 file all use these names. ``model.trainable`` picks which parameters count
 (:mod:`entropy_probe.trainable`).
+
+**Trainer checkpoints** (``model.checkpoint``): the spec records the checkpoint; an FSDP sharded
+one (DCP folders, no config.json) is ``model.name_or_path``'s architecture with the weights of its
+``pytorch_model_fsdp_0/`` (``sharded_dir``, read by :mod:`entropy_probe.dcp_files`).
 """
 from __future__ import annotations
 
@@ -25,10 +29,12 @@ from pathlib import Path
 
 import torch
 
+from . import dcp_files
 from .errors import ProbeError
-from .input_files import EMBEDDED, adapter_files, checkpoint_files, looks_like_hub_id
+from .input_files import adapter_files, checkpoint_files, looks_like_hub_id
 from .trainable import set_trainable, trainable_mode
-from .trainer_checkpoint import layout_of, spec_entry
+from .trainer_checkpoint import policy_sources
+from .trainer_files import FSDP_MODEL_DIR
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +146,11 @@ def _hash(entries: list[tuple[str, Path]]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _entries(model_dir: Path, adapter_dir: Path | None) -> list[tuple[str, Path]]:
+def _entries(model_dir: Path, adapter_dir: Path | None, sharded_dir: Path | None = None) -> list[tuple[str, Path]]:
     entries = [(p.name, p) for p in checkpoint_files(model_dir)]
+    if sharded_dir is not None:  # the weights: the architecture's own weight files define nothing
+        entries = [(p.name, p) for p in checkpoint_files(model_dir) if not p.name.endswith((".safetensors", ".bin"))]
+        entries += [(f"{FSDP_MODEL_DIR}/{p.name}", p) for p in sorted(sharded_dir.iterdir()) if p.is_file()]
     if not entries:
         raise FileNotFoundError(f"{model_dir}: no weight or config files to fingerprint")
     if adapter_dir is not None:
@@ -156,31 +165,12 @@ def _stats(entries: list[tuple[str, Path]]) -> list[list]:
     return [[label, str(path), path.stat().st_size, path.stat().st_mtime_ns] for label, path in entries]
 
 
-def _trainer_checkpoint(model_cfg: dict) -> tuple[str, str, str, dict]:
-    """(model source, adapter source, its config key, the spec's ``checkpoint`` entry) of
-    ``model.checkpoint``: a full model is the checkpoint itself; an adapter goes on
-    ``model.name_or_path`` when that is set, else on adapter_config.json's base model. The entry
-    records the global step and the learning rate of the next step
-    (:func:`entropy_probe.trainer_checkpoint.spec_entry`)."""
-    layout = layout_of(model_cfg["checkpoint"], require_optimizer=False)
-    entry = spec_entry(layout)
-    if layout.kind == "model":
-        return str(layout.path), "", "model.checkpoint", entry
-    if model_cfg["name_or_path"] != EMBEDDED:
-        return model_cfg["name_or_path"], str(layout.path), "model.name_or_path", entry
-    if not layout.base_model:
-        raise PolicyLoadError(f"model.checkpoint: {layout.path}/adapter_config.json names no base model; set "
-                              "model.name_or_path")
-    return (layout.base_model, str(layout.path), "model.checkpoint (adapter_config.json's base_model_name_or_path)",
-            entry)
-
-
 def resolve_spec(model_cfg: dict) -> dict:
     """The policy spec of the configured model (and adapter), or of the trainer checkpoint
     ``model.checkpoint``: the resolved directories (a hub id fetched here) and the fingerprint of
     their files."""
     if model_cfg.get("checkpoint"):
-        model_source, adapter_source, model_key, trained = _trainer_checkpoint(model_cfg)
+        model_source, adapter_source, model_key, trained = policy_sources(model_cfg)
     else:
         model_source, adapter_source, trained = model_cfg["name_or_path"], model_cfg.get("adapter_path", ""), None
         model_key = "model.name_or_path"
@@ -190,7 +180,8 @@ def resolve_spec(model_cfg: dict) -> dict:
         adapter_dir = resolve_checkpoint(adapter_source, "model.adapter_path", adapter=True).resolve()
         if not (adapter_dir / "adapter_config.json").is_file():
             raise PolicyLoadError(f"model.adapter_path: {adapter_dir} has no adapter_config.json (not a PEFT adapter)")
-    entries = _entries(model_dir, adapter_dir)
+    sharded_dir = Path(trained["path"]) / FSDP_MODEL_DIR if trained and trained["kind"] == "sharded" else None
+    entries = _entries(model_dir, adapter_dir, sharded_dir)
     return {
         "kind": SPEC_KIND,
         "name_or_path": model_source,
@@ -198,6 +189,7 @@ def resolve_spec(model_cfg: dict) -> dict:
         "checkpoint": trained,
         "model_dir": str(model_dir),
         "adapter_dir": str(adapter_dir) if adapter_dir else "",
+        "sharded_dir": str(sharded_dir) if sharded_dir else "",
         "trust_remote_code": bool(model_cfg.get("trust_remote_code", False)),
         "fingerprint": _hash(entries),
         "files": _stats(entries),
@@ -231,7 +223,8 @@ def fingerprint(policy: str | Path) -> str:
     error (the run's earlier outputs belong to the old one)."""
     spec = read_spec(policy)
     adapter_dir = Path(spec["adapter_dir"]) if spec["adapter_dir"] else None
-    entries = _entries(Path(spec["model_dir"]), adapter_dir)
+    sharded_dir = Path(spec["sharded_dir"]) if spec.get("sharded_dir") else None
+    entries = _entries(Path(spec["model_dir"]), adapter_dir, sharded_dir)
     if "files" not in spec:  # a checkpoint directory
         return _hash(entries)
     if _stats(entries) == spec["files"]:
@@ -276,6 +269,8 @@ def load_policy(policy: str | Path, dtype: str = "float32", device: str = "auto"
                                                      trust_remote_code=spec["trust_remote_code"])
     except Exception as err:
         raise PolicyLoadError(f"{spec['model_dir']}: cannot load the model ({type(err).__name__}: {err})") from err
+    if spec.get("sharded_dir"):
+        dcp_files.load_model_weights(model, spec["sharded_dir"])
     config = model.config
     for unsupported in ("final_logit_softcapping", "logit_scale"):
         if getattr(config, unsupported, None):

@@ -16,6 +16,11 @@ checkpoint: the ``PeftModel`` with its adapter trainable). The rebuilt order is 
 every saved tensor's shape and each group's size; a mismatch is a
 :class:`TrainerCheckpointError` naming the file and the first mismatching tensor, never a guess.
 
+**FSDP sharded checkpoints** (``pytorch_model_fsdp_0/``, ``optimizer_0/``: DCP folders, read by
+:mod:`entropy_probe.dcp_files`) save the optimizer state by parameter name, each param group
+listing its names: the order needs no rebuilding, only checking that the names are the model's
+trainable parameters, every one of them.
+
 **Learning rate.** The Trainer steps the scheduler after every optimizer step, so ``scheduler.pt``
 (``_last_lr``) in ``checkpoint-N`` holds the rate of step N + 1, the step this probe takes from
 the checkpoint. Without ``scheduler.pt``, ``trainer_state.json``'s ``log_history`` gives the rate
@@ -29,10 +34,16 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .dcp_files import optimizer_state_dict
+from .input_files import EMBEDDED
 from .optimizer_state import LoadedState, OptimizerStateError, load_adamw_state, read_state_dict
 from .trainable import set_trainable, trainable_mode
 from .trainer_files import (SCHEDULER_FILE, TRAINER_STATE_FILE, CheckpointFilesError, CheckpointLayout,
                             logged_learning_rates, read_layout)
+
+
+NO_ARCHITECTURE = ("an FSDP sharded checkpoint saves no config.json: set model.name_or_path to the model the run "
+                   "started from (its config and tokenizer)")
 
 
 class TrainerCheckpointError(OptimizerStateError, CheckpointFilesError):
@@ -90,6 +101,29 @@ def spec_entry(layout: CheckpointLayout) -> dict:
             "optimizer": str(layout.optimizer.resolve()) if layout.optimizer else ""}
 
 
+def policy_sources(model_cfg: dict) -> tuple[str, str, str, dict]:
+    """(model source, adapter source, its config key, the spec's ``checkpoint`` entry) of
+    ``model.checkpoint``: a full model is the checkpoint itself; an adapter goes on
+    ``model.name_or_path`` when that is set, else on adapter_config.json's base model; an FSDP
+    sharded checkpoint's weights go into ``model.name_or_path``'s architecture. The entry
+    records the global step and the learning rate of the next step (:func:`spec_entry`)."""
+    layout = layout_of(model_cfg["checkpoint"], require_optimizer=False)
+    entry = spec_entry(layout)
+    if layout.kind == "model":
+        return str(layout.path), "", "model.checkpoint", entry
+    if layout.kind == "sharded":
+        if model_cfg["name_or_path"] == EMBEDDED:
+            raise TrainerCheckpointError(f"model.checkpoint: {layout.path}: {NO_ARCHITECTURE}")
+        return model_cfg["name_or_path"], "", "model.name_or_path", entry
+    if model_cfg["name_or_path"] != EMBEDDED:
+        return model_cfg["name_or_path"], str(layout.path), "model.name_or_path", entry
+    if not layout.base_model:
+        raise TrainerCheckpointError(f"model.checkpoint: {layout.path}/adapter_config.json names no base model; "
+                                     "set model.name_or_path")
+    return (layout.base_model, str(layout.path), "model.checkpoint (adapter_config.json's base_model_name_or_path)",
+            entry)
+
+
 def trainer_param_groups(model: nn.Module) -> list[list[str]]:
     """[decay, no-decay] names of ``model``'s trainable parameters, ``named_parameters()`` order:
     ``Trainer.create_optimizer``'s grouping, by ``Trainer.get_decay_parameter_names``."""
@@ -131,12 +165,37 @@ def match_parameter_order(saved: dict, path: Path, model: nn.Module) -> list[lis
     return expected
 
 
+def match_named_groups(saved: dict, path: Path, model: nn.Module) -> list[list[str]]:
+    """The param groups' names of a state saved by name, checked to be ``model``'s trainable
+    parameters, every one of them (a :class:`TrainerCheckpointError` naming the first that is not)."""
+    names = [list(group["params"]) for group in saved["param_groups"]]
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    listed = [n for group in names for n in group]
+    for name in listed:
+        if name not in trainable:
+            raise _error(path, f"the optimizer state names {name!r}, which is not a trainable parameter of the model "
+                               "(another model, or other trainable parameters than in training: model.trainable)")
+    missing = [n for n in trainable if n not in listed]
+    if missing:
+        raise _error(path, f"the model's trainable parameter {missing[0]!r} has no optimizer state ({len(missing)} "
+                           "without; other trainable parameters than in training: model.trainable)")
+    return names
+
+
+def _saved_optimizer(layout: CheckpointLayout, model: nn.Module, mmap: bool = False) -> tuple[dict, list[list[str]]]:
+    """(the optimizer's state_dict, its param groups' names for ``model``), by the layout's kind."""
+    if layout.kind == "sharded":
+        saved = optimizer_state_dict(layout.optimizer)
+        return saved, match_named_groups(saved, layout.optimizer, model)
+    saved = read_state_dict(layout.optimizer, mmap=mmap)
+    return saved, match_parameter_order(saved, layout.optimizer, model)
+
+
 def load_trainer_checkpoint(checkpoint_dir: str | Path, model: nn.Module) -> TrainerCheckpoint:
     """The checkpoint's files, the optimizer's parameter order rebuilt for ``model`` (the model of
     the checkpoint, with the run's trainable parameters) and its AdamW state by name."""
     layout = layout_of(checkpoint_dir)
-    saved = read_state_dict(layout.optimizer)
-    names = match_parameter_order(saved, layout.optimizer, model)
+    saved, names = _saved_optimizer(layout, model)
     state = load_adamw_state(str(layout.optimizer), names, dict(model.named_parameters()), state_dict=saved)
     return TrainerCheckpoint(layout, names, state)
 
@@ -152,7 +211,8 @@ def skeleton_model(checkpoint_dir: str | Path, trainable: str = "auto", base_mod
     layout = layout_of(checkpoint_dir, require_optimizer=False)
     source = str(layout.path) if layout.kind == "model" else (base_model or layout.base_model)
     if not source:
-        raise _error(layout.path, "adapter_config.json names no base_model_name_or_path; set model.name_or_path")
+        raise _error(layout.path, "adapter_config.json names no base_model_name_or_path; set model.name_or_path"
+                     if layout.kind == "adapter" else NO_ARCHITECTURE)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
@@ -176,7 +236,6 @@ def check_state_fits(checkpoint_dir: str | Path, trainable: str = "auto", base_m
     on a weightless model, the state memory-mapped). Returns the Trainer's name groups."""
     layout = layout_of(checkpoint_dir)
     model = skeleton_model(layout.path, trainable, base_model, trust_remote_code)
-    saved = read_state_dict(layout.optimizer, mmap=True)
-    names = match_parameter_order(saved, layout.optimizer, model)
+    saved, names = _saved_optimizer(layout, model, mmap=True)
     load_adamw_state(str(layout.optimizer), names, dict(model.named_parameters()), state_dict=saved)
     return names

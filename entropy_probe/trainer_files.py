@@ -1,5 +1,7 @@
 """What an HF ``Trainer`` / TRL checkpoint directory ``checkpoint-N`` holds, read without torch:
-its kind (a full model, or a PEFT adapter on ``base_model_name_or_path``), its optimizer,
+its kind (a full model; a PEFT adapter on ``base_model_name_or_path``; or, from a multi-process
+FSDP run with a sharded state dict, the DCP folders ``pytorch_model_fsdp_0/`` and
+``optimizer_0/``, whose architecture is ``model.name_or_path``'s), its optimizer,
 scheduler and trainer-state files, its global step, the names and shapes of its saved tensors
 (from the safetensors headers, which are JSON), and the checkpoints of a run in training order.
 
@@ -27,7 +29,13 @@ ADAPTER_CONFIG = "adapter_config.json"
 MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# FSDP with SHARDED_STATE_DICT (accelerate's save_fsdp_model / save_fsdp_optimizer): DCP folders,
+# no config.json and no weights file of their own
+FSDP_MODEL_DIR = "pytorch_model_fsdp_0"
+FSDP_OPTIMIZER_DIR = "optimizer_0"
+DCP_METADATA = ".metadata"
 _STEP_NAME = re.compile(r"checkpoint-(\d+)")
+_DEEPSPEED_STEP = re.compile(r"global_step\d+")
 
 
 class CheckpointFilesError(ValueError, ProbeError):
@@ -39,9 +47,9 @@ class CheckpointLayout:
     """The files of a ``checkpoint-N`` directory (nothing loaded)."""
 
     path: Path
-    kind: str  # "model" (config.json + weights) or "adapter" (PEFT)
+    kind: str  # "model" (config.json + weights), "adapter" (PEFT) or "sharded" (FSDP DCP folders)
     base_model: str | None  # adapter: adapter_config.json's base_model_name_or_path
-    optimizer: Path | None  # optimizer.pt, None when the run saved the model only
+    optimizer: Path | None  # optimizer.pt (sharded: optimizer_0/), None when the run saved the model only
     scheduler: Path | None
     trainer_state: Path | None
     global_step: int
@@ -50,9 +58,21 @@ class CheckpointLayout:
         """The files that define this checkpoint for the probe (declared as workflow inputs):
         weights, config and tokenizer (or the adapter's files), the scheduler and trainer state
         (the learning rate). The optimizer state is an input of the stages that use it."""
-        files = adapter_files(self.path) if self.kind == "adapter" else checkpoint_files(self.path)
+        if self.kind == "sharded":
+            files = [p for p in (self.path / FSDP_MODEL_DIR).iterdir() if p.is_file()]
+        else:
+            files = adapter_files(self.path) if self.kind == "adapter" else checkpoint_files(self.path)
         extra = [p for p in (self.scheduler, self.trainer_state) if p is not None]
         return sorted({str(p) for p in [*files, *extra]})
+
+
+    def optimizer_files(self) -> list[str]:
+        """The optimizer state's files: optimizer.pt, or every file of the DCP folder optimizer_0/."""
+        if self.optimizer is None:
+            return []
+        if self.optimizer.is_dir():
+            return sorted(str(p) for p in self.optimizer.iterdir() if p.is_file())
+        return [str(self.optimizer)]
 
 
 def _read_json(path: Path) -> dict:
@@ -72,18 +92,30 @@ def read_layout(checkpoint_dir: str | Path, require_optimizer: bool = False) -> 
     directory = Path(checkpoint_dir).expanduser()
     if not directory.is_dir():
         raise CheckpointFilesError(f"{directory}: not a directory")
+    deepspeed = sorted(p.name for p in directory.glob("global_step*") if _DEEPSPEED_STEP.fullmatch(p.name))
     if (directory / ADAPTER_CONFIG).is_file():
         kind, base = "adapter", _read_json(directory / ADAPTER_CONFIG).get("base_model_name_or_path")
         if not (directory / ADAPTER_WEIGHTS).is_file() and not (directory / "adapter_model.bin").is_file():
             raise CheckpointFilesError(f"{directory}: {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
     elif (directory / "config.json").is_file() and any((directory / f).is_file() for f in MODEL_WEIGHTS):
         kind, base = "model", None
+    elif (directory / FSDP_MODEL_DIR / DCP_METADATA).is_file():
+        kind, base = "sharded", None
+    elif deepspeed:
+        raise CheckpointFilesError(f"{directory}: a DeepSpeed ZeRO checkpoint with no model weights ({deepspeed[0]}/ "
+                                   "holds partitioned weights, as ZeRO-3 saves them): not covered; consolidate it "
+                                   "with DeepSpeed's zero_to_fp32.py into a model directory")
     else:
-        raise CheckpointFilesError(f"{directory}: neither a PEFT adapter ({ADAPTER_CONFIG}) nor a model "
-                                   "(config.json and weights)")
-    optimizer = directory / OPTIMIZER_FILE
-    if require_optimizer and not optimizer.is_file():
-        raise CheckpointFilesError(f"{directory}: no {OPTIMIZER_FILE} (was the checkpoint saved with "
+        raise CheckpointFilesError(f"{directory}: neither a PEFT adapter ({ADAPTER_CONFIG}), a model "
+                                   f"(config.json and weights) nor an FSDP sharded checkpoint ({FSDP_MODEL_DIR}/)")
+    optimizer = directory / (FSDP_OPTIMIZER_DIR if kind == "sharded" else OPTIMIZER_FILE)
+    has_optimizer = (optimizer / DCP_METADATA).is_file() if kind == "sharded" else optimizer.is_file()
+    if require_optimizer and not has_optimizer:
+        if deepspeed:
+            raise CheckpointFilesError(f"{directory}: its optimizer state is DeepSpeed ZeRO's per-rank partitions "
+                                       f"({deepspeed[0]}/), which the probe does not read yet; probe the trainer's "
+                                       "step instead (update.optimizer: checkpoint_diff)")
+        raise CheckpointFilesError(f"{directory}: no {optimizer.name} (was the checkpoint saved with "
                                    "save_only_model?)")
     state_path = directory / TRAINER_STATE_FILE
     state = _read_json(state_path) if state_path.is_file() else None
@@ -95,7 +127,7 @@ def read_layout(checkpoint_dir: str | Path, require_optimizer: bool = False) -> 
     if step is not None and named is not None and int(named.group(1)) != int(step):
         raise CheckpointFilesError(f"{state_path}: global_step {step} differs from the directory name")
     scheduler = directory / SCHEDULER_FILE
-    return CheckpointLayout(directory, kind, base, optimizer if optimizer.is_file() else None,
+    return CheckpointLayout(directory, kind, base, optimizer if has_optimizer else None,
                             scheduler if scheduler.is_file() else None, state_path if state else None,
                             int(step if step is not None else named.group(1)))
 
@@ -130,7 +162,10 @@ def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
 
 def saved_shapes(layout: CheckpointLayout) -> dict[str, tuple[int, ...]] | None:
     """The checkpoint's saved tensors (model weights, or the adapter's), name -> shape; None when
-    they are not in safetensors (a pickle ``.bin`` is only read by loading it)."""
+    they are not in safetensors (a pickle ``.bin`` is only read by loading it; a DCP index is a
+    pickle too, read by :mod:`entropy_probe.dcp_files`)."""
+    if layout.kind == "sharded":
+        return None
     if layout.kind == "adapter":
         weights = layout.path / ADAPTER_WEIGHTS
         return safetensors_shapes(weights) if weights.is_file() else None
@@ -144,7 +179,7 @@ def same_tensors(before: CheckpointLayout, after: CheckpointLayout) -> str | Non
     """None when the two checkpoints save the same tensor names with the same shapes (or this
     cannot be read without loading), else a one-line description of the first difference."""
     if before.kind != after.kind:
-        kinds = {"model": "a full model", "adapter": "a PEFT adapter"}
+        kinds = {"model": "a full model", "adapter": "a PEFT adapter", "sharded": "an FSDP sharded checkpoint"}
         return f"{after.path} is {kinds[after.kind]}, {before.path} {kinds[before.kind]}"
     a, b = saved_shapes(before), saved_shapes(after)
     if a is None or b is None:

@@ -191,10 +191,10 @@ UPDATE_STATE_PATHS = resolve_state_paths(config["update"], POLICY, EMBEDDED_MODE
 
 def update_state_inputs(wildcards):
     layout = policy_layout(config_of(wildcards))
-    # a trainer checkpoint: its own optimizer.pt (check_config allows no other)
+    # a trainer checkpoint: its own optimizer.pt or optimizer_0/ (check_config allows no other)
     if layout is not None:
         adamw = config_of(wildcards)["update"]["optimizer"] == "adamw"
-        return {"optimizer_state": str(layout.optimizer)} if adamw else {}
+        return {"optimizer_state": layout.optimizer_files()} if adamw else {}
     if UPDATE_STATE_PATHS is None or config["update"]["optimizer_state"] == "embedded":
         return {}
     state, names = UPDATE_STATE_PATHS

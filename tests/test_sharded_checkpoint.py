@@ -1,0 +1,150 @@
+"""Checkpoints of a multi-process FSDP run as the probe's input: a real two-process FSDP2 run of
+the HF Trainer (tests/fsdp_trainer_run.py under torchrun, gloo, the embedded policy) saves
+``pytorch_model_fsdp_0/`` and ``optimizer_0/`` as DCP folders after every step, as accelerate
+does on GPUs. The probe reads them in one process (entropy_probe.dcp_files, nothing unpickled
+beyond an allow-list).
+
+Checked: the weights and AdamW moments read by name equal what the ranks held (gathered from
+their shards) exactly; the probe's AdamW direction from checkpoint t is the step the trainer
+took to t + 1; a ``.metadata`` that would run code is refused without running it; a trajectory
+over the run's checkpoints runs end to end through the workflow.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from entropy_probe import dcp_files, models, shards, update
+from entropy_probe.checkpoint_step import next_spec
+from entropy_probe.trainer_checkpoint import load_trainer_checkpoint, learning_rate
+from workflow_util import REPO, run_snakemake
+
+HERE = Path(__file__).parent
+CHECKPOINTS = (1, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(toy_policy_dir, tmp_path_factory):
+    """(output directory, the ranks' records) of a 3-step two-process FSDP2 Trainer run."""
+    out = tmp_path_factory.mktemp("fsdp_run")
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(HERE / "fsdp_trainer_run.py"), str(toy_policy_dir), str(out)],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out, torch.load(out / "records.pt", weights_only=True)
+
+
+def _config(toy_policy_dir, checkpoint: Path) -> dict:
+    return {"name_or_path": str(toy_policy_dir), "checkpoint": str(checkpoint), "trust_remote_code": False}
+
+
+def _policy(toy_policy_dir, checkpoint: Path):
+    spec = models.resolve_spec(_config(toy_policy_dir, checkpoint))
+    return spec, models.load_policy(spec, "float32", "cpu")
+
+
+def test_the_weights_and_moments_read_by_name_are_the_ranks(fsdp_run, toy_policy_dir):
+    out, records = fsdp_run
+    for step in CHECKPOINTS:
+        checkpoint = out / f"checkpoint-{step}"
+        assert sorted(p.name for p in (checkpoint / "optimizer_0").iterdir()) == [".metadata", "__0_0.distcp",
+                                                                                  "__1_0.distcp"]
+        spec, model = _policy(toy_policy_dir, checkpoint)
+        assert spec["checkpoint"]["kind"] == "sharded" and spec["checkpoint"]["global_step"] == step
+        held = records["parameters"][step]
+        assert set(dict(model.named_parameters())) == set(held)
+        for name, p in model.named_parameters():
+            assert torch.equal(p.detach(), held[name]), name
+        state = load_trainer_checkpoint(checkpoint, model).state
+        assert state.steps == [float(step)]
+        assert [g["weight_decay"] for g in state.groups] == [0.1, 0.0]  # the Trainer's decay / no-decay groups
+        for name, moments in records["moments"][step].items():
+            assert torch.equal(state.per_param[name].exp_avg, moments["exp_avg"]), name
+            assert torch.equal(state.per_param[name].exp_avg_sq, moments["exp_avg_sq"]), name
+
+
+@pytest.mark.parametrize("step", CHECKPOINTS[:-1])
+def test_adamw_direction_from_a_sharded_checkpoint_is_the_step_the_trainer_took(fsdp_run, toy_policy_dir, step):
+    """θ_t + lr_t · v = θ_{t+1}, v from checkpoint t's AdamW state and step t + 1's recorded
+    (clipped) gradient g, Y = −g (in float64, at the float32 θ's resolution)."""
+    out, records = fsdp_run
+    spec, model = _policy(toy_policy_dir, out / f"checkpoint-{step}")
+    ckpt = load_trainer_checkpoint(out / f"checkpoint-{step}", model)
+    theta = {n: p.detach() for n, p in model.named_parameters()}
+    after = dict(models.load_policy(next_spec(spec, out / f"checkpoint-{step + 1}"), "float32", "cpu")
+                 .named_parameters())
+    gradient = records["gradients"][step]  # the step after checkpoint t (records are 0-based)
+    v = update.adamw_direction({n: -g for n, g in gradient.items()}, theta, ckpt.state.per_param)
+    lr, source = learning_rate(ckpt.layout)
+    assert "scheduler.pt" in source
+    moved = 0.0
+    for name, t in theta.items():
+        predicted = t.double() + lr * v[name]
+        target = after[name].detach().double()
+        ulp = torch.finfo(torch.float32).eps * target.abs().clamp(min=1e-6)
+        assert ((predicted - target).abs() <= 2 * ulp + 1e-6 * lr * v[name].abs()).all(), name
+        moved = max(moved, float((target - t.double()).abs().max()))
+    assert moved > 1e-5
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_metadata_that_would_run_code_is_refused_unrun(fsdp_run, toy_policy_dir, tmp_path):
+    out, _ = fsdp_run
+    checkpoint = tmp_path / "checkpoint-1"
+    shutil.copytree(out / "checkpoint-1", checkpoint)
+    marker = tmp_path / "ran"
+    (checkpoint / "pytorch_model_fsdp_0" / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
+    with pytest.raises(dcp_files.DCPError, match=r"\.metadata: refers to (posix|os)\.system, which is not part of a "
+                                                 r"DCP index; refused"):
+        _policy(toy_policy_dir, checkpoint)
+    assert not marker.exists()
+    # a value item (as an optimizer's param-group entries are saved) that would run code: refused, unrun
+    from torch.distributed.checkpoint import save
+
+    folder = tmp_path / "values"
+    save({"x": torch.zeros(2), "evil": _RunsCode(marker)}, checkpoint_id=str(folder), no_dist=True)
+    assert torch.equal(dcp_files.load(folder, ["x"])["x"], torch.zeros(2))
+    with pytest.raises(dcp_files.DCPError, match=r"cannot read the checkpoint \(a saved value refers to "
+                                                 r"(posix|os)\.system, which loading with weights_only refuses"):
+        dcp_files.load(folder, ["x", "evil"])
+    assert not marker.exists()
+
+
+def test_a_trajectory_over_the_sharded_checkpoints(fsdp_run, toy_policy_dir, tmp_path):
+    out, records = fsdp_run
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["batch_config"].update({"E_total_sequences": 64, "G": 4, "B_U": 8, "E_num_shards": 1, "U_num_shards": 1})
+    config["estimator"].update({"eta_list": [0.5], "fresh_etas": []})
+    config["update"].update({"optimizer": "checkpoint_diff", "variants": {}})
+    config["model"].update({"device": "cpu", "name_or_path": str(toy_policy_dir),
+                            "checkpoints": str(out / "checkpoint-*")})
+    config["data"]["source"] = str(toy_policy_dir / "prompts.jsonl")
+    (tmp_path / "probe.yaml").write_text(yaml.safe_dump(config))
+    run_snakemake(tmp_path, "probe.yaml", "--cores", "2")
+    report = json.loads((tmp_path / "results" / "trajectory.json").read_text())
+    pairs = ["checkpoint-1_to_checkpoint-2", "checkpoint-2_to_checkpoint-3"]
+    assert [r["pair"] for r in report["rows"]] == pairs
+    for pair, (step, row) in zip(pairs, zip(CHECKPOINTS, report["rows"])):
+        v, _ = shards.read_shard(tmp_path / "results" / "pairs" / pair / "update" / "v.safetensors")
+        before, after = records["parameters"][step], records["parameters"][step + 1]
+        for name, difference in v.items():
+            assert torch.equal(difference, after[name].double() - before[name].double()), name
+        assert (row["global_step"], row["next_global_step"]) == (step, step + 1)
+        assert -1 <= row["cosine"] <= 1  # the probe's own AdamW step from optimizer_0/, against the trainer's
