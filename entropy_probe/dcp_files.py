@@ -121,7 +121,9 @@ def load(folder: str | Path, wanted: list[str]) -> dict:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     folder = Path(folder)
-    index = read_metadata(folder).state_dict_metadata
+    metadata = read_metadata(folder)
+    _check_files(folder, metadata)
+    index = metadata.state_dict_metadata
     missing = [k for k in wanted if k not in index]
     if missing:
         raise DCPError(f"{folder}: no key {missing[0]!r} ({len(missing)} of {len(wanted)} wanted keys missing)")
@@ -138,6 +140,22 @@ def load(folder: str | Path, wanted: list[str]) -> dict:
     return state
 
 
+def _check_files(folder: Path, metadata) -> None:
+    """Every rank file the index names is there and long enough (else a :class:`DCPError` naming
+    it: DCP itself reports a missing file without its name)."""
+    extents: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        name = str(info.relative_path)
+        extents[name] = max(extents.get(name, 0), int(info.offset) + int(info.length))
+    for name, needed in sorted(extents.items()):
+        path = folder / name
+        if not path.is_file():
+            raise DCPError(f"{path}: missing; the index names {len(extents)} rank files ({', '.join(sorted(extents))}): "
+                           "copy every rank's file of the checkpoint")
+        if path.stat().st_size < needed:
+            raise DCPError(f"{path}: {path.stat().st_size} bytes, the index reads up to byte {needed}: truncated")
+
+
 def _cause(err: BaseException) -> str:
     """One line for what went wrong inside DCP's reader (it wraps each rank's failure, with its
     traceback, in a ``CheckpointException``)."""
@@ -148,6 +166,7 @@ def _cause(err: BaseException) -> str:
     failures = getattr(err, "failures", None)
     if failures:
         failure = next(iter(failures.values()))
+        failure = failure[0] if isinstance(failure, tuple) and failure else failure  # (exception, frames)
         text = f"{type(failure).__name__}: {failure}" if isinstance(failure, BaseException) else str(failure)
     else:
         text = f"{type(err).__name__}: {text}"

@@ -148,3 +148,43 @@ def test_a_trajectory_over_the_sharded_checkpoints(fsdp_run, toy_policy_dir, tmp
             assert torch.equal(difference, after[name].double() - before[name].double()), name
         assert (row["global_step"], row["next_global_step"]) == (step, step + 1)
         assert -1 <= row["cosine"] <= 1  # the probe's own AdamW step from optimizer_0/, against the trainer's
+
+
+def test_bad_sharded_checkpoints_fail_in_one_line(fsdp_run, toy_policy_dir, tmp_path):
+    from entropy_probe.config import load_config
+    from entropy_probe.errors import ConfigError
+    from entropy_probe.toy import build_model
+
+    out, _ = fsdp_run
+    checkpoint = tmp_path / "checkpoint-1"
+    shutil.copytree(out / "checkpoint-1", checkpoint)
+
+    def one_line(error, *fragments):
+        message = str(error.value)
+        assert "\n" not in message and all(f in message for f in fragments), message
+
+    # no architecture: a sharded checkpoint saves no config.json
+    with pytest.raises(ConfigError) as error:
+        load_config(None, {"model": {"checkpoint": str(checkpoint)}, "update": {"optimizer": "adamw"}})
+    one_line(error, "model.name_or_path:", "FSDP sharded checkpoint", "saves no config.json")
+    # another architecture in model.name_or_path
+    other = tmp_path / "other"
+    build_model(seed=0, hidden_size=32).save_pretrained(other)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(toy_policy_dir / name, other / name)
+    with pytest.raises(dcp_files.DCPError) as error:
+        _policy(other, checkpoint)
+    one_line(error, "pytorch_model_fsdp_0", "'model.model.embed_tokens.weight' has shape (14, 48), the model's (14, 32)")
+    # a rank's file missing
+    (checkpoint / "optimizer_0" / "__1_0.distcp").unlink()
+    model = _policy(toy_policy_dir, checkpoint)[1]
+    with pytest.raises(dcp_files.DCPError) as error:
+        load_trainer_checkpoint(checkpoint, model)
+    one_line(error, "optimizer_0/__1_0.distcp: missing; the index names 2 rank files (__0_0.distcp, __1_0.distcp)")
+    # a truncated one
+    shutil.copy(out / "checkpoint-1" / "optimizer_0" / "__1_0.distcp", checkpoint / "optimizer_0" / "__1_0.distcp")
+    with open(checkpoint / "optimizer_0" / "__1_0.distcp", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(dcp_files.DCPError) as error:
+        load_trainer_checkpoint(checkpoint, model)
+    one_line(error, "optimizer_0/__1_0.distcp: 100 bytes, the index reads up to byte", "truncated")
