@@ -101,7 +101,7 @@ def _check_single(config: dict) -> None:
             if update.get(key):
                 raise ConfigError(f"update.{key}: with model.checkpoint the AdamW state is the checkpoint's optimizer.pt, "
                              "its parameter order rebuilt from the Trainer's grouping; leave it empty")
-        if layout.kind != "sharded":  # a DCP folder: read through its index before any job (state_checks)
+        if layout.optimizer_format == "torch":  # folders (DCP, ZeRO) are read before any job (state_checks)
             check_torch_save_file(layout.optimizer, "model.checkpoint")
     if optimizer == CHECKPOINT_DIFF:
         if not following:
@@ -117,7 +117,7 @@ def _check_single(config: dict) -> None:
             raise ConfigError(f"update.next_checkpoint: {err}") from err
         if different:
             raise ConfigError(f"update.next_checkpoint: does not fit model.checkpoint: {different}")
-        if layout.optimizer is not None and layout.kind != "sharded":
+        if layout.optimizer is not None and layout.optimizer_format == "torch":
             check_torch_save_file(layout.optimizer, "model.checkpoint")
 
 

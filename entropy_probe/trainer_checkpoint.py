@@ -17,9 +17,10 @@ every saved tensor's shape and each group's size; a mismatch is a
 :class:`TrainerCheckpointError` naming the file and the first mismatching tensor, never a guess.
 
 **FSDP sharded checkpoints** (``pytorch_model_fsdp_0/``, ``optimizer_0/``: DCP folders, read by
-:mod:`entropy_probe.dcp_files`) save the optimizer state by parameter name, each param group
-listing its names: the order needs no rebuilding, only checking that the names are the model's
-trainable parameters, every one of them.
+:mod:`entropy_probe.dcp_files`) and **DeepSpeed ZeRO-1/2** ones (``global_stepN/``, joined by
+:mod:`entropy_probe.zero_checkpoint`) save the optimizer state by parameter name, each param
+group listing its names: the order needs no rebuilding, only checking that the names are the
+model's trainable parameters, every one of them.
 
 **Learning rate.** The Trainer steps the scheduler after every optimizer step, so ``scheduler.pt``
 (``_last_lr``) in ``checkpoint-N`` holds the rate of step N + 1, the step this probe takes from
@@ -34,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from . import zero_checkpoint
 from .dcp_files import optimizer_state_dict
 from .input_files import EMBEDDED
 from .optimizer_state import LoadedState, OptimizerStateError, load_adamw_state, read_state_dict
@@ -184,8 +186,9 @@ def match_named_groups(saved: dict, path: Path, model: nn.Module) -> list[list[s
 
 def _saved_optimizer(layout: CheckpointLayout, model: nn.Module, mmap: bool = False) -> tuple[dict, list[list[str]]]:
     """(the optimizer's state_dict, its param groups' names for ``model``), by the layout's kind."""
-    if layout.kind == "sharded":
-        saved = optimizer_state_dict(layout.optimizer)
+    if layout.optimizer_format in ("dcp", "zero"):
+        read = optimizer_state_dict if layout.optimizer_format == "dcp" else zero_checkpoint.optimizer_state_dict
+        saved = read(layout.optimizer)
         return saved, match_named_groups(saved, layout.optimizer, model)
     saved = read_state_dict(layout.optimizer, mmap=mmap)
     return saved, match_parameter_order(saved, layout.optimizer, model)

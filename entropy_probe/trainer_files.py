@@ -1,7 +1,8 @@
 """What an HF ``Trainer`` / TRL checkpoint directory ``checkpoint-N`` holds, read without torch:
 its kind (a full model; a PEFT adapter on ``base_model_name_or_path``; or, from a multi-process
 FSDP run with a sharded state dict, the DCP folders ``pytorch_model_fsdp_0/`` and
-``optimizer_0/``, whose architecture is ``model.name_or_path``'s), its optimizer,
+``optimizer_0/``, whose architecture is ``model.name_or_path``'s), its optimizer (``optimizer.pt``,
+``optimizer_0/``, or a DeepSpeed ZeRO run's per-rank partitions in ``global_stepN/``),
 scheduler and trainer-state files, its global step, the names and shapes of its saved tensors
 (from the safetensors headers, which are JSON), and the checkpoints of a run in training order.
 
@@ -49,7 +50,7 @@ class CheckpointLayout:
     path: Path
     kind: str  # "model" (config.json + weights), "adapter" (PEFT) or "sharded" (FSDP DCP folders)
     base_model: str | None  # adapter: adapter_config.json's base_model_name_or_path
-    optimizer: Path | None  # optimizer.pt (sharded: optimizer_0/), None when the run saved the model only
+    optimizer: Path | None  # optimizer.pt, optimizer_0/ or global_stepN/; None when the run saved the model only
     scheduler: Path | None
     trainer_state: Path | None
     global_step: int
@@ -65,6 +66,14 @@ class CheckpointLayout:
         extra = [p for p in (self.scheduler, self.trainer_state) if p is not None]
         return sorted({str(p) for p in [*files, *extra]})
 
+
+    @property
+    def optimizer_format(self) -> str:
+        """How the optimizer state is saved: "torch" (optimizer.pt), "dcp" (FSDP's optimizer_0/)
+        or "zero" (DeepSpeed ZeRO-1/2 per-rank partitions in global_stepN/)."""
+        if self.kind == "sharded":
+            return "dcp"
+        return "zero" if self.optimizer is not None and self.optimizer.is_dir() else "torch"
 
     def optimizer_files(self) -> list[str]:
         """The optimizer state's files: optimizer.pt, or every file of the DCP folder optimizer_0/."""
@@ -83,6 +92,19 @@ def _read_json(path: Path) -> dict:
     if not isinstance(value, dict):
         raise CheckpointFilesError(f"{path}: expected a JSON object")
     return value
+
+
+def _deepspeed_step(directory: Path, found: list[str]) -> str:
+    """The ``global_stepN`` folder of a DeepSpeed checkpoint: the one its ``latest`` file names."""
+    latest = directory / "latest"
+    if latest.is_file():
+        name = latest.read_text().strip()
+        if name not in found:
+            raise CheckpointFilesError(f"{latest}: names {name!r}, which is not a folder here ({found})")
+        return name
+    if len(found) > 1:
+        raise CheckpointFilesError(f"{directory}: several DeepSpeed step folders {found} and no 'latest' naming one")
+    return found[0]
 
 
 def read_layout(checkpoint_dir: str | Path, require_optimizer: bool = False) -> CheckpointLayout:
@@ -110,11 +132,9 @@ def read_layout(checkpoint_dir: str | Path, require_optimizer: bool = False) -> 
                                    f"(config.json and weights) nor an FSDP sharded checkpoint ({FSDP_MODEL_DIR}/)")
     optimizer = directory / (FSDP_OPTIMIZER_DIR if kind == "sharded" else OPTIMIZER_FILE)
     has_optimizer = (optimizer / DCP_METADATA).is_file() if kind == "sharded" else optimizer.is_file()
+    if kind == "model" and not has_optimizer and deepspeed:
+        optimizer, has_optimizer = directory / _deepspeed_step(directory, deepspeed), True
     if require_optimizer and not has_optimizer:
-        if deepspeed:
-            raise CheckpointFilesError(f"{directory}: its optimizer state is DeepSpeed ZeRO's per-rank partitions "
-                                       f"({deepspeed[0]}/), which the probe does not read yet; probe the trainer's "
-                                       "step instead (update.optimizer: checkpoint_diff)")
         raise CheckpointFilesError(f"{directory}: no {optimizer.name} (was the checkpoint saved with "
                                    "save_only_model?)")
     state_path = directory / TRAINER_STATE_FILE
