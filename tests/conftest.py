@@ -140,3 +140,52 @@ def pytest_sessionfinish(session):
     if module is not None:
         module.REFERENCE_RUNS.stop()
         __import__("shutil").rmtree(module.REFERENCE_RUNS.root.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def fsdp_run(toy_policy_dir, tmp_path_factory):
+    """(output directory, the ranks' records) of a 3-step two-process FSDP2 Trainer run on the
+    embedded policy (tests/fsdp_trainer_run.py under torchrun; about 20 s)."""
+    import os
+    import subprocess
+
+    out = tmp_path_factory.mktemp("fsdp_run")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(REPO / "tests" / "fsdp_trainer_run.py"), str(toy_policy_dir), str(out)],
+                            capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out, torch.load(out / "records.pt", weights_only=True)
+
+
+ZERO_RUN = REPO / "tests" / "fixtures" / "deepspeed" / "run"
+
+
+@pytest.fixture(scope="session")
+def checkpoint_trajectories(fsdp_run, toy_policy_dir, tmp_path_factory):
+    """"fsdp" / "zero" -> a working directory where the workflow ran a trajectory (one pair,
+    1024 -> 64 E sequences) over the FSDP run's sharded checkpoints 1 and 2, and over the
+    DeepSpeed ZeRO-2 fixture's checkpoints 2 and 3. The two run side by side, a core each (a
+    pair's jobs form a chain)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import yaml
+    from workflow_util import run_snakemake
+
+    checkpoints = {"fsdp": ([str(fsdp_run[0] / "checkpoint-1"), str(fsdp_run[0] / "checkpoint-2")],
+                            str(toy_policy_dir)),
+                   "zero": ([str(ZERO_RUN / "checkpoint-2"), str(ZERO_RUN / "checkpoint-3")], "embedded")}
+    works = {}
+    for kind, (listed, base) in checkpoints.items():
+        config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+        config["batch_config"].update({"E_total_sequences": 64, "G": 4, "B_U": 8, "E_num_shards": 1,
+                                       "U_num_shards": 1})
+        config["estimator"].update({"eta_list": [0.5], "fresh_etas": []})
+        config["update"].update({"optimizer": "checkpoint_diff", "variants": {}})
+        config["model"].update({"device": "cpu", "name_or_path": base, "checkpoints": listed})
+        config["data"]["source"] = str(toy_policy_dir / "prompts.jsonl")
+        works[kind] = tmp_path_factory.mktemp(f"{kind}_trajectory")
+        (works[kind] / "probe.yaml").write_text(yaml.safe_dump(config))
+    with ThreadPoolExecutor(len(works)) as pool:
+        for done in [pool.submit(run_snakemake, work, "probe.yaml", "--cores", "1") for work in works.values()]:
+            done.result()
+    return works

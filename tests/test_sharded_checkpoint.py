@@ -15,33 +15,16 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from entropy_probe import dcp_files, models, shards, update
 from entropy_probe.checkpoint_step import next_spec
 from entropy_probe.trainer_checkpoint import load_trainer_checkpoint, learning_rate
-from workflow_util import REPO, run_snakemake
 
-HERE = Path(__file__).parent
 CHECKPOINTS = (1, 2, 3)
-
-
-@pytest.fixture(scope="module")
-def fsdp_run(toy_policy_dir, tmp_path_factory):
-    """(output directory, the ranks' records) of a 3-step two-process FSDP2 Trainer run."""
-    out = tmp_path_factory.mktemp("fsdp_run")
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(HERE / "fsdp_trainer_run.py"), str(toy_policy_dir), str(out)],
-                            capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return out, torch.load(out / "records.pt", weights_only=True)
 
 
 def _config(toy_policy_dir, checkpoint: Path) -> dict:
@@ -127,27 +110,17 @@ def test_a_metadata_that_would_run_code_is_refused_unrun(fsdp_run, toy_policy_di
     assert not marker.exists()
 
 
-def test_a_trajectory_over_the_sharded_checkpoints(fsdp_run, toy_policy_dir, tmp_path):
-    out, records = fsdp_run
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    config["batch_config"].update({"E_total_sequences": 64, "G": 4, "B_U": 8, "E_num_shards": 1, "U_num_shards": 1})
-    config["estimator"].update({"eta_list": [0.5], "fresh_etas": []})
-    config["update"].update({"optimizer": "checkpoint_diff", "variants": {}})
-    config["model"].update({"device": "cpu", "name_or_path": str(toy_policy_dir),
-                            "checkpoints": str(out / "checkpoint-*")})
-    config["data"]["source"] = str(toy_policy_dir / "prompts.jsonl")
-    (tmp_path / "probe.yaml").write_text(yaml.safe_dump(config))
-    run_snakemake(tmp_path, "probe.yaml", "--cores", "2")
-    report = json.loads((tmp_path / "results" / "trajectory.json").read_text())
-    pairs = ["checkpoint-1_to_checkpoint-2", "checkpoint-2_to_checkpoint-3"]
-    assert [r["pair"] for r in report["rows"]] == pairs
-    for pair, (step, row) in zip(pairs, zip(CHECKPOINTS, report["rows"])):
-        v, _ = shards.read_shard(tmp_path / "results" / "pairs" / pair / "update" / "v.safetensors")
-        before, after = records["parameters"][step], records["parameters"][step + 1]
-        for name, difference in v.items():
-            assert torch.equal(difference, after[name].double() - before[name].double()), name
-        assert (row["global_step"], row["next_global_step"]) == (step, step + 1)
-        assert -1 <= row["cosine"] <= 1  # the probe's own AdamW step from optimizer_0/, against the trainer's
+@pytest.mark.workflow
+def test_a_trajectory_over_the_sharded_checkpoints(checkpoint_trajectories, fsdp_run):
+    results = checkpoint_trajectories["fsdp"] / "results"
+    rows = json.loads((results / "trajectory.json").read_text())["rows"]
+    assert [(r["pair"], r["global_step"], r["next_global_step"]) for r in rows] == [
+        ("checkpoint-1_to_checkpoint-2", 1, 2)]
+    v, _ = shards.read_shard(results / "pairs" / "checkpoint-1_to_checkpoint-2" / "update" / "v.safetensors")
+    before, after = fsdp_run[1]["parameters"][1], fsdp_run[1]["parameters"][2]
+    for name, difference in v.items():
+        assert torch.equal(difference, after[name].double() - before[name].double()), name
+    assert -1 <= rows[0]["cosine"] <= 1  # the probe's own AdamW step from optimizer_0/, against the trainer's
 
 
 def test_bad_sharded_checkpoints_fail_in_one_line(fsdp_run, toy_policy_dir, tmp_path):

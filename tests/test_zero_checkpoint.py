@@ -17,11 +17,10 @@ import sys
 
 import pytest
 import torch
-import yaml
 
 from entropy_probe import update, zero_checkpoint
 from entropy_probe.trainer_checkpoint import check_state_fits, layout_of, learning_rate, load_trainer_checkpoint
-from workflow_util import REPO, run_snakemake
+from workflow_util import REPO
 
 FIXTURE = REPO / "tests" / "fixtures" / "deepspeed"
 RUN = FIXTURE / "run"
@@ -96,16 +95,9 @@ def test_bad_zero_checkpoints_fail_in_one_line(tmp_path):
     one_line(lambda: zero_checkpoint.optimizer_state_dict(step_dir), "a ZeRO-3 checkpoint", "not covered")
 
 
-def test_a_trajectory_over_the_zero_checkpoints(toy_policy_dir, tmp_path):
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    config["batch_config"].update({"E_total_sequences": 64, "G": 4, "B_U": 8, "E_num_shards": 1, "U_num_shards": 1})
-    config["estimator"].update({"eta_list": [0.5], "fresh_etas": []})
-    config["update"].update({"optimizer": "checkpoint_diff", "variants": {}})
-    config["model"].update({"device": "cpu", "checkpoints": [str(RUN / "checkpoint-2"), str(RUN / "checkpoint-3")]})
-    config["data"]["source"] = str(toy_policy_dir / "prompts.jsonl")
-    (tmp_path / "probe.yaml").write_text(yaml.safe_dump(config))
-    run_snakemake(tmp_path, "probe.yaml", "--cores", "2")
-    rows = json.loads((tmp_path / "results" / "trajectory.json").read_text())["rows"]
+@pytest.mark.workflow
+def test_a_trajectory_over_the_zero_checkpoints(checkpoint_trajectories):
+    rows = json.loads((checkpoint_trajectories["zero"] / "results" / "trajectory.json").read_text())["rows"]
     assert [(r["global_step"], r["next_global_step"]) for r in rows] == [(2, 3)]
     assert -1 <= rows[0]["cosine"] <= 1  # the probe's own AdamW step from global_step2/, against the trainer's
 
