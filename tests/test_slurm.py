@@ -38,6 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "slurm-ci"
 # Small, but sharded: 16 E prompt groups in 2 E shards (8 U prompts in 1 U shard).
 REDUCED = {"E_total_sequences": 64, "B_U": 8, "G": 4, "E_num_shards": 2, "U_num_shards": 1}
+# Fresh rollouts at one η, not at each of the sweep's six: every stage still runs, as a SLURM job
+# each (a job costs the cluster's submission and polling round trip more than its work).
+ESTIMATOR = {"fresh_etas": [1.0e-3]}
 # The job to scancel: SNIS shard 000 (a shard job late in the DAG, so the rerun is short).
 VICTIM = ("snis_shard", "000")  # (rule, wildcards as the plugin joins them)
 VICTIM_OUTPUT = "results/snis/shard_000.safetensors"
@@ -136,6 +139,7 @@ def scenario(tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm")
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["batch_config"].update(REDUCED)
+    config["estimator"].update(ESTIMATOR)
     local, slurm = root / "local", root / "slurm"
     for d in (local, slurm):
         d.mkdir()
