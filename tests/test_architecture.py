@@ -22,7 +22,7 @@ LAYERS = {
     "mathematics": {"measure", "logit_gradient", "normalization", "estimators", "first_order", "update", "snis",
                     "fresh", "linearity", "attribution", "covariance", "noise", "gradients", "parameters",
                     "precision", "guards"},
-    "files and models": {"shards", "rewards", "optimizer_state", "dcp_files", "zero_checkpoint",
+    "files and models": {"shards", "rewards", "optimizer_state", "dcp_files", "zero_checkpoint", "verl_checkpoint",
                          "trainer_checkpoint", "models", "checkpoint_step",
                          "update_builder", "toy", "exact", "exact_terms"},
     "passes": {"tf_layout", "attention", "activation_checkpointing", "fused_head", "teacher_force", "generate",

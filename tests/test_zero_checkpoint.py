@@ -20,7 +20,7 @@ import torch
 
 from entropy_probe import update, zero_checkpoint
 from entropy_probe.trainer_checkpoint import check_state_fits, layout_of, learning_rate, load_trainer_checkpoint
-from workflow_util import REPO
+from workflow_util import REPO, raises_one_line
 
 FIXTURE = REPO / "tests" / "fixtures" / "deepspeed"
 RUN = FIXTURE / "run"
@@ -75,10 +75,7 @@ class _RunsCode:
 
 def test_bad_zero_checkpoints_fail_in_one_line(tmp_path):
     def one_line(call, *fragments):
-        with pytest.raises(zero_checkpoint.ZeroCheckpointError) as error:
-            call()
-        message = str(error.value)
-        assert "\n" not in message and all(f in message for f in fragments), message
+        raises_one_line(zero_checkpoint.ZeroCheckpointError, call, *fragments)
 
     step_dir = tmp_path / "global_step2"
     shutil.copytree(RUN / "checkpoint-2" / "global_step2", step_dir)

@@ -83,3 +83,14 @@ def run_in(workdir: Path, script: str, timeout: int = 1800) -> subprocess.Comple
         raise AssertionError(f"in {workdir}:\n{script}\nfailed ({result.returncode}):\n{result.stdout[-4000:]}\n"
                              f"{result.stderr[-6000:]}")
     return result
+
+
+def raises_one_line(error_type, call, *fragments: str) -> str:
+    """``call()`` raises ``error_type`` with a one-line message containing every fragment; the message."""
+    import pytest
+
+    with pytest.raises(error_type) as error:
+        call()
+    message = str(error.value)
+    assert "\n" not in message and all(f in message for f in fragments), message
+    return message
