@@ -110,10 +110,11 @@ def _planner():
     return WeightsOnlyPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
 
 
-def load(folder: str | Path, wanted: list[str]) -> dict:
+def load(folder: str | Path, wanted: list[str], into: dict[str, torch.Tensor] | None = None) -> dict:
     """The values of the keys ``wanted``: whole tensors (every rank's chunks joined, on the CPU,
-    in the saved dtype) and other values (``torch.load(weights_only=True)``). A key the folder
-    lacks is a :class:`DCPError` naming it."""
+    in the saved dtype, or written in place into ``into``'s tensor of that key, cast to its dtype)
+    and other values (``torch.load(weights_only=True)``). A key the folder lacks is a
+    :class:`DCPError` naming it."""
     import warnings
 
     from torch.distributed.checkpoint import load as dcp_load
@@ -127,7 +128,8 @@ def load(folder: str | Path, wanted: list[str]) -> dict:
     missing = [k for k in wanted if k not in index]
     if missing:
         raise DCPError(f"{folder}: no key {missing[0]!r} ({len(missing)} of {len(wanted)} wanted keys missing)")
-    state = {k: torch.empty(tuple(index[k].size), dtype=index[k].properties.dtype)
+    into = into or {}
+    state = {k: into[k] if k in into else torch.empty(tuple(index[k].size), dtype=index[k].properties.dtype)
              if isinstance(index[k], TensorStorageMetadata) else None for k in wanted}
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
@@ -227,8 +229,6 @@ def load_model_weights(model, folder: str | Path) -> None:
         if name not in tied and tuple(tensor.shape) != saved[names[name]]:
             raise DCPError(f"{folder}: {names[name]!r} has shape {saved[names[name]]}, the model's "
                            f"{tuple(tensor.shape)}")
-    values = load(folder, [names[n] for n in own if n not in tied])
-    with torch.no_grad():
-        for name, tensor in own.items():
-            if name not in tied:
-                tensor.copy_(values[names[name]])
+    # straight into the model's tensors (state_dict() aliases them, detached): no second copy
+    destinations = {names[n]: t for n, t in model.state_dict().items() if n not in tied}
+    load(folder, list(destinations), into=destinations)

@@ -85,17 +85,14 @@ def _check_single(config: dict) -> None:
         _check_base(base, "model.name_or_path" if model["name_or_path"] != EMBEDDED else
                     "model.checkpoint (adapter_config.json's base_model_name_or_path; set model.name_or_path to "
                     "override)")
-    elif layout.kind == "sharded":
+    elif model.get("trainable") == "adapters":
+        raise ConfigError(f"model.trainable: 'adapters' but model.checkpoint {checkpoint!r} is a full model, not an adapter")
+    if layout.kind == "sharded":
         if model["name_or_path"] == EMBEDDED:
             raise ConfigError(f"model.name_or_path: model.checkpoint {checkpoint!r} is an FSDP sharded checkpoint, which "
                               "saves no config.json: set name_or_path to the model the run started from (its config "
                               "and tokenizer)")
         _check_base(model["name_or_path"], "model.name_or_path")
-        if model.get("trainable") == "adapters":
-            raise ConfigError(f"model.trainable: 'adapters' but model.checkpoint {checkpoint!r} is a full model, not an "
-                              "adapter")
-    elif model.get("trainable") == "adapters":
-        raise ConfigError(f"model.trainable: 'adapters' but model.checkpoint {checkpoint!r} is a full model, not an adapter")
     if optimizer == "adamw":
         for key in ("optimizer_state", "optimizer_param_names"):
             if update.get(key):

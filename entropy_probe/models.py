@@ -149,7 +149,7 @@ def _hash(entries: list[tuple[str, Path]]) -> str:
 def _entries(model_dir: Path, adapter_dir: Path | None, sharded_dir: Path | None = None) -> list[tuple[str, Path]]:
     entries = [(p.name, p) for p in checkpoint_files(model_dir)]
     if sharded_dir is not None:  # the weights: the architecture's own weight files define nothing
-        entries = [(p.name, p) for p in checkpoint_files(model_dir) if not p.name.endswith((".safetensors", ".bin"))]
+        entries = [(name, p) for name, p in entries if not name.endswith((".safetensors", ".bin"))]
         entries += [(f"{FSDP_MODEL_DIR}/{p.name}", p) for p in sorted(sharded_dir.iterdir()) if p.is_file()]
     if not entries:
         raise FileNotFoundError(f"{model_dir}: no weight or config files to fingerprint")

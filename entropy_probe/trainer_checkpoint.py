@@ -173,11 +173,12 @@ def match_named_groups(saved: dict, path: Path, model: nn.Module) -> list[list[s
     names = [list(group["params"]) for group in saved["param_groups"]]
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     listed = [n for group in names for n in group]
+    known, saved_names = set(trainable), set(listed)
     for name in listed:
-        if name not in trainable:
+        if name not in known:
             raise _error(path, f"the optimizer state names {name!r}, which is not a trainable parameter of the model "
                                "(another model, or other trainable parameters than in training: model.trainable)")
-    missing = [n for n in trainable if n not in listed]
+    missing = [n for n in trainable if n not in saved_names]
     if missing:
         raise _error(path, f"the model's trainable parameter {missing[0]!r} has no optimizer state ({len(missing)} "
                            "without; other trainable parameters than in training: model.trainable)")

@@ -76,7 +76,8 @@ class CheckpointLayout:
         return "zero" if self.optimizer is not None and self.optimizer.is_dir() else "torch"
 
     def optimizer_files(self) -> list[str]:
-        """The optimizer state's files: optimizer.pt, or every file of the DCP folder optimizer_0/."""
+        """The optimizer state's files: optimizer.pt, or every file of its folder (optimizer_0/,
+        global_stepN/)."""
         if self.optimizer is None:
             return []
         if self.optimizer.is_dir():
